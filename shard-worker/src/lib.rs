@@ -1,1 +1,22 @@
+//! One shard of kubeshard: its SQL schema and dialects, the writer actor that
+//! owns the shard's write path (group commit), and the watch stream that
+//! polls the shard's history.
+#![forbid(unsafe_code)]
 
+pub mod connect;
+pub mod dialect;
+pub mod error;
+pub mod keys;
+pub mod store;
+pub mod watch;
+pub mod writer;
+
+pub use connect::open_store;
+pub use error::{Result, ShardError};
+pub use keys::KeyRange;
+pub use store::{EventPage, LeaseRecord, Revisions, ShardStore, WriteRequest, WriteResponse};
+pub use watch::{EventBatch, WatchHub};
+pub use writer::ShardWriter;
+
+mod shard;
+pub use shard::Shard;

@@ -1,0 +1,151 @@
+//! The `kubeshard` command line. Flag names follow kine's so that kine users can switch.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::endpoint::{Endpoint, EndpointError};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// kubeshard: the etcd v3 API over SQL databases (SQLite, PostgreSQL, MySQL/MariaDB).
+///
+/// With no flags it serves 127.0.0.1:2379 from the SQLite file ./db/state.db,
+/// creating it when missing. Point kube-apiserver at it with
+/// --etcd-servers=http://127.0.0.1:2379.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kubeshard", version, about, long_about)]
+pub struct Cli {
+    /// Address to serve the etcd gRPC API on (HOST:PORT).
+    #[arg(long, env = "KUBESHARD_LISTEN_ADDRESS", default_value = "127.0.0.1:2379")]
+    pub listen_address: String,
+
+    /// Database of the single shard: sqlite://PATH (relative) or sqlite:///ABS/PATH,
+    /// postgres://USER:PASS@HOST:PORT/DB, mysql://USER:PASS@tcp(HOST:PORT)/DB
+    /// (kine's form) or mysql://USER:PASS@HOST:PORT/DB. The database and the
+    /// schema are created when missing.
+    #[arg(long, env = "KUBESHARD_ENDPOINT", default_value = "sqlite://./db/state.db")]
+    pub endpoint: String,
+
+    /// Log format; the level comes from RUST_LOG (default "info").
+    #[arg(long, env = "KUBESHARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// How often (ms) each shard looks for writes made by other kubeshard
+    /// processes sharing its database. Writes through this process are seen at once.
+    #[arg(long, default_value_t = 100)]
+    pub watch_poll_interval_ms: u64,
+
+    /// How often (ms) expired leases are looked for.
+    #[arg(long, default_value_t = 500)]
+    pub lease_check_interval_ms: u64,
+
+    /// Interval (s) of the progress notifications sent to watches that asked
+    /// for them (etcd's default is 10 minutes).
+    #[arg(long, default_value_t = 600)]
+    pub progress_notify_interval_secs: u64,
+
+    /// Largest request accepted, in bytes (etcd's --max-request-bytes).
+    #[arg(long, default_value_t = 1_572_864)]
+    pub max_request_bytes: usize,
+
+    /// Most operations in one Txn branch (etcd's --max-txn-ops).
+    #[arg(long, default_value_t = 128)]
+    pub max_txn_ops: usize,
+
+    /// Revisions removed per statement when compaction deletes history.
+    #[arg(long, default_value_t = 1000)]
+    pub compaction_batch_revisions: i64,
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen_address: String,
+    pub endpoint: Endpoint,
+    pub watch_poll_interval: Duration,
+    pub lease_check_interval: Duration,
+    pub progress_notify_interval: Duration,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub compaction_batch_revisions: i64,
+}
+
+impl Cli {
+    /// Validates the flags into server options.
+    pub fn server_options(&self) -> Result<ServerOptions, EndpointError> {
+        Ok(ServerOptions {
+            listen_address: self.listen_address.clone(),
+            endpoint: Endpoint::parse(&self.endpoint)?,
+            watch_poll_interval: Duration::from_millis(self.watch_poll_interval_ms.max(1)),
+            lease_check_interval: Duration::from_millis(self.lease_check_interval_ms.max(10)),
+            progress_notify_interval: Duration::from_secs(self.progress_notify_interval_secs.max(1)),
+            max_request_bytes: self.max_request_bytes,
+            max_txn_ops: self.max_txn_ops,
+            compaction_batch_revisions: self.compaction_batch_revisions.max(1),
+        })
+    }
+}
+
+impl ServerOptions {
+    /// Defaults for one endpoint, as `kubeshard --endpoint URL` would use.
+    pub fn for_endpoint(endpoint: Endpoint, listen_address: impl Into<String>) -> Self {
+        ServerOptions {
+            listen_address: listen_address.into(),
+            endpoint,
+            watch_poll_interval: Duration::from_millis(100),
+            lease_check_interval: Duration::from_millis(500),
+            progress_notify_interval: Duration::from_secs(600),
+            max_request_bytes: 1_572_864,
+            max_txn_ops: 128,
+            compaction_batch_revisions: 1000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_flags_serve_loopback_on_sqlite() {
+        let Ok(cli) = Cli::try_parse_from(["kubeshard"]) else {
+            panic!("default flags rejected");
+        };
+        let Ok(options) = cli.server_options() else {
+            panic!("default endpoint rejected");
+        };
+        assert_eq!(options.listen_address, "127.0.0.1:2379");
+        assert_eq!(
+            options.endpoint,
+            Endpoint::Sqlite {
+                path: "./db/state.db".into()
+            }
+        );
+    }
+
+    #[test]
+    fn kine_flags_are_accepted() {
+        let Ok(cli) = Cli::try_parse_from([
+            "kubeshard",
+            "--listen-address",
+            "0.0.0.0:12379",
+            "--endpoint",
+            "mysql://root:pw@tcp(127.0.0.1:3306)/k8s",
+        ]) else {
+            panic!("kine flags rejected");
+        };
+        assert!(cli.server_options().is_ok());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,332 @@
+#!/usr/bin/env bash
+# scripts/test.sh: the single command that runs every kubeshard test.
+#
+# Target: a fresh Debian 12 machine where we are root (CI, throwaway VMs and
+# containers). Developers can use it too: it is idempotent, so running it
+# again skips whatever is already done.
+#
+#   scripts/test.sh                  set up everything, then fmt, clippy, build, test
+#   scripts/test.sh differential     same, but pass "differential" to `cargo test`
+#   scripts/test.sh -- --nocapture   anything after our options goes to `cargo test`
+#   scripts/test.sh --no-setup       skip the apt/PostgreSQL/MariaDB set-up (servers
+#                                    assumed to be running already)
+#   eval "$(scripts/test.sh --setup-only)"
+#                                    do the set-up only and print the test
+#                                    environment as `export` lines (progress goes
+#                                    to stderr, so only the exports reach stdout)
+#
+# Steps:
+#   1. apt-get install postgresql, mariadb-server, etcd-server, etcd-client,
+#      protobuf-compiler, libprotobuf-dev (apt-get update only if something is
+#      missing).
+#   2. Start PostgreSQL (Debian cluster "15 main") on 127.0.0.1:5432 with
+#      max_connections=300 and a SUPERUSER role kubeshard/kubeshard.
+#   3. Start MariaDB on 127.0.0.1:3306 with max_connections=300 and a user
+#      kubeshard/kubeshard (@'%', @'localhost', @'127.0.0.1') with ALL
+#      PRIVILEGES ON *.*.
+#   4. Export KUBESHARD_TEST_POSTGRES_URL, KUBESHARD_TEST_MYSQL_URL, ETCD_BIN,
+#      ETCDCTL_BIN and KUBESHARD_TEST_REQUIRE_ALL=1 (a missing backend makes
+#      the tests fail instead of skip).
+#   5. cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test.
+#
+# Servers started by this script are deliberately LEFT RUNNING when it exits:
+# the machine is throwaway, a second run (or a developer's `cargo test`) reuses
+# them, and there is no systemd here to own them anyway. Stop them by hand if
+# needed:  pg_ctlcluster 15 main stop;  mariadb-admin -uroot shutdown
+#
+# There is no systemd in the target environment and /usr/sbin/policy-rc.d
+# forbids service starts during apt-get install, so the packages install but
+# their servers do not start; this script starts them itself.
+#
+# Durability settings (fsync, synchronous_commit, innodb_flush_log_at_trx_commit)
+# are deliberately left at their defaults: the same servers are used for
+# benchmarks.
+
+set -euo pipefail
+
+# ---------------------------------------------------------------- settings ---
+
+PG_VERSION="${PG_VERSION:-15}"
+PG_CLUSTER="${PG_CLUSTER:-main}"
+PG_PORT=5432
+MYSQL_PORT=3306
+MYSQL_DATADIR=/var/lib/mysql
+MYSQL_RUNDIR=/run/mysqld
+MYSQL_SOCKET="$MYSQL_RUNDIR/mysqld.sock"
+MYSQL_LOG=/var/log/mysql/error.log
+MAX_CONNECTIONS=300
+WAIT_SECONDS="${KUBESHARD_SETUP_WAIT_SECONDS:-90}"
+
+APT_PACKAGES=(postgresql mariadb-server etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+
+export KUBESHARD_TEST_POSTGRES_URL="postgres://kubeshard:kubeshard@127.0.0.1:${PG_PORT}/postgres"
+export KUBESHARD_TEST_MYSQL_URL="mysql://kubeshard:kubeshard@127.0.0.1:${MYSQL_PORT}/mysql"
+export KUBESHARD_TEST_REQUIRE_ALL=1
+
+# ----------------------------------------------------------------- options ---
+
+usage() {
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+do_setup=1
+setup_only=0
+cargo_test_args=()
+while (($#)); do
+    case "$1" in
+        --no-setup) do_setup=0 ;;
+        --setup-only) setup_only=1 ;;
+        -h | --help) usage; exit 0 ;;
+        --) cargo_test_args+=("$@"); break ;; # keep "--" for cargo test
+        *) cargo_test_args+=("$1") ;;
+    esac
+    shift
+done
+if ((setup_only && !do_setup)); then
+    echo "scripts/test.sh: --setup-only and --no-setup are mutually exclusive" >&2
+    exit 2
+fi
+
+# With --setup-only, stdout carries only the `export` lines (for eval); every
+# other byte, ours or a child's, goes to stderr.
+if ((setup_only)); then
+    exec 3>&1 1>&2
+fi
+
+phase() {
+    printf '\n==> [%4ds] %s\n' "$SECONDS" "$*" >&2
+}
+info() {
+    printf '    %s\n' "$*" >&2
+}
+die() {
+    printf 'scripts/test.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+# ------------------------------------------------------------------- setup ---
+
+need_root() {
+    [[ $EUID -eq 0 ]] || die "the set-up phase must run as root (or use --no-setup with servers already running)"
+}
+
+install_packages() {
+    phase "packages: ${APT_PACKAGES[*]}"
+    local missing=() pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    if ((${#missing[@]} == 0)); then
+        info "all installed"
+        return
+    fi
+    info "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+pg_ready() {
+    pg_isready -q -h 127.0.0.1 -p "$PG_PORT"
+}
+
+pg_psql_admin() {
+    # Local socket, peer authentication as the postgres OS user.
+    runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$PG_PORT" -d postgres "$@"
+}
+
+setup_postgres() {
+    phase "PostgreSQL $PG_VERSION/$PG_CLUSTER on 127.0.0.1:$PG_PORT"
+    local confdir="/etc/postgresql/$PG_VERSION/$PG_CLUSTER"
+    if ! pg_ready; then
+        if ! pg_lsclusters -h 2>/dev/null | awk -v v="$PG_VERSION" -v c="$PG_CLUSTER" '$1 == v && $2 == c { found = 1 } END { exit !found }'; then
+            info "creating cluster $PG_VERSION $PG_CLUSTER"
+            pg_createcluster "$PG_VERSION" "$PG_CLUSTER" --port="$PG_PORT"
+        fi
+        # Debian's postgresql.conf has include_dir = 'conf.d'. Durability
+        # settings stay at their defaults (we benchmark on this server).
+        mkdir -p "$confdir/conf.d"
+        cat >"$confdir/conf.d/90-kubeshard.conf" <<EOF
+# Written by kubeshard scripts/test.sh
+listen_addresses = 'localhost'
+port = $PG_PORT
+max_connections = $MAX_CONNECTIONS
+EOF
+        install -d -o postgres -g postgres -m 2775 /run/postgresql
+        info "starting cluster (log: /var/log/postgresql/postgresql-$PG_VERSION-$PG_CLUSTER.log)"
+        pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start </dev/null ||
+            info "pg_ctlcluster start failed (maybe already starting); waiting"
+        local deadline=$((SECONDS + WAIT_SECONDS))
+        until pg_ready; do
+            if ((SECONDS >= deadline)); then
+                tail -n 40 "/var/log/postgresql/postgresql-$PG_VERSION-$PG_CLUSTER.log" >&2 || true
+                die "PostgreSQL did not accept connections on 127.0.0.1:$PG_PORT within ${WAIT_SECONDS}s (log tail above)"
+            fi
+            sleep 1
+        done
+    else
+        info "already accepting connections"
+    fi
+
+    # pg_hba.conf: Debian's default already has
+    #   host all all 127.0.0.1/32 scram-sha-256
+    # which is what our TCP password login needs; add it only if missing.
+    local hba="$confdir/pg_hba.conf"
+    if [[ -f $hba ]] && ! grep -Eq '^[[:space:]]*host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+(scram-sha-256|md5|password)' "$hba"; then
+        info "adding 127.0.0.1/32 scram-sha-256 rule to $hba"
+        echo 'host    all             all             127.0.0.1/32            scram-sha-256' >>"$hba"
+        pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload
+    fi
+
+    info "ensuring role kubeshard (SUPERUSER, password kubeshard)"
+    pg_psql_admin <<'EOF'
+SELECT 'CREATE ROLE kubeshard' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'kubeshard')
+\gexec
+ALTER ROLE kubeshard WITH LOGIN SUPERUSER CREATEDB PASSWORD 'kubeshard';
+EOF
+    local mc
+    mc="$(pg_psql_admin -At -c 'SHOW max_connections')"
+    if ((mc < MAX_CONNECTIONS)); then
+        info "WARNING: max_connections is $mc (< $MAX_CONNECTIONS); the server was already running before this script configured it; restart it with: pg_ctlcluster $PG_VERSION $PG_CLUSTER restart"
+    fi
+}
+
+mysql_ready() {
+    # `ping` exits 0 whenever the server answers, even with "access denied".
+    mariadb-admin --no-defaults --protocol=tcp -h 127.0.0.1 -P "$MYSQL_PORT" \
+        --connect-timeout=2 ping >/dev/null 2>&1
+}
+
+mysql_admin() {
+    # root@localhost authenticates with unix_socket on Debian: OS root == DB root.
+    mariadb --protocol=socket --socket="$MYSQL_SOCKET" -uroot "$@"
+}
+
+setup_mariadb() {
+    phase "MariaDB on 127.0.0.1:$MYSQL_PORT"
+    if ! mysql_ready; then
+        install -d -o mysql -g root -m 0755 "$MYSQL_RUNDIR"
+        install -d -o mysql -g adm -m 2750 "$(dirname "$MYSQL_LOG")"
+        # Settings in a drop-in file so a later manual restart keeps them.
+        cat >/etc/mysql/mariadb.conf.d/90-kubeshard.cnf <<EOF
+# Written by kubeshard scripts/test.sh
+[mysqld]
+bind-address    = 127.0.0.1
+port            = $MYSQL_PORT
+socket          = $MYSQL_SOCKET
+max_connections = $MAX_CONNECTIONS
+EOF
+        if [[ ! -d $MYSQL_DATADIR/mysql ]]; then
+            info "initialising datadir $MYSQL_DATADIR"
+            install -d -o mysql -g mysql -m 0700 "$MYSQL_DATADIR"
+            mariadb-install-db --user=mysql --datadir="$MYSQL_DATADIR" \
+                --auth-root-authentication-method=socket --skip-test-db >/dev/null
+        fi
+        info "starting mariadbd (log: $MYSQL_LOG)"
+        # Detached (own session, no inherited stdio) so that it survives this
+        # script and does not keep a CI log pipe open.
+        setsid mariadbd --user=mysql --datadir="$MYSQL_DATADIR" \
+            --socket="$MYSQL_SOCKET" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
+            --max-connections="$MAX_CONNECTIONS" --log-error="$MYSQL_LOG" \
+            </dev/null >>"$MYSQL_LOG" 2>&1 &
+        local pid=$!
+        local deadline=$((SECONDS + WAIT_SECONDS))
+        until mysql_ready; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                tail -n 40 "$MYSQL_LOG" >&2 || true
+                die "mariadbd exited during start-up (error log tail above)"
+            fi
+            if ((SECONDS >= deadline)); then
+                tail -n 40 "$MYSQL_LOG" >&2 || true
+                die "MariaDB did not answer on 127.0.0.1:$MYSQL_PORT within ${WAIT_SECONDS}s (error log tail above)"
+            fi
+            sleep 1
+        done
+        info "started (pid $pid)"
+    else
+        info "already answering"
+    fi
+
+    info "ensuring user kubeshard (@'%', @'localhost', @'127.0.0.1') with ALL PRIVILEGES ON *.*"
+    local host sql=""
+    for host in '%' localhost 127.0.0.1; do
+        sql+="CREATE USER IF NOT EXISTS 'kubeshard'@'$host' IDENTIFIED BY 'kubeshard';"
+        sql+="ALTER USER 'kubeshard'@'$host' IDENTIFIED BY 'kubeshard';"
+        sql+="GRANT ALL PRIVILEGES ON *.* TO 'kubeshard'@'$host';"
+    done
+    mysql_admin -e "$sql FLUSH PRIVILEGES;" ||
+        die "could not create the kubeshard MariaDB user as root over $MYSQL_SOCKET"
+    local mc
+    mc="$(mysql_admin -N -B -e 'SELECT @@max_connections')"
+    if ((mc < MAX_CONNECTIONS)); then
+        info "WARNING: max_connections is $mc (< $MAX_CONNECTIONS); the server was already running before this script configured it"
+    fi
+}
+
+setup_etcd_bins() {
+    ETCD_BIN="$(command -v etcd || true)"
+    ETCDCTL_BIN="$(command -v etcdctl || true)"
+    [[ -n $ETCD_BIN ]] || die "etcd not found in PATH (apt-get install etcd-server)"
+    [[ -n $ETCDCTL_BIN ]] || die "etcdctl not found in PATH (apt-get install etcd-client)"
+    export ETCD_BIN ETCDCTL_BIN
+}
+
+print_exports() {
+    local v
+    for v in KUBESHARD_TEST_POSTGRES_URL KUBESHARD_TEST_MYSQL_URL ETCD_BIN ETCDCTL_BIN KUBESHARD_TEST_REQUIRE_ALL; do
+        printf 'export %s=%q\n' "$v" "${!v}"
+    done
+}
+
+# -------------------------------------------------------------------- main ---
+
+phase "kubeshard tests in $REPO_ROOT"
+if ((do_setup)); then
+    need_root
+    install_packages
+    setup_postgres
+    setup_mariadb
+else
+    info "--no-setup: assuming PostgreSQL and MariaDB are already running"
+fi
+setup_etcd_bins
+
+phase "test environment"
+print_exports | sed 's/^/    /' >&2
+
+if ((setup_only)); then
+    print_exports >&3
+    phase "set-up done"
+    exit 0
+fi
+
+command -v cargo >/dev/null || die "cargo not found in PATH (install Rust with rustup)"
+if command -v rustup >/dev/null; then
+    # No-ops when present; only matters on a minimal toolchain profile.
+    cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+    cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+
+locked=()
+if git ls-files --error-unmatch Cargo.lock >/dev/null 2>&1; then
+    locked=(--locked)
+fi
+
+phase "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+phase "cargo clippy --workspace --all-targets ${locked[*]} -- -D warnings"
+cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
+
+phase "cargo build --workspace --bins"
+cargo build --workspace --bins "${locked[@]}"
+
+phase "cargo test --workspace ${cargo_test_args[*]}"
+cargo test --workspace "${locked[@]}" "${cargo_test_args[@]}"
+
+phase "all tests passed"

@@ -1,0 +1,113 @@
+//! Opens a shard's database from its endpoint: creates the database (and the
+//! SQLite folder) when missing, builds a typed pool and migrates the schema.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kubeshard_config::Endpoint;
+use sqlx::ConnectOptions;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tracing::info;
+
+use crate::dialect;
+use crate::error::{Result, ShardError};
+use crate::store::{ShardStore, SqlShard};
+
+/// Connections per shard pool (reads share them; the writer actor uses one).
+const POOL_SIZE: u32 = 16;
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the store of one shard, creating database and schema when missing.
+pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
+    match endpoint {
+        Endpoint::Sqlite { path } => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    ShardError::Database(sqlx::Error::Configuration(
+                        format!("cannot create folder {} for sqlite: {e}", dir.display()).into(),
+                    ))
+                })?;
+            }
+            // WAL lets readers work during a write; synchronous=FULL makes an
+            // acknowledged commit survive power loss, not just a crash.
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(30))
+                .pragma("cache_size", "-65536")
+                .disable_statement_logging();
+            let pool = SqlitePoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            let shard = SqlShard::new(pool, &dialect::Sqlite);
+            let version = shard.migrate().await?;
+            info!(backend = "sqlite", path = %path.display(), schema_version = version, "shard database ready");
+            Ok(Arc::new(shard))
+        }
+        Endpoint::Postgres { url, database } => {
+            let server: PgConnectOptions = url.as_str().parse()?;
+            create_postgres_database(&server, database).await?;
+            let options = server.database(database).disable_statement_logging();
+            let pool = PgPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            let shard = SqlShard::new(pool, &dialect::Postgres);
+            let version = shard.migrate().await?;
+            info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
+            Ok(Arc::new(shard))
+        }
+        Endpoint::Mysql { url, database } => {
+            let mut server_url = url.clone();
+            server_url.set_path("");
+            let server: MySqlConnectOptions = server_url.as_str().parse()?;
+            let mut conn = server.clone().connect().await?;
+            // The name was checked to be [A-Za-z0-9_-] when the endpoint was parsed.
+            sqlx::raw_sql(&format!(
+                "CREATE DATABASE IF NOT EXISTS `{database}` CHARACTER SET utf8mb4"
+            ))
+            .execute(&mut conn)
+            .await?;
+            drop(conn);
+            let options = server.database(database).disable_statement_logging();
+            let pool = MySqlPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            let shard = SqlShard::new(pool, &dialect::Mysql);
+            let version = shard.migrate().await?;
+            info!(backend = "mysql", %endpoint, schema_version = version, "shard database ready");
+            Ok(Arc::new(shard))
+        }
+    }
+}
+
+async fn create_postgres_database(server: &PgConnectOptions, database: &str) -> Result<()> {
+    // Connect to the maintenance database to create ours.
+    let mut conn = server.clone().database("postgres").connect().await?;
+    let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(database)
+        .fetch_optional(&mut conn)
+        .await?;
+    if exists.is_none() {
+        // The name was checked to be [A-Za-z0-9_-] when the endpoint was parsed.
+        let created = sqlx::raw_sql(&format!("CREATE DATABASE \"{database}\""))
+            .execute(&mut conn)
+            .await;
+        match created {
+            Ok(_) => info!(database, "created postgres database"),
+            // Another router created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! MySQL and MariaDB (InnoDB).
+
+use super::Dialect;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mysql;
+
+/// Longest key: an InnoDB index entry is at most 3072 bytes, and the history
+/// index also holds the 8-byte revision.
+const MAX_KEY_LEN: usize = 3000;
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS ks_meta (
+        id BIGINT PRIMARY KEY,
+        revision BIGINT NOT NULL,
+        compact_revision BIGINT NOT NULL,
+        schema_version BIGINT NOT NULL) ENGINE=InnoDB",
+    "INSERT IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 1)",
+    "CREATE TABLE IF NOT EXISTS ks_history (
+        revision BIGINT NOT NULL,
+        sub BIGINT NOT NULL,
+        key_bytes VARBINARY(3000) NOT NULL,
+        deleted BIGINT NOT NULL,
+        create_revision BIGINT NOT NULL,
+        prev_revision BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        lease BIGINT NOT NULL,
+        value_bytes LONGBLOB NOT NULL,
+        PRIMARY KEY (revision, sub),
+        UNIQUE KEY ks_history_key (key_bytes, revision)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+    "CREATE TABLE IF NOT EXISTS ks_live (
+        key_bytes VARBINARY(3000) NOT NULL PRIMARY KEY,
+        create_revision BIGINT NOT NULL,
+        mod_revision BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        lease BIGINT NOT NULL,
+        value_bytes LONGBLOB NOT NULL,
+        KEY ks_live_lease (lease)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+    "CREATE TABLE IF NOT EXISTS ks_lease (
+        id BIGINT PRIMARY KEY,
+        ttl BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        KEY ks_lease_expiry (expires_at_ms)) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS ks_lock (
+        name VARCHAR(64) PRIMARY KEY,
+        owner VARCHAR(255) NOT NULL,
+        until_ms BIGINT NOT NULL) ENGINE=InnoDB",
+    "INSERT IGNORE INTO ks_lock (name, owner, until_ms) VALUES ('lease-expirer', '', 0)",
+];
+
+impl Dialect for Mysql {
+    fn name(&self) -> &'static str {
+        "mysql"
+    }
+    fn param(&self, _n: usize) -> String {
+        "?".to_string()
+    }
+    fn schema(&self) -> &'static [&'static str] {
+        SCHEMA
+    }
+    fn begin_write(&self) -> &'static str {
+        "BEGIN"
+    }
+    fn begin_read(&self) -> &'static str {
+        "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
+    }
+    fn lock_meta(&self) -> &'static str {
+        "SELECT revision, compact_revision FROM ks_meta WHERE id = 1 FOR UPDATE"
+    }
+    fn empty_bytes(&self) -> &'static str {
+        "X''"
+    }
+    fn upsert_live_tail(&self) -> &'static str {
+        " ON DUPLICATE KEY UPDATE create_revision = VALUES(create_revision), \
+         mod_revision = VALUES(mod_revision), version = VALUES(version), \
+         lease = VALUES(lease), value_bytes = VALUES(value_bytes)"
+    }
+    fn max_key_len(&self) -> Option<usize> {
+        Some(MAX_KEY_LEN)
+    }
+    fn db_size(&self) -> &'static str {
+        "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
+         FROM information_schema.tables WHERE table_schema = DATABASE()"
+    }
+    fn compact_window(&self) -> String {
+        // MySQL refuses a subquery on the table being deleted from; a
+        // multi-table DELETE with a join says the same thing.
+        "DELETE h FROM ks_history h LEFT JOIN ks_history n ON n.key_bytes = h.key_bytes \
+         AND n.revision > h.revision AND n.revision <= ? \
+         WHERE h.revision >= ? AND h.revision < ? AND (h.deleted = 1 OR n.revision IS NOT NULL)"
+            .to_string()
+    }
+    fn defragment(&self) -> &'static [&'static str] {
+        &["OPTIMIZE TABLE ks_history, ks_live, ks_lease"]
+    }
+}

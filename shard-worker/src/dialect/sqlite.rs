@@ -1,0 +1,87 @@
+//! SQLite: the embedded default. WAL mode, one writer at a time.
+
+use super::Dialect;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sqlite;
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS ks_meta (
+        id INTEGER PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        compact_revision INTEGER NOT NULL,
+        schema_version INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 1)",
+    "CREATE TABLE IF NOT EXISTS ks_history (
+        revision INTEGER NOT NULL,
+        sub INTEGER NOT NULL,
+        key_bytes BLOB NOT NULL,
+        deleted INTEGER NOT NULL,
+        create_revision INTEGER NOT NULL,
+        prev_revision INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        lease INTEGER NOT NULL,
+        value_bytes BLOB NOT NULL,
+        PRIMARY KEY (revision, sub))",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ks_history_key ON ks_history (key_bytes, revision)",
+    "CREATE TABLE IF NOT EXISTS ks_live (
+        key_bytes BLOB NOT NULL PRIMARY KEY,
+        create_revision INTEGER NOT NULL,
+        mod_revision INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        lease INTEGER NOT NULL,
+        value_bytes BLOB NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS ks_live_lease ON ks_live (lease) WHERE lease <> 0",
+    "CREATE TABLE IF NOT EXISTS ks_lease (
+        id INTEGER PRIMARY KEY,
+        ttl INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS ks_lease_expiry ON ks_lease (expires_at_ms)",
+    "CREATE TABLE IF NOT EXISTS ks_lock (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        until_ms INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO ks_lock (name, owner, until_ms) VALUES ('lease-expirer', '', 0)",
+];
+
+impl Dialect for Sqlite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+    fn param(&self, n: usize) -> String {
+        format!("?{n}")
+    }
+    fn schema(&self) -> &'static [&'static str] {
+        SCHEMA
+    }
+    fn begin_write(&self) -> &'static str {
+        "BEGIN IMMEDIATE"
+    }
+    fn begin_read(&self) -> &'static str {
+        // A deferred transaction pins its WAL snapshot at the first read.
+        "BEGIN DEFERRED"
+    }
+    fn lock_meta(&self) -> &'static str {
+        "SELECT revision, compact_revision FROM ks_meta WHERE id = 1"
+    }
+    fn empty_bytes(&self) -> &'static str {
+        "X''"
+    }
+    fn upsert_live_tail(&self) -> &'static str {
+        " ON CONFLICT (key_bytes) DO UPDATE SET create_revision = excluded.create_revision, \
+         mod_revision = excluded.mod_revision, version = excluded.version, \
+         lease = excluded.lease, value_bytes = excluded.value_bytes"
+    }
+    fn max_key_len(&self) -> Option<usize> {
+        None
+    }
+    fn db_size(&self) -> &'static str {
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+    }
+    fn compact_window(&self) -> String {
+        super::compact_window_numbered(self)
+    }
+    fn defragment(&self) -> &'static [&'static str] {
+        &["PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM"]
+    }
+}

@@ -1,0 +1,62 @@
+//! Errors of one shard. The router maps each to etcd's exact gRPC code and text.
+
+/// What went wrong in a shard operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The requested revision was removed by compaction.
+    #[error("mvcc: required revision has been compacted")]
+    Compacted { compact_revision: i64 },
+    /// The requested revision is above the current one.
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// A lease named by the request does not exist.
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    /// LeaseGrant with an ID that is taken.
+    #[error("lease already exists")]
+    LeaseExists,
+    /// Put with ignore_value or ignore_lease on a key that does not exist.
+    #[error("key not found")]
+    KeyNotFound,
+    /// A key longer than this backend can index.
+    #[error("key is {len} bytes; the {backend} backend stores keys of at most {max} bytes")]
+    KeyTooLong {
+        len: usize,
+        max: usize,
+        backend: &'static str,
+    },
+    /// The database failed or went away; the request may be retried.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The database transaction of a whole write batch failed; this copy of
+    /// the error goes to each request of the batch.
+    #[error("write batch failed: {0}")]
+    BatchFailed(String),
+    /// The shard's writer actor is gone (shutting down).
+    #[error("shard {0} is not accepting requests (shutting down)")]
+    Stopped(String),
+    /// The stored data is not what this version of kubeshard wrote.
+    #[error("unexpected stored data: {0}")]
+    Corrupt(String),
+}
+
+impl ShardError {
+    /// Errors that say nothing about the request itself: a batch that failed
+    /// with one of these is not retried request by request.
+    pub fn is_connection_problem(&self) -> bool {
+        match self {
+            ShardError::Database(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Tls(_)
+            ),
+            ShardError::Stopped(_) | ShardError::BatchFailed(_) => true,
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = ShardError> = std::result::Result<T, E>;

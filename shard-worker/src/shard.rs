@@ -1,0 +1,57 @@
+//! A shard as the router sees it: its store (reads), its writer actor
+//! (writes) and its watch hub (events).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kubeshard_config::Endpoint;
+use tokio::task::JoinHandle;
+
+use crate::error::Result;
+use crate::store::ShardStore;
+use crate::watch::{WatchHub, run_poller};
+use crate::writer::ShardWriter;
+
+/// One running shard.
+#[derive(Debug)]
+pub struct Shard {
+    pub name: String,
+    pub store: Arc<dyn ShardStore>,
+    pub writer: ShardWriter,
+    pub hub: Arc<WatchHub>,
+    poller: JoinHandle<()>,
+}
+
+impl Shard {
+    /// Opens the database (creating it when missing) and starts the writer
+    /// actor and the watch poller.
+    pub async fn open(name: &str, endpoint: &Endpoint, poll_interval: Duration) -> Result<Self> {
+        let store = crate::connect::open_store(endpoint).await?;
+        Self::start(name, store, poll_interval).await
+    }
+
+    /// Starts the actor and poller over an already opened store.
+    pub async fn start(
+        name: &str,
+        store: Arc<dyn ShardStore>,
+        poll_interval: Duration,
+    ) -> Result<Self> {
+        let start = store.revisions().await?.current;
+        let hub = WatchHub::new(start);
+        let writer = ShardWriter::spawn(name, store.clone(), hub.clone()).await?;
+        let poller = tokio::spawn(run_poller(store.clone(), hub.clone(), poll_interval));
+        Ok(Shard {
+            name: name.to_string(),
+            store,
+            writer,
+            hub,
+            poller,
+        })
+    }
+
+    /// Stops the writer and the poller.
+    pub fn stop(&self) {
+        self.writer.stop();
+        self.poller.abort();
+    }
+}

@@ -1,0 +1,134 @@
+//! Storage of one shard behind a small trait.
+//!
+//! The data model (see docs/architecture.md):
+//! - `ks_meta`: one row holding the last revision handed out and the
+//!   compaction revision; write transactions lock it, so commit order is
+//!   revision order and a rolled-back write consumes no revision;
+//! - `ks_history`: every change, append-only until compaction, keyed by
+//!   (revision, sub) and indexed by (key, revision);
+//! - `ks_live`: the newest row of every existing key, maintained in the same
+//!   transaction, so reads at the current revision cost O(keys in range);
+//! - `ks_lease`: leases with absolute deadlines (they survive restarts).
+
+mod range;
+mod sql;
+mod write;
+
+use async_trait::async_trait;
+use kubeshard_proto::etcdserverpb::{
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    TxnRequest, TxnResponse,
+};
+use kubeshard_proto::mvccpb::Event;
+
+use crate::error::Result;
+use crate::keys::KeyRange;
+
+pub use sql::SqlShard;
+
+/// The revision counter and compaction mark of a shard, read together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revisions {
+    pub current: i64,
+    pub compacted: i64,
+}
+
+/// A request that goes through the shard's write path (the writer actor).
+#[derive(Debug, Clone)]
+pub enum WriteRequest {
+    Put(PutRequest),
+    DeleteRange(DeleteRangeRequest),
+    Txn(TxnRequest),
+    LeaseGrant { id: i64, ttl: i64, now_ms: i64 },
+    LeaseRevoke { id: i64 },
+    /// Revokes the lease only if it is still expired at `now_ms` (a KeepAlive
+    /// may have renewed it since it was found).
+    LeaseExpire { id: i64, now_ms: i64 },
+    /// Marks revisions below `revision` as compacted.
+    Compact { revision: i64 },
+}
+
+/// The answer to a [`WriteRequest`]; every variant carries the revision the
+/// shard is at after the request.
+#[derive(Debug, Clone)]
+pub enum WriteResponse {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    LeaseGrant { id: i64, ttl: i64, revision: i64 },
+    LeaseRevoke { revision: i64 },
+    LeaseExpire { expired: bool, revision: i64 },
+    Compact { revision: i64 },
+}
+
+/// Events read from a shard's history, in revision order.
+#[derive(Debug, Clone, Default)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    /// Every event with a revision at or below this one has been read
+    /// (`events` holds those above the requested start).
+    pub closed: i64,
+    /// More events were there beyond `closed` than one page holds.
+    pub more: bool,
+}
+
+/// One lease as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub id: i64,
+    pub ttl: i64,
+    pub expires_at_ms: i64,
+}
+
+/// Everything the router and the shard actor need from a shard's database.
+#[async_trait]
+pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The dialect's name, for logs.
+    fn backend(&self) -> &'static str;
+
+    /// Counter and compaction mark in one snapshot.
+    async fn revisions(&self) -> Result<Revisions>;
+
+    /// A Range request, answered from one snapshot; the header revision is the
+    /// shard's counter in that snapshot.
+    async fn range(&self, request: &RangeRequest) -> Result<RangeResponse>;
+
+    /// Applies a batch of writes in one database transaction, each write with
+    /// its own revision. The outer error fails the whole batch (nothing of it
+    /// was committed); the inner ones are per request.
+    async fn apply_batch(&self, batch: &[WriteRequest]) -> Result<Vec<Result<WriteResponse>>>;
+
+    /// Events with revisions in (after, closed], at most about `max_events`
+    /// (whole revisions are never split), in revision order, with prev_kv.
+    async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage>;
+
+    /// Events of `range` with revisions in [from, to], starting after the
+    /// (revision, sub) cursor, at most `max_events`, for watch catch-up.
+    async fn history(
+        &self,
+        range: &KeyRange,
+        from: i64,
+        to: i64,
+        max_events: usize,
+    ) -> Result<EventPage>;
+
+    /// Physically deletes history made unreachable by compaction at `upto`,
+    /// `batch` revisions per statement. Returns the rows removed.
+    async fn purge_compacted(&self, upto: i64, batch: i64) -> Result<u64>;
+
+    /// Extends a lease that has not expired yet; its TTL, or None if unknown.
+    async fn lease_renew(&self, id: i64, now_ms: i64) -> Result<Option<i64>>;
+    async fn lease_get(&self, id: i64) -> Result<Option<LeaseRecord>>;
+    async fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>>;
+    async fn lease_list(&self) -> Result<Vec<i64>>;
+    async fn expired_leases(&self, now_ms: i64, limit: i64) -> Result<Vec<i64>>;
+
+    /// Takes or extends a named lock held in the database until `now_ms + hold_ms`.
+    async fn try_lock(&self, name: &str, owner: &str, now_ms: i64, hold_ms: i64) -> Result<bool>;
+
+    /// Size of the database in bytes.
+    async fn db_size(&self) -> Result<i64>;
+
+    /// Gives unused space back to the file system where the database can.
+    async fn defragment(&self) -> Result<()>;
+}

@@ -1,0 +1,747 @@
+//! The SQL implementation of [`ShardStore`], generic over sqlx's typed pools.
+//!
+//! All sqlx trait bounds live on the two impl blocks below; the dialect
+//! supplies the SQL text, so SQLite, PostgreSQL and MySQL share this code.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+
+use super::range::{RangePlan, build_range};
+use super::write::{self, HistoryRow, TxOps};
+use super::{EventPage, LeaseRecord, Revisions, ShardStore, WriteRequest, WriteResponse};
+use crate::dialect::Dialect;
+use crate::error::{Result, ShardError};
+use crate::keys::KeyRange;
+
+/// Most rows in one multi-row INSERT: keeps the statement under every
+/// backend's parameter limit (9 columns x 500 rows).
+const ROWS_PER_INSERT: usize = 500;
+/// Most payload bytes in one multi-row INSERT: keeps it under MySQL's
+/// max_allowed_packet even with 1.5 MiB values.
+const BYTES_PER_INSERT: usize = 4 << 20;
+
+/// A parameter of a dynamically assembled statement.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    Int(i64),
+    Bytes(&'a [u8]),
+    Text(&'a str),
+}
+
+/// A statement being assembled together with its parameters, in binding order.
+pub(crate) struct Statement<'a> {
+    dialect: &'static dyn Dialect,
+    pub(crate) text: String,
+    pub(crate) args: Vec<Arg<'a>>,
+}
+
+impl<'a> Statement<'a> {
+    pub(crate) fn new(dialect: &'static dyn Dialect, text: impl Into<String>) -> Self {
+        Statement {
+            dialect,
+            text: text.into(),
+            args: Vec::new(),
+        }
+    }
+
+    pub(crate) fn sql(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    pub(crate) fn arg(&mut self, arg: Arg<'a>) -> &mut Self {
+        self.args.push(arg);
+        let placeholder = self.dialect.param(self.args.len());
+        self.text.push_str(&placeholder);
+        self
+    }
+
+    pub(crate) fn int(&mut self, v: i64) -> &mut Self {
+        self.arg(Arg::Int(v))
+    }
+
+    pub(crate) fn bytes(&mut self, v: &'a [u8]) -> &mut Self {
+        self.arg(Arg::Bytes(v))
+    }
+}
+
+impl fmt::Debug for Statement<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Statement")
+            .field("text", &self.text)
+            .field("args", &self.args.len())
+            .finish()
+    }
+}
+
+/// One shard's database: a typed connection pool and its dialect.
+pub struct SqlShard<DB: Database> {
+    pool: Pool<DB>,
+    dialect: &'static dyn Dialect,
+}
+
+impl<DB: Database> fmt::Debug for SqlShard<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlShard")
+            .field("dialect", &self.dialect.name())
+            .finish()
+    }
+}
+
+/// A write transaction holding the shard's revision lock.
+struct SqlTx<'t, DB: Database> {
+    shard: &'t SqlShard<DB>,
+    tx: sqlx::Transaction<'static, DB>,
+}
+
+
+
+impl<DB> SqlShard<DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB>,
+    i64: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    usize: ColumnIndex<DB::Row>,
+    DB::QueryResult: RowsAffected,
+{
+    /// Wraps a pool; call [`SqlShard::migrate`] before use.
+    pub fn new(pool: Pool<DB>, dialect: &'static dyn Dialect) -> Self {
+        SqlShard { pool, dialect }
+    }
+
+    /// Creates the schema when missing and checks its version.
+    pub async fn migrate(&self) -> Result<i64> {
+        let mut conn = self.pool.acquire().await?;
+        for ddl in self.dialect.schema() {
+            sqlx::query(ddl).execute(&mut *conn).await?;
+        }
+        let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+        let version: i64 = row.try_get(0)?;
+        if version != crate::dialect::SCHEMA_VERSION {
+            return Err(ShardError::Corrupt(format!(
+                "schema version {version} in the database, this kubeshard knows {}",
+                crate::dialect::SCHEMA_VERSION
+            )));
+        }
+        Ok(version)
+    }
+
+    fn statement<'a>(&self, text: impl Into<String>) -> Statement<'a> {
+        Statement::new(self.dialect, text)
+    }
+
+    async fn fetch_all_in<'a>(
+        conn: &mut DB::Connection,
+        st: &Statement<'a>,
+    ) -> Result<Vec<DB::Row>> {
+        let mut q = sqlx::query(&st.text);
+        for a in &st.args {
+            q = match *a {
+                Arg::Int(v) => q.bind(v),
+                Arg::Bytes(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+            };
+        }
+        Ok(q.fetch_all(&mut *conn).await?)
+    }
+
+    async fn execute_in<'a>(conn: &mut DB::Connection, st: &Statement<'a>) -> Result<u64> {
+        let mut q = sqlx::query(&st.text);
+        for a in &st.args {
+            q = match *a {
+                Arg::Int(v) => q.bind(v),
+                Arg::Bytes(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+            };
+        }
+        let done = q.execute(&mut *conn).await?;
+        Ok(done.rows())
+    }
+
+    async fn read_revisions(conn: &mut DB::Connection) -> Result<Revisions> {
+        let row = sqlx::query("SELECT revision, compact_revision FROM ks_meta WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Revisions {
+            current: row.try_get(0)?,
+            compacted: row.try_get(1)?,
+        })
+    }
+
+    /// Range inside an open transaction, against the given revisions.
+    async fn range_in(
+        &self,
+        conn: &mut DB::Connection,
+        request: &RangeRequest,
+        revs: Revisions,
+    ) -> Result<RangeResponse> {
+        let range = KeyRange::new(&request.key, &request.range_end);
+        let plan = build_range(self.dialect, request, revs, &range)?;
+        let (count_st, rows_st) = match &plan {
+            RangePlan::Empty { .. } => (None, None),
+            RangePlan::Query { count, rows, .. } => (Some(count), rows.as_ref()),
+        };
+        let mut count = 0;
+        if let Some(st) = count_st {
+            let rows = Self::fetch_all_in(conn, st).await?;
+            if let Some(row) = rows.first() {
+                count = row.try_get(0)?;
+            }
+        }
+        let mut kvs = Vec::new();
+        if let Some(st) = rows_st {
+            for row in Self::fetch_all_in(conn, st).await? {
+                kvs.push(kv_from_row::<DB>(&row, 0)?);
+            }
+        }
+        let limit = request.limit;
+        let mut more = false;
+        if limit > 0 && kvs.len() as i64 > limit {
+            kvs.truncate(limit as usize);
+            more = true;
+        }
+        Ok(RangeResponse {
+            header: Some(ResponseHeader {
+                revision: plan.header_revision(),
+                ..Default::default()
+            }),
+            kvs,
+            more,
+            count,
+        })
+    }
+
+    async fn events_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<Vec<(i64, i64, Event)>> {
+        let rows = Self::fetch_all_in(conn, st).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let revision: i64 = row.try_get(0)?;
+            let sub: i64 = row.try_get(1)?;
+            let key: Vec<u8> = row.try_get(2)?;
+            let deleted: i64 = row.try_get(3)?;
+            let kv = if deleted != 0 {
+                KeyValue {
+                    key,
+                    mod_revision: revision,
+                    ..Default::default()
+                }
+            } else {
+                KeyValue {
+                    key,
+                    create_revision: row.try_get(4)?,
+                    mod_revision: revision,
+                    version: row.try_get(5)?,
+                    lease: row.try_get(6)?,
+                    value: row.try_get(7)?,
+                }
+            };
+            let prev_revision: Option<i64> = row.try_get(8)?;
+            let prev_deleted: Option<i64> = row.try_get(9)?;
+            let prev_kv = match (prev_revision, prev_deleted) {
+                (Some(prev_rev), Some(0)) => Some(KeyValue {
+                    key: kv.key.clone(),
+                    create_revision: row.try_get::<Option<i64>, _>(10)?.unwrap_or_default(),
+                    mod_revision: prev_rev,
+                    version: row.try_get::<Option<i64>, _>(11)?.unwrap_or_default(),
+                    lease: row.try_get::<Option<i64>, _>(12)?.unwrap_or_default(),
+                    value: row.try_get::<Option<Vec<u8>>, _>(13)?.unwrap_or_default(),
+                }),
+                _ => None,
+            };
+            let r#type = if deleted != 0 {
+                EventType::Delete
+            } else {
+                EventType::Put
+            };
+            out.push((
+                revision,
+                sub,
+                Event {
+                    r#type: r#type as i32,
+                    kv: Some(kv),
+                    prev_kv,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The SELECT of history events joined with each event's previous row.
+    fn events_select(&self) -> Statement<'static> {
+        self.statement(
+            "SELECT h.revision, h.sub, h.key_bytes, h.deleted, h.create_revision, h.version, \
+             h.lease, h.value_bytes, p.revision, p.deleted, p.create_revision, p.version, \
+             p.lease, p.value_bytes \
+             FROM ks_history h LEFT JOIN ks_history p \
+             ON p.key_bytes = h.key_bytes AND p.revision = h.prev_revision WHERE ",
+        )
+    }
+}
+
+/// The affected-row count, which sqlx only offers per driver.
+pub trait RowsAffected {
+    fn rows(&self) -> u64;
+}
+
+impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::postgres::PgQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::mysql::MySqlQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+/// Decodes (key, create, mod, version, lease, value) starting at column `at`.
+fn kv_from_row<DB>(row: &DB::Row, at: usize) -> Result<KeyValue>
+where
+    DB: Database,
+    i64: Type<DB> + for<'r> Decode<'r, DB>,
+    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
+    usize: ColumnIndex<DB::Row>,
+    DB::QueryResult: RowsAffected,
+{
+    Ok(KeyValue {
+        key: row.try_get(at)?,
+        create_revision: row.try_get(at + 1)?,
+        mod_revision: row.try_get(at + 2)?,
+        version: row.try_get(at + 3)?,
+        lease: row.try_get(at + 4)?,
+        value: row.try_get(at + 5)?,
+    })
+}
+
+/// Splits rows into chunks that respect the row and byte limits of one INSERT.
+fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, row) in rows.iter().enumerate() {
+        let s = size(row);
+        if i > start && (i - start >= ROWS_PER_INSERT || bytes + s > BYTES_PER_INSERT) {
+            chunks.push(&rows[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += s;
+    }
+    if start < rows.len() {
+        chunks.push(&rows[start..]);
+    }
+    chunks
+}
+
+
+#[async_trait]
+impl<'t, DB> TxOps for SqlTx<'t, DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB>,
+    i64: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    usize: ColumnIndex<DB::Row>,
+    DB::QueryResult: RowsAffected,
+{
+    fn max_key_len(&self) -> Option<usize> {
+        self.shard.dialect.max_key_len()
+    }
+
+    fn backend(&self) -> &'static str {
+        self.shard.dialect.name()
+    }
+
+    async fn lock_meta(&mut self) -> Result<Revisions> {
+        let row = sqlx::query(self.shard.dialect.lock_meta())
+            .fetch_one(&mut *self.tx)
+            .await?;
+        Ok(Revisions {
+            current: row.try_get(0)?,
+            compacted: row.try_get(1)?,
+        })
+    }
+
+    async fn set_revisions(&mut self, revs: Revisions) -> Result<()> {
+        let mut st = self.shard.statement("UPDATE ks_meta SET revision = ");
+        st.int(revs.current).sql(", compact_revision = ").int(revs.compacted).sql(" WHERE id = 1");
+        SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
+        Ok(())
+    }
+
+    async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(ROWS_PER_INSERT) {
+            let mut st = self.shard.statement(
+                "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
+                 FROM ks_live WHERE key_bytes IN (",
+            );
+            for (i, k) in chunk.iter().enumerate() {
+                if i > 0 {
+                    st.sql(", ");
+                }
+                st.bytes(k);
+            }
+            st.sql(")");
+            for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
+                out.push(kv_from_row::<DB>(&row, 0)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn live_in_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
+        let mut st = self.shard.statement(
+            "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
+             FROM ks_live WHERE ",
+        );
+        super::range::push_key_filter(&mut st, "key_bytes", range);
+        st.sql(" ORDER BY key_bytes");
+        let mut out = Vec::new();
+        for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
+            out.push(kv_from_row::<DB>(&row, 0)?);
+        }
+        Ok(out)
+    }
+
+    async fn live_with_lease(&mut self, lease: i64) -> Result<Vec<KeyValue>> {
+        let mut st = self.shard.statement(
+            "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
+             FROM ks_live WHERE lease = ",
+        );
+        st.int(lease).sql(" ORDER BY key_bytes");
+        let mut out = Vec::new();
+        for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
+            out.push(kv_from_row::<DB>(&row, 0)?);
+        }
+        Ok(out)
+    }
+
+    async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse> {
+        self.shard.range_in(&mut self.tx, request, revs).await
+    }
+
+    async fn write_history(&mut self, rows: &[HistoryRow]) -> Result<()> {
+        for chunk in insert_chunks(rows, |r| r.key.len() + r.value.len()) {
+            let mut st = self.shard.statement(
+                "INSERT INTO ks_history (revision, sub, key_bytes, deleted, create_revision, \
+                 prev_revision, version, lease, value_bytes) VALUES ",
+            );
+            for (i, r) in chunk.iter().enumerate() {
+                st.sql(if i == 0 { "(" } else { ", (" });
+                st.int(r.revision).sql(", ").int(r.sub).sql(", ").bytes(&r.key).sql(", ");
+                st.int(i64::from(r.deleted)).sql(", ").int(r.create_revision).sql(", ");
+                st.int(r.prev_revision).sql(", ").int(r.version).sql(", ").int(r.lease);
+                st.sql(", ").bytes(&r.value).sql(")");
+            }
+            SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_live(&mut self, upserts: &[&KeyValue], deletes: &[&[u8]]) -> Result<()> {
+        for chunk in insert_chunks(upserts, |kv| kv.key.len() + kv.value.len()) {
+            let mut st = self.shard.statement(
+                "INSERT INTO ks_live (key_bytes, create_revision, mod_revision, version, lease, \
+                 value_bytes) VALUES ",
+            );
+            for (i, kv) in chunk.iter().enumerate() {
+                st.sql(if i == 0 { "(" } else { ", (" });
+                st.bytes(&kv.key).sql(", ").int(kv.create_revision).sql(", ");
+                st.int(kv.mod_revision).sql(", ").int(kv.version).sql(", ").int(kv.lease);
+                st.sql(", ").bytes(&kv.value).sql(")");
+            }
+            st.sql(self.shard.dialect.upsert_live_tail());
+            SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
+        }
+        for chunk in deletes.chunks(ROWS_PER_INSERT) {
+            let mut st = self.shard.statement("DELETE FROM ks_live WHERE key_bytes IN (");
+            for (i, k) in chunk.iter().enumerate() {
+                if i > 0 {
+                    st.sql(", ");
+                }
+                st.bytes(k);
+            }
+            st.sql(")");
+            SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
+        }
+        Ok(())
+    }
+
+    async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(ROWS_PER_INSERT) {
+            let mut st = self.shard.statement("SELECT id FROM ks_lease WHERE id IN (");
+            for (i, id) in chunk.iter().enumerate() {
+                if i > 0 {
+                    st.sql(", ");
+                }
+                st.int(*id);
+            }
+            st.sql(")");
+            for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
+                out.push(row.try_get(0)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lease_insert(&mut self, lease: LeaseRecord) -> Result<()> {
+        let mut st = self.shard.statement("INSERT INTO ks_lease (id, ttl, expires_at_ms) VALUES (");
+        st.int(lease.id).sql(", ").int(lease.ttl).sql(", ").int(lease.expires_at_ms).sql(")");
+        SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
+        Ok(())
+    }
+
+    async fn lease_delete(&mut self, id: i64) -> Result<()> {
+        let mut st = self.shard.statement("DELETE FROM ks_lease WHERE id = ");
+        st.int(id);
+        SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
+        Ok(())
+    }
+
+    async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>> {
+        let mut st = self.shard.statement("SELECT expires_at_ms FROM ks_lease WHERE id = ");
+        st.int(id);
+        let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
+        match rows.first() {
+            Some(row) => Ok(Some(row.try_get(0)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+
+#[async_trait]
+impl<DB> ShardStore for SqlShard<DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB>,
+    i64: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    String: Type<DB> + for<'r> Decode<'r, DB>,
+    usize: ColumnIndex<DB::Row>,
+    DB::QueryResult: RowsAffected,
+{
+    fn backend(&self) -> &'static str {
+        self.dialect.name()
+    }
+
+    async fn revisions(&self) -> Result<Revisions> {
+        let mut conn = self.pool.acquire().await?;
+        Self::read_revisions(&mut conn).await
+    }
+
+    async fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
+        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
+        let revs = Self::read_revisions(&mut tx).await?;
+        let response = self.range_in(&mut tx, request, revs).await?;
+        tx.commit().await?;
+        Ok(response)
+    }
+
+    async fn apply_batch(&self, batch: &[WriteRequest]) -> Result<Vec<Result<WriteResponse>>> {
+        let tx = self.pool.begin_with(self.dialect.begin_write()).await?;
+        let mut ops = SqlTx { shard: self, tx };
+        let responses = write::apply_batch(&mut ops, batch).await?;
+        ops.tx.commit().await?;
+        Ok(responses)
+    }
+
+    async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage> {
+        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
+        let revs = Self::read_revisions(&mut tx).await?;
+        if revs.current <= after {
+            tx.commit().await?;
+            return Ok(EventPage { events: Vec::new(), closed: revs.current.max(after), more: false });
+        }
+        let mut st = self.events_select();
+        st.sql("h.revision > ").int(after).sql(" AND h.revision <= ").int(revs.current);
+        st.sql(" ORDER BY h.revision, h.sub LIMIT ").int(max_events as i64 + 1);
+        let mut rows = Self::events_in(&mut tx, &st).await?;
+        let mut closed = revs.current;
+        if rows.len() > max_events {
+            // The last revision may be cut short: close below it, unless it
+            // is the only one, in which case read that revision whole.
+            let last = rows.last().map(|r| r.0).unwrap_or(after);
+            let first = rows.first().map(|r| r.0).unwrap_or(after);
+            if first == last {
+                let mut st = self.events_select();
+                st.sql("h.revision = ").int(last).sql(" ORDER BY h.sub");
+                rows = Self::events_in(&mut tx, &st).await?;
+                closed = last;
+            } else {
+                rows.retain(|r| r.0 < last);
+                closed = last - 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(EventPage { events: rows.into_iter().map(|r| r.2).collect(), closed, more: closed < revs.current })
+    }
+
+    async fn history(&self, range: &KeyRange, from: i64, to: i64, max_events: usize) -> Result<EventPage> {
+        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
+        let revs = Self::read_revisions(&mut tx).await?;
+        if from < revs.compacted {
+            tx.commit().await?;
+            return Err(ShardError::Compacted { compact_revision: revs.compacted });
+        }
+        let to = to.min(revs.current);
+        let mut st = self.events_select();
+        st.sql("h.revision >= ").int(from).sql(" AND h.revision <= ").int(to).sql(" AND ");
+        super::range::push_key_filter(&mut st, "h.key_bytes", range);
+        st.sql(" ORDER BY h.revision, h.sub LIMIT ").int(max_events as i64 + 1);
+        let mut rows = Self::events_in(&mut tx, &st).await?;
+        let mut closed = to;
+        if rows.len() > max_events {
+            let last = rows.last().map(|r| r.0).unwrap_or(from);
+            let first = rows.first().map(|r| r.0).unwrap_or(from);
+            if first == last {
+                let mut st = self.events_select();
+                st.sql("h.revision = ").int(last).sql(" AND ");
+                super::range::push_key_filter(&mut st, "h.key_bytes", range);
+                st.sql(" ORDER BY h.sub");
+                rows = Self::events_in(&mut tx, &st).await?;
+                closed = last;
+            } else {
+                rows.retain(|r| r.0 < last);
+                closed = last - 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(EventPage { events: rows.into_iter().map(|r| r.2).collect(), closed, more: closed < to })
+    }
+
+    async fn purge_compacted(&self, upto: i64, batch: i64) -> Result<u64> {
+        let mut conn = self.pool.acquire().await?;
+        let row = sqlx::query("SELECT MIN(revision) FROM ks_history")
+            .fetch_one(&mut *conn)
+            .await?;
+        let Some(mut lo) = row.try_get::<Option<i64>, _>(0)? else {
+            return Ok(0);
+        };
+        let text = self.dialect.compact_window();
+        let mut removed = 0;
+        while lo <= upto {
+            let hi = (lo + batch).min(upto + 1);
+            let st = Statement {
+                dialect: self.dialect,
+                text: text.clone(),
+                args: vec![Arg::Int(upto), Arg::Int(lo), Arg::Int(hi)],
+            };
+            removed += Self::execute_in(&mut conn, &st).await?;
+            lo = hi;
+        }
+        Ok(removed)
+    }
+
+    async fn lease_renew(&self, id: i64, now_ms: i64) -> Result<Option<i64>> {
+        let mut conn = self.pool.acquire().await?;
+        let mut st = self.statement("UPDATE ks_lease SET expires_at_ms = ");
+        st.int(now_ms).sql(" + ttl * 1000 WHERE id = ").int(id).sql(" AND expires_at_ms > ").int(now_ms);
+        if Self::execute_in(&mut conn, &st).await? == 0 {
+            return Ok(None);
+        }
+        Ok(self.lease_get(id).await?.map(|l| l.ttl))
+    }
+
+    async fn lease_get(&self, id: i64) -> Result<Option<LeaseRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        let mut st = self.statement("SELECT id, ttl, expires_at_ms FROM ks_lease WHERE id = ");
+        st.int(id);
+        let rows = Self::fetch_all_in(&mut conn, &st).await?;
+        match rows.first() {
+            Some(row) => Ok(Some(LeaseRecord {
+                id: row.try_get(0)?,
+                ttl: row.try_get(1)?,
+                expires_at_ms: row.try_get(2)?,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    async fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>> {
+        let mut conn = self.pool.acquire().await?;
+        let mut st = self.statement("SELECT key_bytes FROM ks_live WHERE lease = ");
+        st.int(id).sql(" ORDER BY key_bytes");
+        let mut keys = Vec::new();
+        for row in Self::fetch_all_in(&mut conn, &st).await? {
+            keys.push(row.try_get(0)?);
+        }
+        Ok(keys)
+    }
+
+    async fn lease_list(&self) -> Result<Vec<i64>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = sqlx::query("SELECT id FROM ks_lease ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    async fn expired_leases(&self, now_ms: i64, limit: i64) -> Result<Vec<i64>> {
+        let mut conn = self.pool.acquire().await?;
+        let mut st = self.statement("SELECT id FROM ks_lease WHERE expires_at_ms <= ");
+        st.int(now_ms).sql(" ORDER BY expires_at_ms LIMIT ").int(limit);
+        let rows = Self::fetch_all_in(&mut conn, &st).await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    async fn try_lock(&self, name: &str, owner: &str, now_ms: i64, hold_ms: i64) -> Result<bool> {
+        let mut conn = self.pool.acquire().await?;
+        let mut st = self.statement("UPDATE ks_lock SET owner = ");
+        st.arg(Arg::Text(owner)).sql(", until_ms = ").int(now_ms + hold_ms);
+        st.sql(" WHERE name = ").arg(Arg::Text(name)).sql(" AND (owner = ");
+        st.arg(Arg::Text(owner)).sql(" OR until_ms < ").int(now_ms).sql(")");
+        Self::execute_in(&mut conn, &st).await?;
+        // Read back rather than trusting the affected-row count, which MySQL
+        // reports as 0 when the row already held these values.
+        let mut st = self.statement("SELECT owner FROM ks_lock WHERE name = ");
+        st.arg(Arg::Text(name));
+        let rows = Self::fetch_all_in(&mut conn, &st).await?;
+        match rows.first() {
+            Some(row) => Ok(row.try_get::<String, _>(0)? == owner),
+            None => Ok(false),
+        }
+    }
+
+    async fn db_size(&self) -> Result<i64> {
+        let mut conn = self.pool.acquire().await?;
+        let row = sqlx::query(self.dialect.db_size()).fetch_one(&mut *conn).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn defragment(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        for statement in self.dialect.defragment() {
+            sqlx::query(statement).execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+}

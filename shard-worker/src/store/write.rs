@@ -1,0 +1,654 @@
+//! The write path of a shard: a batch of requests applied in one database
+//! transaction under the revision lock (group commit).
+//!
+//! Each request gets its own revision, exactly as etcd would give it. Keys
+//! that point requests touch are read once for the whole batch; changes are
+//! buffered and written with multi-row statements, so a batch of N puts costs
+//! a handful of statements, not 3N. Because every writer of the shard holds
+//! the revision lock while it reads and writes, reading a key's current row
+//! and then writing its successor inside the transaction cannot race with
+//! another writer (kine's read-then-insert race needs two unlocked writers).
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use kubeshard_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use kubeshard_proto::etcdserverpb::request_op::Request;
+use kubeshard_proto::etcdserverpb::response_op::Response;
+use kubeshard_proto::etcdserverpb::{
+    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use kubeshard_proto::mvccpb::KeyValue;
+
+use super::{LeaseRecord, Revisions, WriteRequest, WriteResponse};
+use crate::error::{Result, ShardError};
+use crate::keys::KeyRange;
+
+/// One row of `ks_history`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HistoryRow {
+    pub revision: i64,
+    pub sub: i64,
+    pub key: Vec<u8>,
+    pub deleted: bool,
+    pub create_revision: i64,
+    /// mod_revision of the key's previous row (0 if it did not exist), so
+    /// that watch events can carry prev_kv.
+    pub prev_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+    pub value: Vec<u8>,
+}
+
+/// The statements a write batch needs, inside one transaction.
+#[async_trait]
+pub(crate) trait TxOps: Send {
+    fn max_key_len(&self) -> Option<usize>;
+    fn backend(&self) -> &'static str;
+    async fn lock_meta(&mut self) -> Result<Revisions>;
+    async fn set_revisions(&mut self, revs: Revisions) -> Result<()>;
+    async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>>;
+    async fn live_in_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>>;
+    async fn live_with_lease(&mut self, lease: i64) -> Result<Vec<KeyValue>>;
+    async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse>;
+    async fn write_history(&mut self, rows: &[HistoryRow]) -> Result<()>;
+    async fn write_live(&mut self, upserts: &[&KeyValue], deletes: &[&[u8]]) -> Result<()>;
+    async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>>;
+    async fn lease_insert(&mut self, lease: LeaseRecord) -> Result<()>;
+    async fn lease_delete(&mut self, id: i64) -> Result<()>;
+    async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>>;
+}
+
+/// Applies `batch` and returns one result per request. An `Err` means the
+/// transaction must be rolled back: nothing of the batch may be committed.
+pub(crate) async fn apply_batch(
+    ops: &mut dyn TxOps,
+    batch: &[WriteRequest],
+) -> Result<Vec<Result<WriteResponse>>> {
+    let revs = ops.lock_meta().await?;
+    let mut state = BatchState {
+        ops,
+        start: revs,
+        revs,
+        keys: HashMap::new(),
+        leases: HashMap::new(),
+        history: Vec::new(),
+        live: BTreeMap::new(),
+    };
+    state.prefetch(batch).await?;
+    let mut responses = Vec::with_capacity(batch.len());
+    for request in batch {
+        match state.apply(request).await {
+            Err(e) if is_fatal(&e) => return Err(e),
+            result => responses.push(result),
+        }
+    }
+    state.flush().await?;
+    if state.revs != state.start {
+        state.ops.set_revisions(state.revs).await?;
+    }
+    Ok(responses)
+}
+
+/// Errors that leave the transaction unusable (as opposed to a request refused).
+fn is_fatal(e: &ShardError) -> bool {
+    matches!(
+        e,
+        ShardError::Database(_) | ShardError::Corrupt(_) | ShardError::Stopped(_)
+    )
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+/// The revision being written by one request and its next sub-revision.
+#[derive(Debug)]
+struct Writer {
+    revision: i64,
+    sub: i64,
+}
+
+impl Writer {
+    fn changed(&self) -> bool {
+        self.sub > 0
+    }
+
+    fn next_sub(&mut self) -> i64 {
+        let s = self.sub;
+        self.sub += 1;
+        s
+    }
+
+    /// The revision a read inside this request sees.
+    fn view(&self) -> i64 {
+        if self.changed() {
+            self.revision
+        } else {
+            self.revision - 1
+        }
+    }
+}
+
+struct BatchState<'o> {
+    ops: &'o mut dyn TxOps,
+    start: Revisions,
+    /// `current` is the last revision handed out, including this batch's.
+    revs: Revisions,
+    /// Known current state of keys: `None` is absent.
+    keys: HashMap<Vec<u8>, Option<KeyValue>>,
+    /// Known existence of leases.
+    leases: HashMap<i64, bool>,
+    /// Changes not yet written to the database.
+    history: Vec<HistoryRow>,
+    live: BTreeMap<Vec<u8>, Option<KeyValue>>,
+}
+
+impl BatchState<'_> {
+    async fn prefetch(&mut self, batch: &[WriteRequest]) -> Result<()> {
+        let mut keys: Vec<&[u8]> = Vec::new();
+        let mut leases: Vec<i64> = Vec::new();
+        for request in batch {
+            match request {
+                WriteRequest::Put(p) => {
+                    keys.push(&p.key);
+                    if p.lease != 0 {
+                        leases.push(p.lease);
+                    }
+                }
+                WriteRequest::DeleteRange(d) if d.range_end.is_empty() => keys.push(&d.key),
+                WriteRequest::Txn(t) => collect_txn_keys(t, &mut keys, &mut leases),
+                WriteRequest::LeaseGrant { id, .. } | WriteRequest::LeaseRevoke { id } => {
+                    leases.push(*id)
+                }
+                _ => {}
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        leases.sort_unstable();
+        leases.dedup();
+        if !keys.is_empty() {
+            for key in &keys {
+                self.keys.insert(key.to_vec(), None);
+            }
+            for kv in self.ops.live_get(&keys).await? {
+                self.keys.insert(kv.key.clone(), Some(kv));
+            }
+        }
+        if !leases.is_empty() {
+            for id in &leases {
+                self.leases.insert(*id, false);
+            }
+            for id in self.ops.leases_existing(&leases).await? {
+                self.leases.insert(id, true);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>> {
+        if let Some(state) = self.keys.get(key) {
+            return Ok(state.clone());
+        }
+        let found = self.ops.live_get(&[key]).await?.into_iter().next();
+        self.keys.insert(key.to_vec(), found.clone());
+        Ok(found)
+    }
+
+    async fn lease_exists(&mut self, id: i64) -> Result<bool> {
+        if let Some(exists) = self.leases.get(&id) {
+            return Ok(*exists);
+        }
+        let exists = !self.ops.leases_existing(&[id]).await?.is_empty();
+        self.leases.insert(id, exists);
+        Ok(exists)
+    }
+
+    /// Writes buffered changes so that range statements see them.
+    async fn flush(&mut self) -> Result<()> {
+        if !self.history.is_empty() {
+            self.ops.write_history(&self.history).await?;
+            self.history.clear();
+        }
+        if !self.live.is_empty() {
+            let upserts: Vec<&KeyValue> = self.live.values().flatten().collect();
+            let deletes: Vec<&[u8]> = self
+                .live
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| k.as_slice())
+                .collect();
+            self.ops.write_live(&upserts, &deletes).await?;
+            self.live.clear();
+        }
+        Ok(())
+    }
+
+    /// The key-values currently in `range`.
+    async fn current_in(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
+        match range {
+            KeyRange::Single(key) => Ok(self.get(key).await?.into_iter().collect()),
+            KeyRange::Span { .. } if range.is_empty() => Ok(Vec::new()),
+            KeyRange::Span { .. } => {
+                self.flush().await?;
+                let found = self.ops.live_in_range(range).await?;
+                for kv in &found {
+                    self.keys.insert(kv.key.clone(), Some(kv.clone()));
+                }
+                Ok(found)
+            }
+        }
+    }
+
+    fn check_key_len(&self, key: &[u8]) -> Result<()> {
+        match self.ops.max_key_len() {
+            Some(max) if key.len() > max => Err(ShardError::KeyTooLong {
+                len: key.len(),
+                max,
+                backend: self.ops.backend(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn apply(&mut self, request: &WriteRequest) -> Result<WriteResponse> {
+        let mut w = Writer {
+            revision: self.revs.current + 1,
+            sub: 0,
+        };
+        let response = match request {
+            WriteRequest::Put(p) => {
+                if p.lease != 0 && !self.lease_exists(p.lease).await? {
+                    return Err(ShardError::LeaseNotFound);
+                }
+                self.check_put(p).await?;
+                let prev = self.put(p, &mut w).await?;
+                WriteResponse::Put(PutResponse {
+                    header: header(w.revision),
+                    prev_kv: if p.prev_kv { prev } else { None },
+                })
+            }
+            WriteRequest::DeleteRange(d) => {
+                let deleted = self.delete(d, &mut w).await?;
+                WriteResponse::DeleteRange(DeleteRangeResponse {
+                    header: header(w.view()),
+                    deleted: deleted.len() as i64,
+                    prev_kvs: if d.prev_kv { deleted } else { Vec::new() },
+                })
+            }
+            WriteRequest::Txn(t) => {
+                let path = self.compare_path(t).await?;
+                self.check_txn(t, &path, &mut 0).await?;
+                let mut response = self.exec_txn(t, &path, &mut 0, &mut w).await?;
+                response.header = header(w.view());
+                WriteResponse::Txn(response)
+            }
+            WriteRequest::LeaseGrant { id, ttl, now_ms } => {
+                if self.lease_exists(*id).await? {
+                    return Err(ShardError::LeaseExists);
+                }
+                self.ops
+                    .lease_insert(LeaseRecord {
+                        id: *id,
+                        ttl: *ttl,
+                        expires_at_ms: now_ms.saturating_add(ttl.saturating_mul(1000)),
+                    })
+                    .await?;
+                self.leases.insert(*id, true);
+                WriteResponse::LeaseGrant {
+                    id: *id,
+                    ttl: *ttl,
+                    revision: w.view(),
+                }
+            }
+            WriteRequest::LeaseRevoke { id } => {
+                if !self.lease_exists(*id).await? {
+                    return Err(ShardError::LeaseNotFound);
+                }
+                self.revoke(*id, &mut w).await?;
+                WriteResponse::LeaseRevoke {
+                    revision: w.view(),
+                }
+            }
+            WriteRequest::LeaseExpire { id, now_ms } => {
+                let expired = match self.ops.lease_deadline(*id).await? {
+                    Some(deadline) if deadline <= *now_ms => {
+                        self.revoke(*id, &mut w).await?;
+                        true
+                    }
+                    _ => false,
+                };
+                WriteResponse::LeaseExpire {
+                    expired,
+                    revision: w.view(),
+                }
+            }
+            WriteRequest::Compact { revision } => {
+                if *revision <= self.revs.compacted {
+                    return Err(ShardError::Compacted {
+                        compact_revision: self.revs.compacted,
+                    });
+                }
+                if *revision > self.revs.current {
+                    return Err(ShardError::FutureRevision);
+                }
+                self.revs.compacted = *revision;
+                WriteResponse::Compact {
+                    revision: self.revs.current,
+                }
+            }
+        };
+        if w.changed() {
+            self.revs.current = w.revision;
+        }
+        Ok(response)
+    }
+
+    /// etcd's checks of a Put before anything is written.
+    async fn check_put(&mut self, p: &PutRequest) -> Result<()> {
+        self.check_key_len(&p.key)?;
+        if (p.ignore_value || p.ignore_lease) && self.get(&p.key).await?.is_none() {
+            return Err(ShardError::KeyNotFound);
+        }
+        Ok(())
+    }
+
+    /// Writes a put; returns the previous key-value.
+    async fn put(&mut self, p: &PutRequest, w: &mut Writer) -> Result<Option<KeyValue>> {
+        let prev = self.get(&p.key).await?;
+        let value = match (&prev, p.ignore_value) {
+            (Some(prev), true) => prev.value.clone(),
+            _ => p.value.clone(),
+        };
+        let lease = match (&prev, p.ignore_lease) {
+            (Some(prev), true) => prev.lease,
+            _ => p.lease,
+        };
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision: prev.as_ref().map_or(w.revision, |k| k.create_revision),
+            mod_revision: w.revision,
+            version: prev.as_ref().map_or(1, |k| k.version + 1),
+            value,
+            lease,
+        };
+        self.history.push(HistoryRow {
+            revision: w.revision,
+            sub: w.next_sub(),
+            key: kv.key.clone(),
+            deleted: false,
+            create_revision: kv.create_revision,
+            prev_revision: prev.as_ref().map_or(0, |k| k.mod_revision),
+            version: kv.version,
+            lease: kv.lease,
+            value: kv.value.clone(),
+        });
+        self.live.insert(kv.key.clone(), Some(kv.clone()));
+        self.keys.insert(kv.key.clone(), Some(kv));
+        Ok(prev)
+    }
+
+    /// Deletes the keys of a DeleteRange; returns what was deleted, in key order.
+    async fn delete(&mut self, d: &DeleteRangeRequest, w: &mut Writer) -> Result<Vec<KeyValue>> {
+        let range = KeyRange::new(&d.key, &d.range_end);
+        let victims = self.current_in(&range).await?;
+        for kv in &victims {
+            self.tombstone(kv, w);
+        }
+        Ok(victims)
+    }
+
+    fn tombstone(&mut self, kv: &KeyValue, w: &mut Writer) {
+        self.history.push(HistoryRow {
+            revision: w.revision,
+            sub: w.next_sub(),
+            key: kv.key.clone(),
+            deleted: true,
+            create_revision: 0,
+            prev_revision: kv.mod_revision,
+            version: 0,
+            lease: 0,
+            value: Vec::new(),
+        });
+        self.live.insert(kv.key.clone(), None);
+        self.keys.insert(kv.key.clone(), None);
+    }
+
+    /// Deletes the lease and every key attached to it, in one revision.
+    async fn revoke(&mut self, id: i64, w: &mut Writer) -> Result<()> {
+        self.flush().await?;
+        let attached = self.ops.live_with_lease(id).await?;
+        for kv in &attached {
+            self.tombstone(kv, w);
+        }
+        self.ops.lease_delete(id).await?;
+        self.leases.insert(id, false);
+        Ok(())
+    }
+
+    /// Evaluates every compare of the txn and of the nested txns on the
+    /// chosen branches, before anything is written (etcd's compareToPath).
+    fn compare_path<'a>(&'a mut self, t: &'a TxnRequest) -> BoxFuture<'a, Result<Vec<bool>>> {
+        Box::pin(async move {
+            let mut ok = true;
+            for c in &t.compare {
+                if !self.compare(c).await? {
+                    ok = false;
+                    break;
+                }
+            }
+            let mut path = vec![ok];
+            let ops = if ok { &t.success } else { &t.failure };
+            for op in ops {
+                if let Some(Request::RequestTxn(nested)) = &op.request {
+                    path.extend(self.compare_path(nested).await?);
+                }
+            }
+            Ok(path)
+        })
+    }
+
+    async fn compare(&mut self, c: &Compare) -> Result<bool> {
+        let range = KeyRange::new(&c.key, &c.range_end);
+        let kvs = self.current_in(&range).await?;
+        let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+        if kvs.is_empty() {
+            // A missing key has no value to compare: etcd fails value
+            // compares and compares the other targets against zero.
+            if target == CompareTarget::Value {
+                return Ok(false);
+            }
+            return Ok(compare_kv(c, &KeyValue::default()));
+        }
+        Ok(kvs.iter().all(|kv| compare_kv(c, kv)))
+    }
+
+    /// etcd's checkRequests: puts need their lease and, with ignore_*, their
+    /// key; ranges need a readable revision. Runs before any write.
+    fn check_txn<'a>(
+        &'a mut self,
+        t: &'a TxnRequest,
+        path: &'a [bool],
+        at: &'a mut usize,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let ok = path.get(*at).copied().unwrap_or(false);
+            *at += 1;
+            let ops = if ok { &t.success } else { &t.failure };
+            for op in ops {
+                match &op.request {
+                    Some(Request::RequestPut(p)) => {
+                        self.check_put(p).await?;
+                        if p.lease != 0 && !self.lease_exists(p.lease).await? {
+                            return Err(ShardError::LeaseNotFound);
+                        }
+                    }
+                    Some(Request::RequestRange(r)) if r.revision != 0 => {
+                        if r.revision > self.revs.current {
+                            return Err(ShardError::FutureRevision);
+                        }
+                        if r.revision < self.revs.compacted {
+                            return Err(ShardError::Compacted {
+                                compact_revision: self.revs.compacted,
+                            });
+                        }
+                    }
+                    Some(Request::RequestTxn(nested)) => self.check_txn(nested, path, at).await?,
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn exec_txn<'a>(
+        &'a mut self,
+        t: &'a TxnRequest,
+        path: &'a [bool],
+        at: &'a mut usize,
+        w: &'a mut Writer,
+    ) -> BoxFuture<'a, Result<TxnResponse>> {
+        Box::pin(async move {
+            let ok = path.get(*at).copied().unwrap_or(false);
+            *at += 1;
+            let ops = if ok { &t.success } else { &t.failure };
+            let mut responses = Vec::with_capacity(ops.len());
+            for op in ops {
+                let response = match &op.request {
+                    Some(Request::RequestRange(r)) => Response::ResponseRange(self.read(r, w).await?),
+                    Some(Request::RequestPut(p)) => {
+                        let prev = self.put(p, w).await?;
+                        Response::ResponsePut(PutResponse {
+                            header: header(w.revision),
+                            prev_kv: if p.prev_kv { prev } else { None },
+                        })
+                    }
+                    Some(Request::RequestDeleteRange(d)) => {
+                        let deleted = self.delete(d, w).await?;
+                        Response::ResponseDeleteRange(DeleteRangeResponse {
+                            header: header(w.view()),
+                            deleted: deleted.len() as i64,
+                            prev_kvs: if d.prev_kv { deleted } else { Vec::new() },
+                        })
+                    }
+                    Some(Request::RequestTxn(nested)) => {
+                        let mut r = self.exec_txn(nested, path, at, w).await?;
+                        r.header = header(w.view());
+                        Response::ResponseTxn(r)
+                    }
+                    None => continue,
+                };
+                responses.push(ResponseOp {
+                    response: Some(response),
+                });
+            }
+            Ok(TxnResponse {
+                header: None,
+                succeeded: ok,
+                responses,
+            })
+        })
+    }
+
+    /// A Range inside a txn: sees the txn's own earlier writes.
+    async fn read(&mut self, r: &RangeRequest, w: &Writer) -> Result<RangeResponse> {
+        let point = r.range_end.is_empty()
+            && r.revision == 0
+            && r.min_mod_revision == 0
+            && r.max_mod_revision == 0
+            && r.min_create_revision == 0
+            && r.max_create_revision == 0;
+        if point {
+            let found = self.get(&r.key).await?;
+            let count = i64::from(found.is_some());
+            let kvs = match found {
+                Some(_) if r.count_only => Vec::new(),
+                Some(mut kv) => {
+                    if r.keys_only {
+                        kv.value.clear();
+                    }
+                    vec![kv]
+                }
+                None => Vec::new(),
+            };
+            return Ok(RangeResponse {
+                header: header(w.view()),
+                kvs,
+                more: false,
+                count,
+            });
+        }
+        self.flush().await?;
+        let revs = Revisions {
+            current: w.view(),
+            compacted: self.revs.compacted,
+        };
+        self.ops.range(r, revs).await
+    }
+}
+
+/// etcd's compareKV.
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+    let ordering = match target {
+        CompareTarget::Value => {
+            let want: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(want)
+        }
+        CompareTarget::Create => kv.create_revision.cmp(&union_int(c, target)),
+        CompareTarget::Mod => kv.mod_revision.cmp(&union_int(c, target)),
+        CompareTarget::Version => kv.version.cmp(&union_int(c, target)),
+        CompareTarget::Lease => kv.lease.cmp(&union_int(c, target)),
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ordering == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => ordering != Ordering::Equal,
+        Ok(CompareResult::Greater) => ordering == Ordering::Greater,
+        Ok(CompareResult::Less) => ordering == Ordering::Less,
+        Err(_) => true,
+    }
+}
+
+/// The integer a compare holds for its target; etcd reads 0 when the union
+/// holds another variant.
+fn union_int(c: &Compare, target: CompareTarget) -> i64 {
+    match (&c.target_union, target) {
+        (Some(TargetUnion::Version(v)), CompareTarget::Version)
+        | (Some(TargetUnion::CreateRevision(v)), CompareTarget::Create)
+        | (Some(TargetUnion::ModRevision(v)), CompareTarget::Mod)
+        | (Some(TargetUnion::Lease(v)), CompareTarget::Lease) => *v,
+        _ => 0,
+    }
+}
+
+fn collect_txn_keys<'a>(t: &'a TxnRequest, keys: &mut Vec<&'a [u8]>, leases: &mut Vec<i64>) {
+    for c in &t.compare {
+        if c.range_end.is_empty() {
+            keys.push(&c.key);
+        }
+    }
+    for op in t.success.iter().chain(&t.failure) {
+        match &op.request {
+            Some(Request::RequestPut(p)) => {
+                keys.push(&p.key);
+                if p.lease != 0 {
+                    leases.push(p.lease);
+                }
+            }
+            Some(Request::RequestDeleteRange(d)) if d.range_end.is_empty() => keys.push(&d.key),
+            Some(Request::RequestRange(r)) if r.range_end.is_empty() => keys.push(&r.key),
+            Some(Request::RequestTxn(nested)) => collect_txn_keys(nested, keys, leases),
+            _ => {}
+        }
+    }
+}

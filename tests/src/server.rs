@@ -1,0 +1,395 @@
+//! Servers under test, started as subprocesses: a real etcd and kubeshard.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions};
+use tempfile::TempDir;
+
+use crate::env::{EtcdTools, free_port, log_tail, skip};
+
+/// How long a started server may take to answer its first request.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Something that speaks the etcd v3 API on a loopback port.
+pub trait Server {
+    /// `http://127.0.0.1:PORT`
+    fn endpoint(&self) -> String;
+    /// A short description for messages (`etcd 127.0.0.1:1234`).
+    fn describe(&self) -> String;
+    /// The tail of the server's log (stderr and stdout).
+    fn log_tail(&self) -> String;
+}
+
+/// Connects the etcd client the way the tests use it: `hasleader` metadata on
+/// (as kube-apiserver does), bounded connect.
+pub async fn connect(endpoint: &str) -> Result<Client, etcd_client::Error> {
+    Client::connect(
+        [endpoint],
+        Some(
+            ConnectOptions::new()
+                .with_require_leader(true)
+                .with_connect_timeout(Duration::from_secs(5)),
+        ),
+    )
+    .await
+}
+
+/// Waits until the server answers a linearizable Range, or its process exits,
+/// or [`START_TIMEOUT`] passes.
+async fn wait_ready(endpoint: &str, child: &mut Child) -> Result<(), String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut last_err = String::from("no attempt yet");
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("process exited with {status} before answering"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "did not answer within {START_TIMEOUT:?}; last error: {last_err}"
+            ));
+        }
+        let attempt = async {
+            let mut c = connect(endpoint).await?;
+            c.get("/registry/health", None).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => last_err = e.to_string(),
+            Err(_) => last_err = "request timed out after 2s".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot create log file {}: {e}", path.display()))
+}
+
+// ------------------------------------------------------------------ etcd ---
+
+/// A single-member etcd in a temporary directory, killed on drop.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl EtcdServer {
+    /// Starts etcd on free loopback ports and waits until it answers. Panics
+    /// (with the log tail) if it cannot be started in three attempts.
+    pub async fn start(tools: &EtcdTools) -> EtcdServer {
+        let mut failures = Vec::new();
+        for attempt in 1..=3 {
+            let dir = tempfile::Builder::new()
+                .prefix("kubeshard-etcd-")
+                .tempdir()
+                .expect("create a temporary directory for etcd");
+            let (client, peer) = (free_port(), free_port());
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let log = dir.path().join("etcd.log");
+            let mut child = Command::new(&tools.etcd)
+                .arg("--name")
+                .arg("default")
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .arg("--listen-client-urls")
+                .arg(&client_url)
+                .arg("--advertise-client-urls")
+                .arg(&client_url)
+                .arg("--listen-peer-urls")
+                .arg(&peer_url)
+                .arg("--initial-advertise-peer-urls")
+                .arg(&peer_url)
+                .arg("--initial-cluster")
+                .arg(format!("default={peer_url}"))
+                .stdin(Stdio::null())
+                .stdout(log_file(&log))
+                .stderr(log_file(&log))
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", tools.etcd.display()));
+            match wait_ready(&client_url, &mut child).await {
+                Ok(()) => {
+                    return EtcdServer {
+                        child,
+                        port: client,
+                        log,
+                        _dir: dir,
+                    };
+                }
+                Err(e) => {
+                    kill(&mut child);
+                    failures.push(format!(
+                        "attempt {attempt}: etcd on {client_url}: {e}\n{}",
+                        log_tail(&log, 40)
+                    ));
+                }
+            }
+        }
+        panic!("cannot start etcd:\n{}", failures.join("\n"));
+    }
+}
+
+impl Server for EtcdServer {
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn describe(&self) -> String {
+        format!("etcd on 127.0.0.1:{}", self.port)
+    }
+    fn log_tail(&self) -> String {
+        log_tail(&self.log, 60)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+// ------------------------------------------------------------- kubeshard ---
+
+/// The SQL backend kubeshard runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+            Backend::Mysql => "mysql",
+        }
+    }
+
+    /// The env var with the base URL of the database server, if any.
+    pub fn url_env(self) -> Option<&'static str> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some("KUBESHARD_TEST_POSTGRES_URL"),
+            Backend::Mysql => Some("KUBESHARD_TEST_MYSQL_URL"),
+        }
+    }
+
+    /// The `--endpoint` URL for a fresh database: `sqlite:///<dir>/state.db`,
+    /// or the base URL from the env var with its path replaced by a new unique
+    /// database name. `Err` explains why the backend is unavailable.
+    pub fn fresh_endpoint(self, dir: &Path) -> Result<String, String> {
+        let Some(var) = self.url_env() else {
+            return Ok(format!("sqlite://{}", dir.join("state.db").display()));
+        };
+        let base = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
+        fresh_database_url(&base).map_err(|e| format!("{var}={base:?}: {e}"))
+    }
+}
+
+/// `base` with its path replaced by `/ks_<16 random hex digits>`.
+pub fn fresh_database_url(base: &str) -> Result<String, String> {
+    let mut url = url::Url::parse(base).map_err(|e| format!("not a URL: {e}"))?;
+    if url.cannot_be_a_base() {
+        return Err("URL has no path to replace".into());
+    }
+    url.set_path(&format!("/ks_{:016x}", rand::random::<u64>()));
+    Ok(url.to_string())
+}
+
+/// The kubeshard binary: `KUBESHARD_BIN`, or built once per test process with
+/// `$CARGO build -p kubeshard --bin kubeshard` in the workspace root.
+pub async fn kubeshard_binary() -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    if let Ok(bin) = std::env::var("KUBESHARD_BIN") {
+        return PathBuf::from(bin);
+    }
+    let built = tokio::task::spawn_blocking(|| BUILT.get_or_init(build_kubeshard).clone())
+        .await
+        .expect("the kubeshard build task panicked");
+    match built {
+        Ok(path) => path,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build_kubeshard() -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("CARGO_MANIFEST_DIR has no parent")?
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root.join(d) })
+        .unwrap_or_else(|| root.join("target"));
+    eprintln!(
+        "building kubeshard: {cargo} build -p kubeshard --bin kubeshard (in {})",
+        root.display()
+    );
+    let status = Command::new(&cargo)
+        .args(["build", "-p", "kubeshard", "--bin", "kubeshard"])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "`{cargo} build -p kubeshard --bin kubeshard` failed with {status} (set KUBESHARD_BIN to use a prebuilt binary)"
+        ));
+    }
+    let bin = target_dir.join("debug").join("kubeshard");
+    if !bin.exists() {
+        return Err(format!("build succeeded but {} does not exist", bin.display()));
+    }
+    Ok(bin)
+}
+
+/// A kubeshard process on one backend, killed on drop.
+#[derive(Debug)]
+pub struct KubeshardServer {
+    child: Child,
+    port: u16,
+    backend: Backend,
+    endpoint_url: String,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl KubeshardServer {
+    /// Starts kubeshard on `backend` with a fresh database. Returns `None` (after
+    /// a loud message) if the backend is not configured, unless REQUIRE_ALL is
+    /// set, in which case it panics. Panics with the server's log tail if the
+    /// server does not answer within [`START_TIMEOUT`].
+    pub async fn start(test: &str, backend: Backend) -> Option<KubeshardServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("kubeshard-server-")
+            .tempdir()
+            .expect("create a temporary directory for kubeshard");
+        let endpoint_url = match backend.fresh_endpoint(dir.path()) {
+            Ok(u) => u,
+            Err(why) => {
+                return skip(test, &format!("backend {} unavailable: {why}", backend.name()));
+            }
+        };
+        let bin = kubeshard_binary().await;
+        let log = dir.path().join("kubeshard.log");
+        let mut failures = Vec::new();
+        for attempt in 1..=3 {
+            let port = free_port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut child = Command::new(&bin)
+                .arg("--listen-address")
+                .arg(&listen)
+                .arg("--endpoint")
+                .arg(&endpoint_url)
+                .stdin(Stdio::null())
+                .stdout(log_file(&log))
+                .stderr(log_file(&log))
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin.display()));
+            let endpoint = format!("http://{listen}");
+            match wait_ready(&endpoint, &mut child).await {
+                Ok(()) => {
+                    return Some(KubeshardServer {
+                        child,
+                        port,
+                        backend,
+                        endpoint_url,
+                        log,
+                        _dir: dir,
+                    });
+                }
+                Err(e) => {
+                    kill(&mut child);
+                    failures.push(format!("attempt {attempt}: kubeshard on {listen}: {e}"));
+                    // Only a lost port race is worth another attempt.
+                    if !std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .to_lowercase()
+                        .contains("address already in use")
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!(
+            "cannot start kubeshard ({} --listen-address 127.0.0.1:PORT --endpoint {endpoint_url}):\n{}\n{}",
+            bin.display(),
+            failures.join("\n"),
+            log_tail(&log, 60)
+        );
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn endpoint_url(&self) -> &str {
+        &self.endpoint_url
+    }
+}
+
+impl Server for KubeshardServer {
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn describe(&self) -> String {
+        format!(
+            "kubeshard on 127.0.0.1:{} ({} backend, --endpoint {})",
+            self.port,
+            self.backend.name(),
+            self.endpoint_url
+        )
+    }
+    fn log_tail(&self) -> String {
+        log_tail(&self.log, 60)
+    }
+}
+
+impl Drop for KubeshardServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_database_url_replaces_the_path() {
+        let u = fresh_database_url("postgres://kubeshard:kubeshard@127.0.0.1:5432/postgres")
+            .expect("valid URL");
+        assert!(u.starts_with("postgres://kubeshard:kubeshard@127.0.0.1:5432/ks_"), "{u}");
+        assert_eq!(u.len(), "postgres://kubeshard:kubeshard@127.0.0.1:5432/ks_".len() + 16);
+        let m = fresh_database_url("mysql://kubeshard:kubeshard@127.0.0.1:3306/mysql?ssl-mode=disabled")
+            .expect("valid URL");
+        assert!(m.starts_with("mysql://kubeshard:kubeshard@127.0.0.1:3306/ks_"), "{m}");
+        assert!(m.ends_with("?ssl-mode=disabled"), "{m}");
+    }
+
+    #[test]
+    fn sqlite_endpoint_is_absolute() {
+        let e = Backend::Sqlite
+            .fresh_endpoint(Path::new("/tmp/x"))
+            .expect("sqlite is always available");
+        assert_eq!(e, "sqlite:///tmp/x/state.db");
+    }
+}
