@@ -4,6 +4,7 @@
 # by `scripts/test.sh --setup-only`). Same variables as scripts/test.sh exports.
 export KUBESHARD_TEST_POSTGRES_URL="postgres://kubeshard:kubeshard@127.0.0.1:5432/postgres"
 export KUBESHARD_TEST_MYSQL_URL="mysql://kubeshard:kubeshard@127.0.0.1:3306/mysql"
-export ETCD_BIN="$(command -v etcd || true)"
-export ETCDCTL_BIN="$(command -v etcdctl || true)"
+ETCD_BIN="$(command -v etcd || true)"
+ETCDCTL_BIN="$(command -v etcdctl || true)"
+export ETCD_BIN ETCDCTL_BIN
 export KUBESHARD_TEST_REQUIRE_ALL=1

@@ -109,6 +109,26 @@ cd "$REPO_ROOT"
 
 # ------------------------------------------------------------------- setup ---
 
+# Close every file descriptor above 2 in the current (sub)shell. Servers
+# started from here must not inherit extra descriptors: a daemon holding the
+# write end of a pipe (our --setup-only stdout, a CI runner's log pipe) keeps
+# whoever reads that pipe waiting forever after this script has exited.
+close_extra_fds() {
+    local fd
+    for fd in /proc/self/fd/*; do
+        fd="${fd##*/}"
+        if ((fd > 2)); then eval "exec ${fd}>&-"; fi
+    done
+}
+
+# Run "$@" (in the foreground) without descriptors above 2.
+without_extra_fds() {
+    (
+        close_extra_fds
+        exec "$@"
+    )
+}
+
 need_root() {
     [[ $EUID -eq 0 ]] || die "the set-up phase must run as root (or use --no-setup with servers already running)"
 }
@@ -159,7 +179,7 @@ max_connections = $MAX_CONNECTIONS
 EOF
         install -d -o postgres -g postgres -m 2775 /run/postgresql
         info "starting cluster (log: /var/log/postgresql/postgresql-$PG_VERSION-$PG_CLUSTER.log)"
-        pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start </dev/null ||
+        without_extra_fds pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start </dev/null >&2 ||
             info "pg_ctlcluster start failed (maybe already starting); waiting"
         local deadline=$((SECONDS + WAIT_SECONDS))
         until pg_ready; do
@@ -180,7 +200,7 @@ EOF
     if [[ -f $hba ]] && ! grep -Eq '^[[:space:]]*host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+(scram-sha-256|md5|password)' "$hba"; then
         info "adding 127.0.0.1/32 scram-sha-256 rule to $hba"
         echo 'host    all             all             127.0.0.1/32            scram-sha-256' >>"$hba"
-        pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload
+        without_extra_fds pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload </dev/null >&2
     fi
 
     info "ensuring role kubeshard (SUPERUSER, password kubeshard)"
@@ -228,12 +248,15 @@ EOF
                 --auth-root-authentication-method=socket --skip-test-db >/dev/null
         fi
         info "starting mariadbd (log: $MYSQL_LOG)"
-        # Detached (own session, no inherited stdio) so that it survives this
-        # script and does not keep a CI log pipe open.
-        setsid mariadbd --user=mysql --datadir="$MYSQL_DATADIR" \
-            --socket="$MYSQL_SOCKET" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
-            --max-connections="$MAX_CONNECTIONS" --log-error="$MYSQL_LOG" \
-            </dev/null >>"$MYSQL_LOG" 2>&1 &
+        # Detached (own session, no inherited stdio or other descriptors) so
+        # that it survives this script and does not keep a CI log pipe open.
+        # (setsid execs in place, so $! is mariadbd's own pid.)
+        (
+            close_extra_fds
+            exec setsid mariadbd --user=mysql --datadir="$MYSQL_DATADIR" \
+                --socket="$MYSQL_SOCKET" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
+                --max-connections="$MAX_CONNECTIONS" --log-error="$MYSQL_LOG"
+        ) </dev/null >>"$MYSQL_LOG" 2>&1 &
         local pid=$!
         local deadline=$((SECONDS + WAIT_SECONDS))
         until mysql_ready; do
@@ -323,10 +346,10 @@ cargo fmt --all -- --check
 phase "cargo clippy --workspace --all-targets ${locked[*]} -- -D warnings"
 cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
 
-phase "cargo build --workspace --bins"
+phase "cargo build --workspace --bins ${locked[*]}"
 cargo build --workspace --bins "${locked[@]}"
 
-phase "cargo test --workspace ${cargo_test_args[*]}"
+phase "cargo test --workspace ${locked[*]} ${cargo_test_args[*]}"
 cargo test --workspace "${locked[@]}" "${cargo_test_args[@]}"
 
 phase "all tests passed"

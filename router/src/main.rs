@@ -1,1 +1,51 @@
-fn main() {}
+//! `kubeshard`: the etcd v3 API over SQL databases.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::Parser;
+use kubeshard_config::{Cli, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let options = cli.server_options()?;
+    let mut server = kubeshard::start(options)
+        .await
+        .context("kubeshard could not start")?;
+    tokio::select! {
+        result = server.wait() => result.context("kubeshard stopped")?,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            server.shutdown().await.context("shutdown")?;
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,141 @@
+//! Every error kubeshard answers with, mapped to etcd's exact gRPC code and
+//! text in this one place. Clients (etcd's Go client, kube-apiserver) match on
+//! these strings, so they must not change.
+
+use kubeshard_shard_worker::ShardError;
+use tonic::{Code, Status};
+
+/// Errors with etcd's own code and message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdError {
+    EmptyKey,
+    TooManyOps,
+    DuplicateKey,
+    ValueProvided,
+    LeaseProvided,
+    RequestTooLarge,
+    InvalidSortOption,
+    Compacted,
+    FutureRevision,
+    LeaseNotFound,
+    LeaseExists,
+    LeaseTtlTooLarge,
+    KeyNotFound,
+}
+
+impl EtcdError {
+    pub fn code(self) -> Code {
+        match self {
+            EtcdError::EmptyKey
+            | EtcdError::TooManyOps
+            | EtcdError::DuplicateKey
+            | EtcdError::ValueProvided
+            | EtcdError::LeaseProvided
+            | EtcdError::RequestTooLarge
+            | EtcdError::InvalidSortOption
+            | EtcdError::KeyNotFound => Code::InvalidArgument,
+            EtcdError::Compacted | EtcdError::FutureRevision | EtcdError::LeaseTtlTooLarge => {
+                Code::OutOfRange
+            }
+            EtcdError::LeaseNotFound => Code::NotFound,
+            EtcdError::LeaseExists => Code::FailedPrecondition,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            EtcdError::EmptyKey => "etcdserver: key is not provided",
+            EtcdError::TooManyOps => "etcdserver: too many operations in txn request",
+            EtcdError::DuplicateKey => "etcdserver: duplicate key given in txn request",
+            EtcdError::ValueProvided => "etcdserver: value is provided",
+            EtcdError::LeaseProvided => "etcdserver: lease is provided",
+            EtcdError::RequestTooLarge => "etcdserver: request is too large",
+            EtcdError::InvalidSortOption => "etcdserver: invalid sort option",
+            EtcdError::Compacted => "etcdserver: mvcc: required revision has been compacted",
+            EtcdError::FutureRevision => "etcdserver: mvcc: required revision is a future revision",
+            EtcdError::LeaseNotFound => "etcdserver: requested lease not found",
+            EtcdError::LeaseExists => "etcdserver: lease already exists",
+            EtcdError::LeaseTtlTooLarge => "etcdserver: too large lease TTL",
+            EtcdError::KeyNotFound => "etcdserver: key not found",
+        }
+    }
+}
+
+impl From<EtcdError> for Status {
+    fn from(e: EtcdError) -> Self {
+        Status::new(e.code(), e.message())
+    }
+}
+
+/// Maps a shard's error to what etcd would answer.
+pub fn shard_status(e: ShardError) -> Status {
+    match e {
+        ShardError::Compacted { .. } => EtcdError::Compacted.into(),
+        ShardError::FutureRevision => EtcdError::FutureRevision.into(),
+        ShardError::LeaseNotFound => EtcdError::LeaseNotFound.into(),
+        ShardError::LeaseExists => EtcdError::LeaseExists.into(),
+        ShardError::KeyNotFound => EtcdError::KeyNotFound.into(),
+        ShardError::KeyTooLong { .. } => Status::invalid_argument(format!("etcdserver: {e}")),
+        // Unavailable is what etcd clients retry on.
+        ShardError::Database(_) | ShardError::BatchFailed(_) | ShardError::Stopped(_) => {
+            Status::unavailable(format!("kubeshard: {e}"))
+        }
+        ShardError::Corrupt(_) => Status::internal(format!("kubeshard: {e}")),
+    }
+}
+
+/// The answer for etcd RPCs that kubeshard does not offer.
+pub fn unimplemented(rpc: &str, why: &str) -> Status {
+    Status::unimplemented(format!("kubeshard does not implement {rpc}: {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_table() {
+        // The table in shared/design/etcd-contract.md.
+        let cases = [
+            (
+                ShardError::Compacted {
+                    compact_revision: 5,
+                },
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+            ),
+            (
+                ShardError::FutureRevision,
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision",
+            ),
+            (
+                ShardError::LeaseNotFound,
+                Code::NotFound,
+                "etcdserver: requested lease not found",
+            ),
+        ];
+        for (e, code, message) in cases {
+            let s = shard_status(e);
+            assert_eq!((s.code(), s.message()), (code, message));
+        }
+        for (e, message) in [
+            (EtcdError::EmptyKey, "etcdserver: key is not provided"),
+            (
+                EtcdError::RequestTooLarge,
+                "etcdserver: request is too large",
+            ),
+            (
+                EtcdError::TooManyOps,
+                "etcdserver: too many operations in txn request",
+            ),
+            (
+                EtcdError::DuplicateKey,
+                "etcdserver: duplicate key given in txn request",
+            ),
+        ] {
+            let s = Status::from(e);
+            assert_eq!((s.code(), s.message()), (Code::InvalidArgument, message));
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! etcd's Maintenance service: Status (with a 3.6 version), Alarm, Defragment.
+
+use std::sync::Arc;
+
+use kubeshard_proto::etcdserverpb::maintenance_server::Maintenance;
+use kubeshard_proto::etcdserverpb::{
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest,
+    DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use super::{Core, ETCD_VERSION};
+use crate::error::{shard_status, unimplemented};
+
+#[derive(Debug)]
+pub struct MaintenanceService {
+    core: Arc<Core>,
+}
+
+impl MaintenanceService {
+    pub fn new(core: Arc<Core>) -> Self {
+        MaintenanceService { core }
+    }
+
+    async fn current_revision(&self) -> Result<i64, Status> {
+        Ok(self
+            .core
+            .shard
+            .store
+            .revisions()
+            .await
+            .map_err(shard_status)?
+            .current)
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, _: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        // No alarms exist: space is the SQL database's to manage, and there
+        // is no raft state to corrupt. Activating one is accepted and ignored.
+        let revision = self.current_revision().await?;
+        Ok(Response::new(AlarmResponse {
+            header: self.core.header(revision),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let store = &self.core.shard.store;
+        let revision = self.current_revision().await?;
+        let db_size = store.db_size().await.map_err(shard_status)?;
+        Ok(Response::new(StatusResponse {
+            header: self.core.header(revision),
+            version: ETCD_VERSION.to_string(),
+            db_size,
+            leader: self.core.member_id,
+            raft_index: u64::try_from(revision).unwrap_or(0),
+            raft_term: 1,
+            raft_applied_index: u64::try_from(revision).unwrap_or(0),
+            errors: Vec::new(),
+            db_size_in_use: db_size,
+            is_learner: false,
+            storage_version: String::new(),
+            db_size_quota: 0,
+            downgrade_info: None,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        self.core
+            .shard
+            .store
+            .defragment()
+            .await
+            .map_err(shard_status)?;
+        let revision = self.current_revision().await?;
+        Ok(Response::new(DefragmentResponse {
+            header: self.core.header(revision),
+        }))
+    }
+
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(unimplemented(
+            "Maintenance.Hash",
+            "there is no raft backend file to hash; the SQL database is the state",
+        ))
+    }
+
+    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(unimplemented(
+            "Maintenance.HashKV",
+            "there are no replicas to compare; the SQL database is the state",
+        ))
+    }
+
+    type SnapshotStream = futures::stream::BoxStream<'static, Result<SnapshotResponse, Status>>;
+
+    async fn snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(unimplemented(
+            "Maintenance.Snapshot",
+            "back up the SQL databases with their own tools (sqlite3 .backup, pg_dump, mariadb-dump)",
+        ))
+    }
+
+    async fn move_leader(
+        &self,
+        _: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(unimplemented(
+            "Maintenance.MoveLeader",
+            "routers have no leader; every router serves reads and writes",
+        ))
+    }
+
+    async fn downgrade(
+        &self,
+        _: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
+        Err(unimplemented(
+            "Maintenance.Downgrade",
+            "the storage format is versioned by kubeshard's schema, not etcd's",
+        ))
+    }
+}
