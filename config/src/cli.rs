@@ -22,14 +22,22 @@ pub enum LogFormat {
 #[command(name = "kubeshard", version, about, long_about)]
 pub struct Cli {
     /// Address to serve the etcd gRPC API on (HOST:PORT).
-    #[arg(long, env = "KUBESHARD_LISTEN_ADDRESS", default_value = "127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "KUBESHARD_LISTEN_ADDRESS",
+        default_value = "127.0.0.1:2379"
+    )]
     pub listen_address: String,
 
     /// Database of the single shard: sqlite://PATH (relative) or sqlite:///ABS/PATH,
     /// postgres://USER:PASS@HOST:PORT/DB, mysql://USER:PASS@tcp(HOST:PORT)/DB
     /// (kine's form) or mysql://USER:PASS@HOST:PORT/DB. The database and the
     /// schema are created when missing.
-    #[arg(long, env = "KUBESHARD_ENDPOINT", default_value = "sqlite://./db/state.db")]
+    #[arg(
+        long,
+        env = "KUBESHARD_ENDPOINT",
+        default_value = "sqlite://./db/state.db"
+    )]
     pub endpoint: String,
 
     /// Log format; the level comes from RUST_LOG (default "info").
@@ -84,7 +92,9 @@ impl Cli {
             endpoint: Endpoint::parse(&self.endpoint)?,
             watch_poll_interval: Duration::from_millis(self.watch_poll_interval_ms.max(1)),
             lease_check_interval: Duration::from_millis(self.lease_check_interval_ms.max(10)),
-            progress_notify_interval: Duration::from_secs(self.progress_notify_interval_secs.max(1)),
+            progress_notify_interval: Duration::from_secs(
+                self.progress_notify_interval_secs.max(1),
+            ),
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
             compaction_batch_revisions: self.compaction_batch_revisions.max(1),

@@ -39,13 +39,19 @@ pub enum Endpoint {
 pub enum EndpointError {
     #[error("endpoint {0:?}: unknown scheme; use sqlite://PATH, postgres://... or mysql://...")]
     UnknownScheme(String),
-    #[error("endpoint {0:?}: sqlite needs a file path, e.g. sqlite://./db/state.db or sqlite:///abs/state.db")]
+    #[error(
+        "endpoint {0:?}: sqlite needs a file path, e.g. sqlite://./db/state.db or sqlite:///abs/state.db"
+    )]
     MissingPath(String),
     #[error("endpoint {endpoint:?}: not a valid URL: {reason}")]
     InvalidUrl { endpoint: String, reason: String },
-    #[error("endpoint {0:?}: no database name in the path (e.g. postgres://user@host:5432/kubernetes)")]
+    #[error(
+        "endpoint {0:?}: no database name in the path (e.g. postgres://user@host:5432/kubernetes)"
+    )]
     MissingDatabase(String),
-    #[error("endpoint {endpoint:?}: database name {database:?} may only use letters, digits, '_' and '-'")]
+    #[error(
+        "endpoint {endpoint:?}: database name {database:?} may only use letters, digits, '_' and '-'"
+    )]
     BadDatabaseName { endpoint: String, database: String },
 }
 

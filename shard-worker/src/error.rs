@@ -26,8 +26,9 @@ pub enum ShardError {
         backend: &'static str,
     },
     /// The database failed or went away; the request may be retried.
+    /// (Not a `source`: the text already says it, and logs would repeat it.)
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// The database transaction of a whole write batch failed; this copy of
     /// the error goes to each request of the batch.
     #[error("write batch failed: {0}")]
@@ -56,6 +57,12 @@ impl ShardError {
             ShardError::Stopped(_) | ShardError::BatchFailed(_) => true,
             _ => false,
         }
+    }
+}
+
+impl From<sqlx::Error> for ShardError {
+    fn from(e: sqlx::Error) -> Self {
+        ShardError::Database(e)
     }
 }
 

@@ -6,7 +6,10 @@ pub enum KeyRange {
     /// `range_end` empty: exactly this key.
     Single(Vec<u8>),
     /// `[start, end)`; `end == None` means no upper bound (`range_end == "\0"`).
-    Span { start: Vec<u8>, end: Option<Vec<u8>> },
+    Span {
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
+    },
 }
 
 impl KeyRange {
@@ -45,16 +48,7 @@ impl KeyRange {
     pub fn overlaps(&self, other: &KeyRange) -> bool {
         match (self, other) {
             (KeyRange::Single(a), b) | (b, KeyRange::Single(a)) => b.contains(a),
-            (
-                KeyRange::Span {
-                    start: s1,
-                    end: e1,
-                },
-                KeyRange::Span {
-                    start: s2,
-                    end: e2,
-                },
-            ) => {
+            (KeyRange::Span { start: s1, end: e1 }, KeyRange::Span { start: s2, end: e2 }) => {
                 if self.is_empty() || other.is_empty() {
                     return false;
                 }

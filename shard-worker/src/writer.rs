@@ -23,7 +23,10 @@ type Reply = oneshot::Sender<Result<WriteResponse>>;
 /// Messages of the writer actor.
 #[derive(Debug)]
 pub enum WriterMessage {
-    Write { request: WriteRequest, reply: Reply },
+    Write {
+        request: WriteRequest,
+        reply: Reply,
+    },
     /// The batch in flight has finished.
     Committed,
 }
@@ -128,7 +131,11 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     /// Starts the writer actor of shard `shard`.
-    pub async fn spawn(shard: &str, store: Arc<dyn ShardStore>, hub: Arc<WatchHub>) -> Result<Self> {
+    pub async fn spawn(
+        shard: &str,
+        store: Arc<dyn ShardStore>,
+        hub: Arc<WatchHub>,
+    ) -> Result<Self> {
         let (actor, _join) = Actor::spawn(None, WriterActor, (store, hub))
             .await
             .map_err(|e| ShardError::Stopped(format!("{shard}: writer did not start: {e}")))?;

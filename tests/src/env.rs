@@ -30,7 +30,10 @@ pub fn skip<T>(test: &str, why: &str) -> Option<T> {
 /// server on it retry with a new port if the server fails to bind.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
-    listener.local_addr().expect("local_addr of a bound listener").port()
+    listener
+        .local_addr()
+        .expect("local_addr of a bound listener")
+        .port()
 }
 
 /// The etcd and etcdctl binaries used by the tests.

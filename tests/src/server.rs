@@ -255,7 +255,10 @@ fn build_kubeshard() -> Result<PathBuf, String> {
     }
     let bin = target_dir.join("debug").join("kubeshard");
     if !bin.exists() {
-        return Err(format!("build succeeded but {} does not exist", bin.display()));
+        return Err(format!(
+            "build succeeded but {} does not exist",
+            bin.display()
+        ));
     }
     Ok(bin)
 }
@@ -284,7 +287,10 @@ impl KubeshardServer {
         let endpoint_url = match backend.fresh_endpoint(dir.path()) {
             Ok(u) => u,
             Err(why) => {
-                return skip(test, &format!("backend {} unavailable: {why}", backend.name()));
+                return skip(
+                    test,
+                    &format!("backend {} unavailable: {why}", backend.name()),
+                );
             }
         };
         let bin = kubeshard_binary().await;
@@ -298,6 +304,8 @@ impl KubeshardServer {
                 .arg(&listen)
                 .arg("--endpoint")
                 .arg(&endpoint_url)
+                // Plain logs in the captured file (tracing-subscriber honours it).
+                .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(log_file(&log))
                 .stderr(log_file(&log))
@@ -377,11 +385,22 @@ mod tests {
     fn fresh_database_url_replaces_the_path() {
         let u = fresh_database_url("postgres://kubeshard:kubeshard@127.0.0.1:5432/postgres")
             .expect("valid URL");
-        assert!(u.starts_with("postgres://kubeshard:kubeshard@127.0.0.1:5432/ks_"), "{u}");
-        assert_eq!(u.len(), "postgres://kubeshard:kubeshard@127.0.0.1:5432/ks_".len() + 16);
-        let m = fresh_database_url("mysql://kubeshard:kubeshard@127.0.0.1:3306/mysql?ssl-mode=disabled")
-            .expect("valid URL");
-        assert!(m.starts_with("mysql://kubeshard:kubeshard@127.0.0.1:3306/ks_"), "{m}");
+        assert!(
+            u.starts_with("postgres://kubeshard:kubeshard@127.0.0.1:5432/ks_"),
+            "{u}"
+        );
+        assert_eq!(
+            u.len(),
+            "postgres://kubeshard:kubeshard@127.0.0.1:5432/ks_".len() + 16
+        );
+        let m = fresh_database_url(
+            "mysql://kubeshard:kubeshard@127.0.0.1:3306/mysql?ssl-mode=disabled",
+        )
+        .expect("valid URL");
+        assert!(
+            m.starts_with("mysql://kubeshard:kubeshard@127.0.0.1:3306/ks_"),
+            "{m}"
+        );
         assert!(m.ends_with("?ssl-mode=disabled"), "{m}");
     }
 

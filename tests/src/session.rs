@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::format::{self, COMPACT_REV_KEY, header, record, rpc};
 use crate::server::connect;
-use crate::transcript::{Transcript, rev};
+use crate::transcript::Transcript;
 use crate::watcher::Watcher;
 
 /// Bound on waiting for a lease to expire (its TTL is 2 s in etcd).
@@ -48,15 +48,40 @@ pub struct Target {
     pub scratch: PathBuf,
 }
 
-/// Runs the whole session against `target` and returns its transcript.
+/// Bound on the whole session (etcd needs about 5 s): a server that hangs
+/// still ends the test, with what was recorded so far.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the whole session against `target` and returns its transcript. If
+/// the session does not finish within [`SESSION_TIMEOUT`], the transcript so
+/// far ends with a `SESSION TIMEOUT` line.
 pub async fn run(target: &Target) -> Transcript {
+    let mut transcript = Transcript::new();
+    let task = tokio::spawn(run_steps(target.clone(), transcript.clone()));
+    let abort = task.abort_handle();
+    match tokio::time::timeout(SESSION_TIMEOUT, task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Ok(Err(e)) => panic!("session task failed: {e}"),
+        Err(_) => {
+            abort.abort();
+            transcript.push(
+                "SESSION TIMEOUT",
+                format!("the session did not finish within {SESSION_TIMEOUT:?}"),
+            );
+        }
+    }
+    transcript
+}
+
+async fn run_steps(target: Target, transcript: Transcript) {
     let client = connect(&target.endpoint)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", target.endpoint));
     let mut s = Session {
         c: client,
-        t: Transcript::new(),
-        target: target.clone(),
+        t: transcript,
+        target,
         revs: Revs::default(),
     };
     s.t.explicit_lease(EXPLICIT_LEASE);
@@ -71,7 +96,6 @@ pub async fn run(target: &Target) -> Transcript {
     s.compaction().await;
     s.etcdctl_lock().await;
     s.maintenance().await;
-    s.t
 }
 
 /// Revisions taken from responses, used as input later.
@@ -190,8 +214,13 @@ impl Session {
             }
             self.revs.initial = r;
         }
-        self.put("1 overwrite a (version 2)", "/registry/pods/ns1/a", "pod-a-v2", None)
-            .await;
+        self.put(
+            "1 overwrite a (version 2)",
+            "/registry/pods/ns1/a",
+            "pod-a-v2",
+            None,
+        )
+        .await;
         self.put(
             "1 overwrite a with prev_kv (version 3)",
             "/registry/pods/ns1/a",
@@ -248,23 +277,41 @@ impl Session {
         )
         .await;
         self.put("1 put empty key", "", "v", None).await;
-        self.put("1 put binary value", "/other/bin", vec![0u8, 255, 1, b'\n'], None)
+        self.put(
+            "1 put binary value",
+            "/other/bin",
+            vec![0u8, 255, 1, b'\n'],
+            None,
+        )
+        .await;
+        self.put("1 put empty value", "/other/empty", "", None)
             .await;
-        self.put("1 put empty value", "/other/empty", "", None).await;
-        self.put("1 put non-utf8 key", vec![b'/', b'o', b't', 0xfe, 0x01], "k", None)
-            .await;
+        self.put(
+            "1 put non-utf8 key",
+            vec![b'/', b'o', b't', 0xfe, 0x01],
+            "k",
+            None,
+        )
+        .await;
         let big: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
-        self.put("1 put 200 KiB value", "/other/big", big, None).await;
+        self.put("1 put 200 KiB value", "/other/big", big, None)
+            .await;
         self.get("1 get 200 KiB value", "/other/big", None).await;
         let too_big = vec![b'x'; 1600 * 1024];
-        self.put("1 put 1.6 MiB value (too large)", "/other/huge", too_big, None)
-            .await;
+        self.put(
+            "1 put 1.6 MiB value (too large)",
+            "/other/huge",
+            too_big,
+            None,
+        )
+        .await;
     }
 
     // ------------------------------------------------------------- 2. get ---
 
     async fn gets(&mut self) {
-        self.get("2 get single key", "/registry/pods/ns1/a", None).await;
+        self.get("2 get single key", "/registry/pods/ns1/a", None)
+            .await;
         self.get("2 get missing key", "/registry/pods/ns1/zzz", None)
             .await;
         self.get(
@@ -285,8 +332,12 @@ impl Session {
             Some(GetOptions::new().with_from_key()),
         )
         .await;
-        self.get("2 get all keys", "", Some(GetOptions::new().with_all_keys()))
-            .await;
+        self.get(
+            "2 get all keys",
+            "",
+            Some(GetOptions::new().with_all_keys()),
+        )
+        .await;
         for limit in [1, 2, 4, 5] {
             self.get(
                 &format!("2 get prefix /registry/ limit {limit}"),
@@ -304,7 +355,12 @@ impl Session {
         self.get(
             "2 get prefix count_only limit 1",
             "/registry/",
-            Some(GetOptions::new().with_prefix().with_count_only().with_limit(1)),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_count_only()
+                    .with_limit(1),
+            ),
         )
         .await;
         self.get(
@@ -316,7 +372,12 @@ impl Session {
         self.get(
             "2 get prefix keys_only limit 2",
             "/registry/",
-            Some(GetOptions::new().with_prefix().with_keys_only().with_limit(2)),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_limit(2),
+            ),
         )
         .await;
         self.get(
@@ -343,14 +404,22 @@ impl Session {
             self.put(&format!("2 sort fixture create {k}"), k, v, None)
                 .await;
         }
-        for (k, v, n) in [("/sort/k1", "v-d", 3), ("/sort/k2", "v-b", 2), ("/sort/k3", "v-c", 1)] {
+        for (k, v, n) in [
+            ("/sort/k1", "v-d", 3),
+            ("/sort/k2", "v-b", 2),
+            ("/sort/k3", "v-c", 1),
+        ] {
             for i in 0..n {
                 self.put(&format!("2 sort fixture update {k} #{i}"), k, v, None)
                     .await;
             }
         }
         let fixture = self
-            .get("2 sort fixture", "/sort/", Some(GetOptions::new().with_prefix()))
+            .get(
+                "2 sort fixture",
+                "/sort/",
+                Some(GetOptions::new().with_prefix()),
+            )
             .await;
         let targets = [
             ("KEY", SortTarget::Key),
@@ -360,7 +429,10 @@ impl Session {
             ("VALUE", SortTarget::Value),
         ];
         for (name, target) in targets {
-            for (oname, order) in [("ASCEND", SortOrder::Ascend), ("DESCEND", SortOrder::Descend)] {
+            for (oname, order) in [
+                ("ASCEND", SortOrder::Ascend),
+                ("DESCEND", SortOrder::Descend),
+            ] {
                 // etcd-client sends KEY/ASCEND as "no sort" (the default order).
                 self.get(
                     &format!("2 sort {name} {oname}"),
@@ -394,14 +466,30 @@ impl Session {
         )
         .await;
         let filters = [
-            ("min_mod_revision = mod(k1)", GetOptions::new().with_min_mod_revision(mod_of(&fixture, "/sort/k1"))),
-            ("max_mod_revision = mod(k1)", GetOptions::new().with_max_mod_revision(mod_of(&fixture, "/sort/k1"))),
-            ("min_create_revision = create(k4)", GetOptions::new().with_min_create_revision(create_of(&fixture, "/sort/k4"))),
-            ("max_create_revision = create(k1)", GetOptions::new().with_max_create_revision(create_of(&fixture, "/sort/k1"))),
+            (
+                "min_mod_revision = mod(k1)",
+                GetOptions::new().with_min_mod_revision(mod_of(&fixture, "/sort/k1")),
+            ),
+            (
+                "max_mod_revision = mod(k1)",
+                GetOptions::new().with_max_mod_revision(mod_of(&fixture, "/sort/k1")),
+            ),
+            (
+                "min_create_revision = create(k4)",
+                GetOptions::new().with_min_create_revision(create_of(&fixture, "/sort/k4")),
+            ),
+            (
+                "max_create_revision = create(k1)",
+                GetOptions::new().with_max_create_revision(create_of(&fixture, "/sort/k1")),
+            ),
         ];
         for (name, opts) in filters {
-            self.get(&format!("2 filter {name}"), "/sort/", Some(opts.clone().with_prefix()))
-                .await;
+            self.get(
+                &format!("2 filter {name}"),
+                "/sort/",
+                Some(opts.clone().with_prefix()),
+            )
+            .await;
             self.get(
                 &format!("2 filter {name} limit 1"),
                 "/sort/",
@@ -487,9 +575,12 @@ impl Session {
                 .and_then([TxnOp::put(k, value, None)])
                 .or_else([TxnOp::get(k, None)])
         };
-        let updated = self.txn("3 k8s update, current mod_revision", update(rev1, "t-v2")).await;
+        let updated = self
+            .txn("3 k8s update, current mod_revision", update(rev1, "t-v2"))
+            .await;
         let rev2 = txn_rev(&updated);
-        self.txn("3 k8s update, stale mod_revision", update(rev1, "t-v3")).await;
+        self.txn("3 k8s update, stale mod_revision", update(rev1, "t-v3"))
+            .await;
         // Kubernetes delete: If mod_revision(k) == rev Then Delete Else Range.
         let delete = |rev: i64| {
             Txn::new()
@@ -497,9 +588,12 @@ impl Session {
                 .and_then([TxnOp::delete(k, None)])
                 .or_else([TxnOp::get(k, None)])
         };
-        self.txn("3 k8s delete, stale mod_revision", delete(rev1)).await;
-        self.txn("3 k8s delete, current mod_revision", delete(rev2)).await;
-        self.txn("3 k8s update of a deleted key", update(rev2, "t-v4")).await;
+        self.txn("3 k8s delete, stale mod_revision", delete(rev1))
+            .await;
+        self.txn("3 k8s delete, current mod_revision", delete(rev2))
+            .await;
+        self.txn("3 k8s update of a deleted key", update(rev2, "t-v4"))
+            .await;
 
         // Compares on each target with each operator; a is at version 3,
         // value "pod-a-v3".
@@ -508,33 +602,94 @@ impl Session {
         let a_create = create_of(&a_now, a);
         let a_mod = mod_of(&a_now, a);
         let compares: Vec<(&str, Compare)> = vec![
-            ("value == pod-a-v3", Compare::value(a, CompareOp::Equal, "pod-a-v3")),
-            ("value == pod-a-v1", Compare::value(a, CompareOp::Equal, "pod-a-v1")),
-            ("value != pod-a-v1", Compare::value(a, CompareOp::NotEqual, "pod-a-v1")),
-            ("value > pod-a-v2", Compare::value(a, CompareOp::Greater, "pod-a-v2")),
-            ("value > pod-a-v3", Compare::value(a, CompareOp::Greater, "pod-a-v3")),
-            ("value < pod-a-v4", Compare::value(a, CompareOp::Less, "pod-a-v4")),
+            (
+                "value == pod-a-v3",
+                Compare::value(a, CompareOp::Equal, "pod-a-v3"),
+            ),
+            (
+                "value == pod-a-v1",
+                Compare::value(a, CompareOp::Equal, "pod-a-v1"),
+            ),
+            (
+                "value != pod-a-v1",
+                Compare::value(a, CompareOp::NotEqual, "pod-a-v1"),
+            ),
+            (
+                "value > pod-a-v2",
+                Compare::value(a, CompareOp::Greater, "pod-a-v2"),
+            ),
+            (
+                "value > pod-a-v3",
+                Compare::value(a, CompareOp::Greater, "pod-a-v3"),
+            ),
+            (
+                "value < pod-a-v4",
+                Compare::value(a, CompareOp::Less, "pod-a-v4"),
+            ),
             ("value < pod-a", Compare::value(a, CompareOp::Less, "pod-a")),
             ("version == 3", Compare::version(a, CompareOp::Equal, 3)),
             ("version != 3", Compare::version(a, CompareOp::NotEqual, 3)),
             ("version > 2", Compare::version(a, CompareOp::Greater, 2)),
             ("version < 3", Compare::version(a, CompareOp::Less, 3)),
-            ("create_revision == create(a)", Compare::create_revision(a, CompareOp::Equal, a_create)),
-            ("create_revision > create(a)", Compare::create_revision(a, CompareOp::Greater, a_create)),
-            ("create_revision < mod(a)", Compare::create_revision(a, CompareOp::Less, a_mod)),
-            ("mod_revision != mod(a)", Compare::mod_revision(a, CompareOp::NotEqual, a_mod)),
-            ("mod_revision > create(a)", Compare::mod_revision(a, CompareOp::Greater, a_create)),
+            (
+                "create_revision == create(a)",
+                Compare::create_revision(a, CompareOp::Equal, a_create),
+            ),
+            (
+                "create_revision > create(a)",
+                Compare::create_revision(a, CompareOp::Greater, a_create),
+            ),
+            (
+                "create_revision < mod(a)",
+                Compare::create_revision(a, CompareOp::Less, a_mod),
+            ),
+            (
+                "mod_revision != mod(a)",
+                Compare::mod_revision(a, CompareOp::NotEqual, a_mod),
+            ),
+            (
+                "mod_revision > create(a)",
+                Compare::mod_revision(a, CompareOp::Greater, a_create),
+            ),
             ("lease == 0", Compare::lease(a, CompareOp::Equal, 0)),
             ("lease != 0", Compare::lease(a, CompareOp::NotEqual, 0)),
-            ("missing key: value == \"\"", Compare::value("/nope", CompareOp::Equal, "")),
-            ("missing key: version == 0", Compare::version("/nope", CompareOp::Equal, 0)),
-            ("missing key: create_revision == 0", Compare::create_revision("/nope", CompareOp::Equal, 0)),
-            ("missing key: lease == 0", Compare::lease("/nope", CompareOp::Equal, 0)),
-            ("prefix /registry/pods/: version > 0", Compare::version("/registry/pods/", CompareOp::Greater, 0).with_prefix()),
-            ("prefix /registry/pods/: version > 1", Compare::version("/registry/pods/", CompareOp::Greater, 1).with_prefix()),
-            ("prefix /registry/pods/: value != x", Compare::value("/registry/pods/", CompareOp::NotEqual, "x").with_prefix()),
-            ("range [ns1/a, ns1/b]: mod_revision < mod(a)+1", Compare::mod_revision(a, CompareOp::Less, a_mod + 1).with_range("/registry/pods/ns1/c")),
-            ("empty prefix /nope/: version == 7", Compare::version("/nope/", CompareOp::Equal, 7).with_prefix()),
+            (
+                "missing key: value == \"\"",
+                Compare::value("/nope", CompareOp::Equal, ""),
+            ),
+            (
+                "missing key: version == 0",
+                Compare::version("/nope", CompareOp::Equal, 0),
+            ),
+            (
+                "missing key: create_revision == 0",
+                Compare::create_revision("/nope", CompareOp::Equal, 0),
+            ),
+            (
+                "missing key: lease == 0",
+                Compare::lease("/nope", CompareOp::Equal, 0),
+            ),
+            (
+                "prefix /registry/pods/: version > 0",
+                Compare::version("/registry/pods/", CompareOp::Greater, 0).with_prefix(),
+            ),
+            (
+                "prefix /registry/pods/: version > 1",
+                Compare::version("/registry/pods/", CompareOp::Greater, 1).with_prefix(),
+            ),
+            (
+                "prefix /registry/pods/: value != x",
+                Compare::value("/registry/pods/", CompareOp::NotEqual, "x").with_prefix(),
+            ),
+            (
+                "range [ns1/a, ns1/c): mod_revision < mod(a)+1",
+                Compare::mod_revision(a, CompareOp::Less, a_mod + 1)
+                    .with_range("/registry/pods/ns1/c"),
+            ),
+            (
+                "empty prefix /nope/: version == 7",
+                Compare::version("/nope/", CompareOp::Equal, 7).with_prefix(),
+            ),
         ];
         for (name, cmp) in compares {
             self.txn(
@@ -565,7 +720,11 @@ impl Session {
             "3 txn reads its own writes",
             Txn::new().and_then([
                 TxnOp::get("/txn/row", None),
-                TxnOp::put("/txn/row", "row-v1", Some(PutOptions::new().with_prev_key())),
+                TxnOp::put(
+                    "/txn/row",
+                    "row-v1",
+                    Some(PutOptions::new().with_prev_key()),
+                ),
                 TxnOp::get("/txn/row", None),
                 TxnOp::delete("/txn/gone", Some(DeleteOptions::new().with_prev_key())),
                 TxnOp::get("/txn/", Some(GetOptions::new().with_prefix())),
@@ -575,7 +734,10 @@ impl Session {
         // Nested txns.
         let inner_true = Txn::new()
             .when([Compare::value("/txn/row", CompareOp::Equal, "row-v1")])
-            .and_then([TxnOp::put("/txn/nested-1", "n1", None), TxnOp::get("/txn/nested-1", None)])
+            .and_then([
+                TxnOp::put("/txn/nested-1", "n1", None),
+                TxnOp::get("/txn/nested-1", None),
+            ])
             .or_else([TxnOp::get("/txn/row", None)]);
         let inner_false = Txn::new()
             .when([Compare::value("/txn/row", CompareOp::Equal, "wrong")])
@@ -605,9 +767,11 @@ impl Session {
         let many_puts: Vec<TxnOp> = (0..129)
             .map(|i| TxnOp::put(format!("/many/{i:03}"), "v", None))
             .collect();
-        self.txn("3 txn with 129 puts", Txn::new().and_then(many_puts)).await;
+        self.txn("3 txn with 129 puts", Txn::new().and_then(many_puts))
+            .await;
         let many_gets: Vec<TxnOp> = (0..128).map(|_| TxnOp::get("/other/x", None)).collect();
-        self.txn("3 txn with 128 gets", Txn::new().and_then(many_gets)).await;
+        self.txn("3 txn with 128 gets", Txn::new().and_then(many_gets))
+            .await;
         self.txn(
             "3 txn with a duplicate put",
             Txn::new().and_then([
@@ -660,7 +824,10 @@ impl Session {
                 .when([Compare::version("/other/x", CompareOp::Greater, 0)])
                 .and_then([
                     TxnOp::get("/other/x", None),
-                    TxnOp::get("/registry/", Some(GetOptions::new().with_prefix().with_count_only())),
+                    TxnOp::get(
+                        "/registry/",
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    ),
                 ]),
         )
         .await;
@@ -705,12 +872,8 @@ impl Session {
         .await;
         self.delete("4 delete empty key", "", None).await;
         self.current("4 revision after deletes").await;
-        self.get(
-            "4 get deleted key now",
-            "/registry/pods/ns2/d",
-            None,
-        )
-        .await;
+        self.get("4 get deleted key now", "/registry/pods/ns2/d", None)
+            .await;
         self.get(
             "4 get deleted key at the revision before the delete",
             "/registry/pods/ns2/d",
@@ -720,7 +883,11 @@ impl Session {
         self.get(
             "4 get deleted prefix at the revision before the deletes",
             "/registry/events/",
-            Some(GetOptions::new().with_prefix().with_revision(self.revs.before_delete)),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_revision(self.revs.before_delete),
+            ),
         )
         .await;
         self.get(
@@ -779,7 +946,9 @@ impl Session {
     }
 
     async fn leases(&mut self) {
-        let l1 = self.grant("5 grant ttl 600 (server-chosen id)", LONG_TTL, None).await;
+        let l1 = self
+            .grant("5 grant ttl 600 (server-chosen id)", LONG_TTL, None)
+            .await;
         let explicit = self
             .grant(
                 "5 grant ttl 600 with id 0x1234",
@@ -793,16 +962,26 @@ impl Session {
             Some(LeaseGrantOptions::new().with_id(EXPLICIT_LEASE)),
         )
         .await;
-        let l2 = self.grant("5 grant ttl 600 (second server-chosen id)", LONG_TTL, None).await;
+        let l2 = self
+            .grant("5 grant ttl 600 (second server-chosen id)", LONG_TTL, None)
+            .await;
 
         let with = |id| Some(PutOptions::new().with_lease(id));
-        self.put("5 put k1 with L1", "/lease/k1", "k1-v1", with(l1)).await;
-        self.put("5 put k2 with L1", "/lease/k2", "k2-v1", with(l1)).await;
+        self.put("5 put k1 with L1", "/lease/k1", "k1-v1", with(l1))
+            .await;
+        self.put("5 put k2 with L1", "/lease/k2", "k2-v1", with(l1))
+            .await;
         self.put("5 put k3 with 0x1234", "/lease/k3", "k3-v1", with(explicit))
             .await;
-        self.put("5 put k4 with L2", "/lease/k4", "k4-v1", with(l2)).await;
-        self.put("5 put with unknown lease", "/lease/bad", "v", with(UNKNOWN_LEASE))
+        self.put("5 put k4 with L2", "/lease/k4", "k4-v1", with(l2))
             .await;
+        self.put(
+            "5 put with unknown lease",
+            "/lease/bad",
+            "v",
+            with(UNKNOWN_LEASE),
+        )
+        .await;
         self.put(
             "5 put k1 ignore_lease (lease kept)",
             "/lease/k1",
@@ -814,7 +993,12 @@ impl Session {
             "5 put k4 ignore_value with lease 0x1234 (value kept, lease moved)",
             "/lease/k4",
             "",
-            Some(PutOptions::new().with_ignore_value().with_lease(explicit).with_prev_key()),
+            Some(
+                PutOptions::new()
+                    .with_ignore_value()
+                    .with_lease(explicit)
+                    .with_prev_key(),
+            ),
         )
         .await;
         self.put(
@@ -824,8 +1008,12 @@ impl Session {
             Some(PutOptions::new().with_prev_key()),
         )
         .await;
-        self.get("5 get /lease/", "/lease/", Some(GetOptions::new().with_prefix()))
-            .await;
+        self.get(
+            "5 get /lease/",
+            "/lease/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await;
         self.txn(
             "5 compare lease(k1) == L1",
             Txn::new()
@@ -850,8 +1038,10 @@ impl Session {
         )
         .await;
 
-        self.time_to_live("5 ttl L1 with keys", l1, true, LONG_TTL).await;
-        self.time_to_live("5 ttl L1 without keys", l1, false, LONG_TTL).await;
+        self.time_to_live("5 ttl L1 with keys", l1, true, LONG_TTL)
+            .await;
+        self.time_to_live("5 ttl L1 without keys", l1, false, LONG_TTL)
+            .await;
         self.time_to_live("5 ttl 0x1234 with keys", explicit, true, LONG_TTL)
             .await;
         self.time_to_live("5 ttl L2 with keys (none left)", l2, true, LONG_TTL)
@@ -885,18 +1075,29 @@ impl Session {
             None => "stream ended".to_string(),
         });
         let r = rpc(async { self.c.lease_keep_alive(UNKNOWN_LEASE).await.map(|_| ()) }).await;
-        record(&mut self.t, "5 keepalive unknown lease", r, |_, _| "ok".into());
+        record(&mut self.t, "5 keepalive unknown lease", r, |_, _| {
+            "ok".into()
+        });
 
         self.revoke("5 revoke L1", l1).await;
-        self.get("5 get /lease/ after revoke", "/lease/", Some(GetOptions::new().with_prefix()))
+        self.get(
+            "5 get /lease/ after revoke",
+            "/lease/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await;
+        self.time_to_live("5 ttl L1 after revoke", l1, true, LONG_TTL)
             .await;
-        self.time_to_live("5 ttl L1 after revoke", l1, true, LONG_TTL).await;
         self.revoke("5 revoke L1 again", l1).await;
         self.revoke("5 revoke unknown lease", UNKNOWN_LEASE).await;
         self.revoke("5 revoke 0x1234", explicit).await;
         self.revoke("5 revoke L2 (no keys)", l2).await;
-        self.get("5 get /lease/ after all revokes", "/lease/", Some(GetOptions::new().with_prefix()))
-            .await;
+        self.get(
+            "5 get /lease/ after all revokes",
+            "/lease/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await;
         let r = rpc(self.c.leases()).await;
         record(&mut self.t, "5 leases list after revokes", r, |t, r| {
             let mut ids: Vec<String> = r.leases().iter().map(|l| t.lease(l.id())).collect();
@@ -907,11 +1108,14 @@ impl Session {
 
     async fn lease_expiry(&mut self) {
         // TTL 1 is below etcd's minimum; the granted TTL is recorded.
-        let id = self.grant("5x grant ttl 1 (below the minimum)", 1, None).await;
+        let id = self
+            .grant("5x grant ttl 1 (below the minimum)", 1, None)
+            .await;
         let with = Some(PutOptions::new().with_lease(id));
         self.put("5x put /expire/a with it", "/expire/a", "a", with.clone())
             .await;
-        self.put("5x put /expire/b with it", "/expire/b", "b", with).await;
+        self.put("5x put /expire/b with it", "/expire/b", "b", with)
+            .await;
         self.put("5x put /expire/c without lease", "/expire/c", "c", None)
             .await;
         let opened = Watcher::open(
@@ -943,9 +1147,14 @@ impl Session {
             format!("{expired}"),
         );
         w.flush(&mut self.t, "5x watch /expire/");
-        self.get("5x get /expire/ after expiry", "/expire/", Some(GetOptions::new().with_prefix()))
+        self.get(
+            "5x get /expire/ after expiry",
+            "/expire/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await;
+        self.time_to_live("5x ttl of the expired lease", id, true, 2)
             .await;
-        self.time_to_live("5x ttl of the expired lease", id, true, 2).await;
     }
 
     // ----------------------------------------------------------- 6. watch ---
@@ -1001,7 +1210,11 @@ impl Session {
             .await;
         // kube-apiserver style: list, then watch from the list's revision + 1.
         let list = self
-            .get("6 list /registry/pods/", "/registry/pods/", Some(GetOptions::new().with_prefix()))
+            .get(
+                "6 list /registry/pods/",
+                "/registry/pods/",
+                Some(GetOptions::new().with_prefix()),
+            )
             .await;
         let list_rev = list.as_ref().map(|l| hdr_rev(l.header())).unwrap_or(0);
         let t = &mut self.t;
@@ -1035,10 +1248,14 @@ impl Session {
             single.unwrap_or(-103),
             after_list.unwrap_or(-104),
         );
-        w.flush(&mut self.t, "6 watches created");
+        // Not flushed yet: the history watch's replay may arrive at any point
+        // while the other watches are created; everything up to the
+        // sentinels is recorded together, per watch.
 
-        self.put("6 put /watch/k1", "/watch/k1", "w1-v1", None).await;
-        self.put("6 put /watch/k2", "/watch/k2", "w2-v1", None).await;
+        self.put("6 put /watch/k1", "/watch/k1", "w1-v1", None)
+            .await;
+        self.put("6 put /watch/k2", "/watch/k2", "w2-v1", None)
+            .await;
         self.put("6 put /watch/k1 again", "/watch/k1", "w1-v2", None)
             .await;
         let k1_deleted = self.delete("6 delete /watch/k1", "/watch/k1", None).await;
@@ -1064,7 +1281,12 @@ impl Session {
             .delete("6 delete /watch/zz-sentinel", "/watch/zz-sentinel", None)
             .await;
         let pods_sentinel = self
-            .put("6 put /registry/pods/zz-sentinel", "/registry/pods/zz-sentinel", "s", None)
+            .put(
+                "6 put /registry/pods/zz-sentinel",
+                "/registry/pods/zz-sentinel",
+                "s",
+                None,
+            )
             .await;
         let all_seen = w
             .pump_until(&mut self.t, format::RPC_TIMEOUT, |w| {
@@ -1076,28 +1298,49 @@ impl Session {
                     && w.saw(single, EventType::Delete, k1_deleted)
             })
             .await;
-        self.t.push("6 all watches reached their sentinels", format!("{all_seen}"));
+        self.t.push(
+            "6 all watches reached their sentinels",
+            format!("{all_seen}"),
+        );
         w.flush(&mut self.t, "6 events");
 
         let progressed = w.request_progress(&mut self.t).await;
-        self.t.push("6 progress response arrived", format!("{progressed}"));
+        self.t
+            .push("6 progress response arrived", format!("{progressed}"));
         w.flush(&mut self.t, "6 progress");
 
         let canceled = w.cancel(&mut self.t, live).await;
-        self.t.push("6 cancel of the live watch answered", format!("{canceled}"));
+        self.t
+            .push("6 cancel of the live watch answered", format!("{canceled}"));
         w.flush(&mut self.t, "6 cancel");
         let after_cancel = self
-            .put("6 put /watch/after-cancel", "/watch/after-cancel", "x", None)
+            .put(
+                "6 put /watch/after-cancel",
+                "/watch/after-cancel",
+                "x",
+                None,
+            )
             .await;
         let seen = w
             .pump_until(&mut self.t, format::RPC_TIMEOUT, |w| {
                 w.saw(nodelete, EventType::Put, after_cancel)
             })
             .await;
-        self.t.push("6 nodelete watch saw the put after cancel", format!("{seen}"));
+        self.t.push(
+            "6 nodelete watch saw the put after cancel",
+            format!("{seen}"),
+        );
         self.t.push(
             "6 canceled watch is still canceled",
             format!("{}", w.is_canceled(live)),
+        );
+        // A progress response promises that everything at or below its
+        // revision was delivered: anything sent to the canceled watch (or to
+        // a watch filtering it out) shows up before it.
+        let progressed = w.request_progress(&mut self.t).await;
+        self.t.push(
+            "6 second progress response arrived",
+            format!("{progressed}"),
         );
         w.flush(&mut self.t, "6 after cancel");
     }
@@ -1117,8 +1360,11 @@ impl Session {
         };
         self.txn("7 kube compaction txn, version 0", kube_txn(0, compact_at))
             .await;
-        self.txn("7 kube compaction txn, stale version 0", kube_txn(0, compact_at))
-            .await;
+        self.txn(
+            "7 kube compaction txn, stale version 0",
+            kube_txn(0, compact_at),
+        )
+        .await;
         self.compact("7 compact at the revision after txns", compact_at, false)
             .await;
         self.get(
@@ -1164,7 +1410,10 @@ impl Session {
                 let canceled = w
                     .pump_until(&mut self.t, format::RPC_TIMEOUT, |w| w.is_canceled(id))
                     .await;
-                self.t.push("7 watch below the compaction was canceled", format!("{canceled}"));
+                self.t.push(
+                    "7 watch below the compaction was canceled",
+                    format!("{canceled}"),
+                );
                 w.flush(&mut self.t, step);
             }
             Err(e) => self.t.push(step, format!("open: {e}")),
@@ -1174,21 +1423,32 @@ impl Session {
             &mut self.c,
             &mut self.t,
             "/registry/pods/",
-            WatchOptions::new().with_prefix().with_start_revision(compact_at).with_prev_key(),
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(compact_at)
+                .with_prev_key(),
             false,
         )
         .await
         {
             Ok((mut w, id)) => {
                 let sentinel = self
-                    .put("7 put /registry/pods/zz-sentinel2", "/registry/pods/zz-sentinel2", "s", None)
+                    .put(
+                        "7 put /registry/pods/zz-sentinel2",
+                        "/registry/pods/zz-sentinel2",
+                        "s",
+                        None,
+                    )
                     .await;
                 let seen = w
                     .pump_until(&mut self.t, format::RPC_TIMEOUT, |w| {
                         w.saw(id, EventType::Put, sentinel) || w.is_canceled(id)
                     })
                     .await;
-                self.t.push("7 watch from the compaction revision reached the sentinel", format!("{seen}"));
+                self.t.push(
+                    "7 watch from the compaction revision reached the sentinel",
+                    format!("{seen}"),
+                );
                 w.flush(&mut self.t, step);
             }
             Err(e) => self.t.push(step, format!("open: {e}")),
@@ -1196,15 +1456,21 @@ impl Session {
 
         self.compact("7 compact again at the same revision", compact_at, false)
             .await;
-        self.compact("7 compact at a lower revision", old, false).await;
-        let now = self.current("7 current revision").await;
-        self.compact("7 compact at current revision + 100 (future)", now + 100, false)
+        self.compact("7 compact at a lower revision", old, false)
             .await;
+        let now = self.current("7 current revision").await;
+        self.compact(
+            "7 compact at current revision + 100 (future)",
+            now + 100,
+            false,
+        )
+        .await;
         self.compact("7 compact at current revision + 1 (future)", now + 1, false)
             .await;
         self.txn("7 kube compaction txn, version 1", kube_txn(1, now))
             .await;
-        self.get("7 get compact_rev_key", COMPACT_REV_KEY, None).await;
+        self.get("7 get compact_rev_key", COMPACT_REV_KEY, None)
+            .await;
         self.compact("7 physical compact at the current revision", now, true)
             .await;
         self.get(
@@ -1219,8 +1485,12 @@ impl Session {
             Some(GetOptions::new().with_prefix().with_revision(compact_at)),
         )
         .await;
-        self.get("7 get all keys after compaction", "", Some(GetOptions::new().with_all_keys().with_keys_only()))
-            .await;
+        self.get(
+            "7 get all keys after compaction",
+            "",
+            Some(GetOptions::new().with_all_keys().with_keys_only()),
+        )
+        .await;
     }
 
     // ------------------------------------------------------- 8. etcdctl ---
@@ -1249,18 +1519,32 @@ impl Session {
                         String::from_utf8_lossy(&out.stdout)
                     ),
                 );
-                self.t.note(step, format!("stderr={:?}", String::from_utf8_lossy(&out.stderr)));
+                if !out.stderr.is_empty() {
+                    self.t.note(
+                        step,
+                        format!("stderr={:?}", String::from_utf8_lossy(&out.stderr)),
+                    );
+                }
             }
             Ok(Err(e)) => self.t.push(step, format!("cannot run etcdctl: {e}")),
-            Err(_) => self.t.push(step, format!("TIMEOUT after {ETCDCTL_TIMEOUT:?}")),
+            Err(_) => self
+                .t
+                .push(step, format!("TIMEOUT after {ETCDCTL_TIMEOUT:?}")),
         }
     }
 
     async fn etcdctl_lock(&mut self) {
-        self.run_etcdctl("8 etcdctl lock mylock -- echo held", &["lock", "mylock", "--", "echo", "held"])
-            .await;
-        self.get("8 lock keys after release", "mylock/", Some(GetOptions::new().with_prefix()))
-            .await;
+        self.run_etcdctl(
+            "8 etcdctl lock mylock -- echo held",
+            &["lock", "mylock", "--", "echo", "held"],
+        )
+        .await;
+        self.get(
+            "8 lock keys after release",
+            "mylock/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await;
 
         // Contention: A holds the lock for 2 s and marks a file while holding
         // it; B is started while A holds it and prints the mark when it gets
@@ -1281,8 +1565,12 @@ impl Session {
             }
             Err(e) => self.t.push("8 contended lock", e),
         }
-        self.get("8 lock keys after contention", "mylock/", Some(GetOptions::new().with_prefix().with_count_only()))
-            .await;
+        self.get(
+            "8 lock keys after contention",
+            "mylock/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await;
     }
 
     async fn contended_lock(
@@ -1295,6 +1583,13 @@ impl Session {
             .spawn()
             .map_err(|e| format!("cannot run etcdctl: {e}"))?;
         let a_out = a.stdout.take().ok_or("no stdout of A")?;
+        let a_err = a.stderr.take().ok_or("no stderr of A")?;
+        let a_stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut BufReader::new(a_err), &mut text)
+                .await;
+            text
+        });
         let mut a_lines = BufReader::new(a_out).lines();
         let mut recorded = Vec::new();
         // Wait (bounded) until A holds the lock.
@@ -1303,7 +1598,10 @@ impl Session {
             Ok(Ok(Some(line))) => recorded.push(format!("A stdout: {line}")),
             other => {
                 let _ = a.kill().await;
-                return Err(format!("A did not report holding the lock: {other:?}"));
+                let stderr = a_stderr.await.unwrap_or_default();
+                return Err(format!(
+                    "A did not report holding the lock: {other:?}; A stderr={stderr:?}"
+                ));
             }
         }
         let b = self
@@ -1331,6 +1629,11 @@ impl Session {
             "A exit={:?}",
             a_status.map(|s| s.code()).map_err(|e| e.to_string())
         ));
+        let stderr = a_stderr.await.unwrap_or_default();
+        if !stderr.is_empty() {
+            self.t
+                .note("8 contended lock", format!("A stderr={stderr:?}"));
+        }
         match b_out {
             Ok(out) => {
                 recorded.push(format!(
@@ -1338,7 +1641,12 @@ impl Session {
                     out.status.code(),
                     String::from_utf8_lossy(&out.stdout)
                 ));
-                self.t.note("8 contended lock", format!("B stderr={:?}", String::from_utf8_lossy(&out.stderr)));
+                if !out.stderr.is_empty() {
+                    self.t.note(
+                        "8 contended lock",
+                        format!("B stderr={:?}", String::from_utf8_lossy(&out.stderr)),
+                    );
+                }
             }
             Err(e) => recorded.push(format!("B failed: {e}")),
         }
@@ -1366,7 +1674,9 @@ impl Session {
             format!(
                 "members={} first_has_client_url={}",
                 members.len(),
-                members.first().is_some_and(|m| m.client_urls().iter().any(|u| !u.is_empty()))
+                members
+                    .first()
+                    .is_some_and(|m| m.client_urls().iter().any(|u| !u.is_empty()))
             )
         });
     }

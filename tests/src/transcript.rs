@@ -12,6 +12,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 const REV_OPEN: &str = "\u{27e6}r:";
 const REV_CLOSE: char = '\u{27e7}';
@@ -28,8 +29,16 @@ pub fn rev(r: i64) -> String {
 }
 
 /// The recorded results of one scripted session against one server.
-#[derive(Debug, Default)]
+///
+/// Cloning gives another handle to the same transcript (so a session that is
+/// cut short by a timeout still leaves what it recorded).
+#[derive(Debug, Default, Clone)]
 pub struct Transcript {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
     lines: Vec<String>,
     notes: Vec<String>,
     lease_labels: HashMap<i64, String>,
@@ -41,24 +50,31 @@ impl Transcript {
         Self::default()
     }
 
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (plain pushes).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Records one compared line: `step` names the operation, `line` is its result.
     pub fn push(&mut self, step: &str, line: impl AsRef<str>) {
-        self.lines.push(format!("{step} | {}", line.as_ref()));
+        let line = format!("{step} | {}", line.as_ref());
+        self.inner().lines.push(line);
     }
 
     /// Records information that is NOT compared (e.g. a subprocess's stderr),
     /// printed when the comparison fails.
     pub fn note(&mut self, step: &str, text: impl AsRef<str>) {
-        self.notes.push(format!("{step} | {}", text.as_ref()));
+        let note = format!("{step} | {}", text.as_ref());
+        self.inner().notes.push(note);
     }
 
-    pub fn notes(&self) -> &[String] {
-        &self.notes
+    pub fn notes(&self) -> Vec<String> {
+        self.inner().notes.clone()
     }
 
     /// Declares a lease ID chosen by the client: it is recorded as is.
     pub fn explicit_lease(&mut self, id: i64) {
-        self.explicit_leases.insert(id);
+        self.inner().explicit_leases.insert(id);
     }
 
     /// The stable label of a lease ID: `0` for no lease, the exact hex value
@@ -67,40 +83,43 @@ impl Transcript {
         if id == 0 {
             return "0".to_string();
         }
-        if self.explicit_leases.contains(&id) {
+        let mut inner = self.inner();
+        if inner.explicit_leases.contains(&id) {
             return format!("{id:#x}");
         }
-        let next = self.lease_labels.len() + 1;
-        self.lease_labels
+        let next = inner.lease_labels.len() + 1;
+        inner
+            .lease_labels
             .entry(id)
             .or_insert_with(|| format!("L{next}"))
             .clone()
     }
 
     /// The raw lines, with revision placeholders.
-    pub fn raw(&self) -> &[String] {
-        &self.lines
+    pub fn raw(&self) -> Vec<String> {
+        self.inner().lines.clone()
     }
 
     pub fn len(&self) -> usize {
-        self.lines.len()
+        self.inner().lines.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lines.is_empty()
+        self.inner().lines.is_empty()
     }
 
     /// The lines with every revision replaced by its rank among all distinct
     /// revision values of this transcript (`r1` is the smallest).
     pub fn normalized(&self) -> Vec<String> {
+        let lines = self.raw();
         let mut all = BTreeSet::new();
-        for line in &self.lines {
+        for line in &lines {
             for_each_rev(line, |r| {
                 all.insert(r);
             });
         }
         let rank: HashMap<i64, usize> = all.iter().enumerate().map(|(i, r)| (*r, i + 1)).collect();
-        self.lines
+        lines
             .iter()
             .map(|line| replace_revs(line, |r| format!("r{}", rank[&r])))
             .collect()
@@ -126,7 +145,9 @@ fn replace_revs(line: &str, mut f: impl FnMut(i64) -> String) -> String {
         };
         match after[..end].parse::<i64>() {
             Ok(r) => out.push_str(&f(r)),
-            Err(_) => out.push_str(&rest[start..start + REV_OPEN.len() + end + REV_CLOSE.len_utf8()]),
+            Err(_) => {
+                out.push_str(&rest[start..start + REV_OPEN.len() + end + REV_CLOSE.len_utf8()])
+            }
         }
         rest = &after[end + REV_CLOSE.len_utf8()..];
     }
@@ -152,8 +173,11 @@ pub fn compare(
             .into_iter()
             .all(|(name, t, norm)| {
                 let base = out_dir.join(sanitize(name));
-                std::fs::write(base.with_extension("normalized.txt"), norm.join("\n") + "\n")
-                    .is_ok()
+                std::fs::write(
+                    base.with_extension("normalized.txt"),
+                    norm.join("\n") + "\n",
+                )
+                .is_ok()
                     && std::fs::write(base.with_extension("raw.txt"), t.raw().join("\n") + "\n")
                         .is_ok()
             })
@@ -180,7 +204,7 @@ pub fn compare(
     for (name, t) in [(expected_name, expected), (actual_name, actual)] {
         if !t.notes().is_empty() {
             let _ = writeln!(report, "notes of {name} (not compared):");
-            for n in t.notes() {
+            for n in &t.notes() {
                 let _ = writeln!(report, "  {n}");
             }
         }
@@ -190,7 +214,13 @@ pub fn compare(
 
 fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -223,12 +253,12 @@ fn diff_ops(a: &[String], b: &[String]) -> Vec<Op> {
             ops.push(Op::Same(i, j));
             i += 1;
             j += 1;
-        } else if j < m && (i == n || lcs[idx(i, j + 1)] >= lcs[idx(i + 1, j)]) {
-            ops.push(Op::Ins(j));
-            j += 1;
-        } else {
+        } else if i < n && (j == m || lcs[idx(i + 1, j)] >= lcs[idx(i, j + 1)]) {
             ops.push(Op::Del(i));
             i += 1;
+        } else {
+            ops.push(Op::Ins(j));
+            j += 1;
         }
     }
     ops
@@ -271,7 +301,12 @@ fn unified_diff(a: &[String], b: &[String], context: usize, max_lines: usize) ->
         }
         if last_shown.is_none_or(|l| l + 1 != k) {
             let (ai, bi) = position(&ops, k);
-            let _ = writeln!(out, "@@ {} line {} / {} line {} @@", "expected", ai + 1, "actual", bi + 1);
+            let _ = writeln!(
+                out,
+                "@@ expected line {} / actual line {} @@",
+                ai + 1,
+                bi + 1
+            );
         }
         last_shown = Some(k);
         printed += 1;
@@ -329,6 +364,26 @@ mod tests {
         assert_eq!(t.lease(7), "L2");
         assert_eq!(t.lease(99), "L1");
         assert_eq!(t.lease(0), "0");
+    }
+
+    #[test]
+    fn compare_reports_the_first_difference() {
+        let mut a = Transcript::new();
+        let mut b = Transcript::new();
+        for i in 0..20 {
+            a.push(&format!("step {i}"), format!("hdr={}", rev(100 + i)));
+            b.push(&format!("step {i}"), format!("hdr={}", rev(5 + i)));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(compare("a", &a, "b", &b, dir.path()).is_ok());
+        b.push("step 20", "ERR NotFound \"x\"");
+        a.push("step 20", format!("hdr={}", rev(200)));
+        b.note("step 20", "server said something");
+        let report = compare("a", &a, "b", &b, dir.path()).expect_err("must differ");
+        assert!(report.contains("- step 20 | hdr=r21"), "{report}");
+        assert!(report.contains("+ step 20 | ERR NotFound"), "{report}");
+        assert!(report.contains("server said something"), "{report}");
+        assert!(dir.path().join("a.normalized.txt").exists());
     }
 
     #[test]

@@ -99,7 +99,10 @@ impl Watcher {
         progress_notify: bool,
     ) -> Result<i64, String> {
         let before = self.created.len();
-        if !self.pump_until(t, RPC_TIMEOUT, |w| w.created.len() > before).await {
+        if !self
+            .pump_until(t, RPC_TIMEOUT, |w| w.created.len() > before)
+            .await
+        {
             return Err(format!("no created response within {RPC_TIMEOUT:?}"));
         }
         let id = self.created[before];
@@ -112,10 +115,12 @@ impl Watcher {
     /// Cancels a watch and waits for its `canceled` response.
     pub async fn cancel(&mut self, t: &mut Transcript, id: i64) -> bool {
         if rpc(self.stream.cancel(id)).await.is_err() {
-            self.problems.push(format!("cannot send cancel of watch {id}"));
+            self.problems
+                .push(format!("cannot send cancel of watch {id}"));
             return false;
         }
-        self.pump_until(t, RPC_TIMEOUT, |w| w.canceled.contains(&id)).await
+        self.pump_until(t, RPC_TIMEOUT, |w| w.canceled.contains(&id))
+            .await
     }
 
     /// Sends a progress request and waits for the next progress response
@@ -170,7 +175,8 @@ impl Watcher {
                     self.broken = true;
                 }
                 Ok(Err(e)) => {
-                    self.problems.push(format!("stream error: {}", format::error(&e)));
+                    self.problems
+                        .push(format!("stream error: {}", format::error(&e)));
                     self.broken = true;
                 }
             }

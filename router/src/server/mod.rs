@@ -86,19 +86,19 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}: {error}")]
     Bind {
         address: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("shard {shard} ({endpoint}): {source}")]
+    #[error("shard {shard} ({endpoint}): {error}")]
     Shard {
         shard: String,
         endpoint: String,
-        source: ShardError,
+        error: ShardError,
     },
     #[error("grpc server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Transport(tonic::transport::Error),
 }
 
 /// A started server.
@@ -146,20 +146,20 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     info!(listen_address = %options.listen_address, backend = %endpoint.backend(), endpoint = %endpoint, "starting kubeshard");
     let shard = Shard::open("default", &endpoint, options.watch_poll_interval)
         .await
-        .map_err(|source| ServeError::Shard {
+        .map_err(|error| ServeError::Shard {
             shard: "default".into(),
             endpoint: endpoint.to_string(),
-            source,
+            error,
         })?;
     let listener = TcpListener::bind(&options.listen_address)
         .await
-        .map_err(|source| ServeError::Bind {
+        .map_err(|error| ServeError::Bind {
             address: options.listen_address.clone(),
-            source,
+            error,
         })?;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+    let local_addr = listener.local_addr().map_err(|error| ServeError::Bind {
         address: options.listen_address.clone(),
-        source,
+        error,
     })?;
     let core = Arc::new(Core {
         shard,
@@ -204,7 +204,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             })
             .await;
         background.abort();
-        served.map_err(ServeError::from)
+        served.map_err(ServeError::Transport)
     });
     Ok(RunningServer {
         local_addr,

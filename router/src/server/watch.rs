@@ -294,7 +294,8 @@ impl Session {
     }
 
     async fn cancel_compacted(&self, id: i64, compact_revision: i64) -> Result<(), Gone> {
-        let mut r = self.response(compact_revision, id);
+        // etcd's header for this response has revision 0.
+        let mut r = self.response(0, id);
         r.compact_revision = compact_revision;
         r.canceled = true;
         self.send(r).await

@@ -39,13 +39,24 @@ pub enum WriteRequest {
     Put(PutRequest),
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
-    LeaseGrant { id: i64, ttl: i64, now_ms: i64 },
-    LeaseRevoke { id: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+        now_ms: i64,
+    },
+    LeaseRevoke {
+        id: i64,
+    },
     /// Revokes the lease only if it is still expired at `now_ms` (a KeepAlive
     /// may have renewed it since it was found).
-    LeaseExpire { id: i64, now_ms: i64 },
+    LeaseExpire {
+        id: i64,
+        now_ms: i64,
+    },
     /// Marks revisions below `revision` as compacted.
-    Compact { revision: i64 },
+    Compact {
+        revision: i64,
+    },
 }
 
 /// The answer to a [`WriteRequest`]; every variant carries the revision the

@@ -148,7 +148,9 @@ pub(crate) fn build_range<'a>(
         rows.sql("value_bytes FROM ");
         push_source_at(&mut rows, range, rev, value_col);
         for (i, (cond, v)) in conditions.into_iter().enumerate() {
-            rows.sql(if i == 0 { " WHERE " } else { " AND " }).sql(cond).int(v);
+            rows.sql(if i == 0 { " WHERE " } else { " AND " })
+                .sql(cond)
+                .int(v);
         }
     }
     rows.sql(" ORDER BY ").sql(&order_by(request));
@@ -217,7 +219,9 @@ mod tests {
         old.revision = 2;
         assert!(matches!(
             build_range(&Postgres, &old, REVS, &range),
-            Err(ShardError::Compacted { compact_revision: 3 })
+            Err(ShardError::Compacted {
+                compact_revision: 3
+            })
         ));
         let mut at_compact = r;
         at_compact.revision = 3;

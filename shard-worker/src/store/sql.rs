@@ -98,8 +98,6 @@ struct SqlTx<'t, DB: Database> {
     tx: sqlx::Transaction<'static, DB>,
 }
 
-
-
 impl<DB> SqlShard<DB>
 where
     DB: Database,
@@ -222,7 +220,10 @@ where
         })
     }
 
-    async fn events_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<Vec<(i64, i64, Event)>> {
+    async fn events_in(
+        conn: &mut DB::Connection,
+        st: &Statement<'_>,
+    ) -> Result<Vec<(i64, i64, Event)>> {
         let rows = Self::fetch_all_in(conn, st).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -351,7 +352,6 @@ fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     chunks
 }
 
-
 #[async_trait]
 impl<'t, DB> TxOps for SqlTx<'t, DB>
 where
@@ -386,7 +386,10 @@ where
 
     async fn set_revisions(&mut self, revs: Revisions) -> Result<()> {
         let mut st = self.shard.statement("UPDATE ks_meta SET revision = ");
-        st.int(revs.current).sql(", compact_revision = ").int(revs.compacted).sql(" WHERE id = 1");
+        st.int(revs.current)
+            .sql(", compact_revision = ")
+            .int(revs.compacted)
+            .sql(" WHERE id = 1");
         SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         Ok(())
     }
@@ -451,9 +454,21 @@ where
             );
             for (i, r) in chunk.iter().enumerate() {
                 st.sql(if i == 0 { "(" } else { ", (" });
-                st.int(r.revision).sql(", ").int(r.sub).sql(", ").bytes(&r.key).sql(", ");
-                st.int(i64::from(r.deleted)).sql(", ").int(r.create_revision).sql(", ");
-                st.int(r.prev_revision).sql(", ").int(r.version).sql(", ").int(r.lease);
+                st.int(r.revision)
+                    .sql(", ")
+                    .int(r.sub)
+                    .sql(", ")
+                    .bytes(&r.key)
+                    .sql(", ");
+                st.int(i64::from(r.deleted))
+                    .sql(", ")
+                    .int(r.create_revision)
+                    .sql(", ");
+                st.int(r.prev_revision)
+                    .sql(", ")
+                    .int(r.version)
+                    .sql(", ")
+                    .int(r.lease);
                 st.sql(", ").bytes(&r.value).sql(")");
             }
             SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
@@ -469,15 +484,24 @@ where
             );
             for (i, kv) in chunk.iter().enumerate() {
                 st.sql(if i == 0 { "(" } else { ", (" });
-                st.bytes(&kv.key).sql(", ").int(kv.create_revision).sql(", ");
-                st.int(kv.mod_revision).sql(", ").int(kv.version).sql(", ").int(kv.lease);
+                st.bytes(&kv.key)
+                    .sql(", ")
+                    .int(kv.create_revision)
+                    .sql(", ");
+                st.int(kv.mod_revision)
+                    .sql(", ")
+                    .int(kv.version)
+                    .sql(", ")
+                    .int(kv.lease);
                 st.sql(", ").bytes(&kv.value).sql(")");
             }
             st.sql(self.shard.dialect.upsert_live_tail());
             SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         }
         for chunk in deletes.chunks(ROWS_PER_INSERT) {
-            let mut st = self.shard.statement("DELETE FROM ks_live WHERE key_bytes IN (");
+            let mut st = self
+                .shard
+                .statement("DELETE FROM ks_live WHERE key_bytes IN (");
             for (i, k) in chunk.iter().enumerate() {
                 if i > 0 {
                     st.sql(", ");
@@ -493,7 +517,9 @@ where
     async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
         let mut out = Vec::new();
         for chunk in ids.chunks(ROWS_PER_INSERT) {
-            let mut st = self.shard.statement("SELECT id FROM ks_lease WHERE id IN (");
+            let mut st = self
+                .shard
+                .statement("SELECT id FROM ks_lease WHERE id IN (");
             for (i, id) in chunk.iter().enumerate() {
                 if i > 0 {
                     st.sql(", ");
@@ -509,8 +535,15 @@ where
     }
 
     async fn lease_insert(&mut self, lease: LeaseRecord) -> Result<()> {
-        let mut st = self.shard.statement("INSERT INTO ks_lease (id, ttl, expires_at_ms) VALUES (");
-        st.int(lease.id).sql(", ").int(lease.ttl).sql(", ").int(lease.expires_at_ms).sql(")");
+        let mut st = self
+            .shard
+            .statement("INSERT INTO ks_lease (id, ttl, expires_at_ms) VALUES (");
+        st.int(lease.id)
+            .sql(", ")
+            .int(lease.ttl)
+            .sql(", ")
+            .int(lease.expires_at_ms)
+            .sql(")");
         SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         Ok(())
     }
@@ -523,7 +556,9 @@ where
     }
 
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>> {
-        let mut st = self.shard.statement("SELECT expires_at_ms FROM ks_lease WHERE id = ");
+        let mut st = self
+            .shard
+            .statement("SELECT expires_at_ms FROM ks_lease WHERE id = ");
         st.int(id);
         let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
         match rows.first() {
@@ -532,7 +567,6 @@ where
         }
     }
 }
-
 
 #[async_trait]
 impl<DB> ShardStore for SqlShard<DB>
@@ -579,11 +613,19 @@ where
         let revs = Self::read_revisions(&mut tx).await?;
         if revs.current <= after {
             tx.commit().await?;
-            return Ok(EventPage { events: Vec::new(), closed: revs.current.max(after), more: false });
+            return Ok(EventPage {
+                events: Vec::new(),
+                closed: revs.current.max(after),
+                more: false,
+            });
         }
         let mut st = self.events_select();
-        st.sql("h.revision > ").int(after).sql(" AND h.revision <= ").int(revs.current);
-        st.sql(" ORDER BY h.revision, h.sub LIMIT ").int(max_events as i64 + 1);
+        st.sql("h.revision > ")
+            .int(after)
+            .sql(" AND h.revision <= ")
+            .int(revs.current);
+        st.sql(" ORDER BY h.revision, h.sub LIMIT ")
+            .int(max_events as i64 + 1);
         let mut rows = Self::events_in(&mut tx, &st).await?;
         let mut closed = revs.current;
         if rows.len() > max_events {
@@ -602,21 +644,38 @@ where
             }
         }
         tx.commit().await?;
-        Ok(EventPage { events: rows.into_iter().map(|r| r.2).collect(), closed, more: closed < revs.current })
+        Ok(EventPage {
+            events: rows.into_iter().map(|r| r.2).collect(),
+            closed,
+            more: closed < revs.current,
+        })
     }
 
-    async fn history(&self, range: &KeyRange, from: i64, to: i64, max_events: usize) -> Result<EventPage> {
+    async fn history(
+        &self,
+        range: &KeyRange,
+        from: i64,
+        to: i64,
+        max_events: usize,
+    ) -> Result<EventPage> {
         let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
         let revs = Self::read_revisions(&mut tx).await?;
         if from < revs.compacted {
             tx.commit().await?;
-            return Err(ShardError::Compacted { compact_revision: revs.compacted });
+            return Err(ShardError::Compacted {
+                compact_revision: revs.compacted,
+            });
         }
         let to = to.min(revs.current);
         let mut st = self.events_select();
-        st.sql("h.revision >= ").int(from).sql(" AND h.revision <= ").int(to).sql(" AND ");
+        st.sql("h.revision >= ")
+            .int(from)
+            .sql(" AND h.revision <= ")
+            .int(to)
+            .sql(" AND ");
         super::range::push_key_filter(&mut st, "h.key_bytes", range);
-        st.sql(" ORDER BY h.revision, h.sub LIMIT ").int(max_events as i64 + 1);
+        st.sql(" ORDER BY h.revision, h.sub LIMIT ")
+            .int(max_events as i64 + 1);
         let mut rows = Self::events_in(&mut tx, &st).await?;
         let mut closed = to;
         if rows.len() > max_events {
@@ -635,7 +694,11 @@ where
             }
         }
         tx.commit().await?;
-        Ok(EventPage { events: rows.into_iter().map(|r| r.2).collect(), closed, more: closed < to })
+        Ok(EventPage {
+            events: rows.into_iter().map(|r| r.2).collect(),
+            closed,
+            more: closed < to,
+        })
     }
 
     async fn purge_compacted(&self, upto: i64, batch: i64) -> Result<u64> {
@@ -664,7 +727,11 @@ where
     async fn lease_renew(&self, id: i64, now_ms: i64) -> Result<Option<i64>> {
         let mut conn = self.pool.acquire().await?;
         let mut st = self.statement("UPDATE ks_lease SET expires_at_ms = ");
-        st.int(now_ms).sql(" + ttl * 1000 WHERE id = ").int(id).sql(" AND expires_at_ms > ").int(now_ms);
+        st.int(now_ms)
+            .sql(" + ttl * 1000 WHERE id = ")
+            .int(id)
+            .sql(" AND expires_at_ms > ")
+            .int(now_ms);
         if Self::execute_in(&mut conn, &st).await? == 0 {
             return Ok(None);
         }
@@ -708,7 +775,9 @@ where
     async fn expired_leases(&self, now_ms: i64, limit: i64) -> Result<Vec<i64>> {
         let mut conn = self.pool.acquire().await?;
         let mut st = self.statement("SELECT id FROM ks_lease WHERE expires_at_ms <= ");
-        st.int(now_ms).sql(" ORDER BY expires_at_ms LIMIT ").int(limit);
+        st.int(now_ms)
+            .sql(" ORDER BY expires_at_ms LIMIT ")
+            .int(limit);
         let rows = Self::fetch_all_in(&mut conn, &st).await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
@@ -716,9 +785,16 @@ where
     async fn try_lock(&self, name: &str, owner: &str, now_ms: i64, hold_ms: i64) -> Result<bool> {
         let mut conn = self.pool.acquire().await?;
         let mut st = self.statement("UPDATE ks_lock SET owner = ");
-        st.arg(Arg::Text(owner)).sql(", until_ms = ").int(now_ms + hold_ms);
-        st.sql(" WHERE name = ").arg(Arg::Text(name)).sql(" AND (owner = ");
-        st.arg(Arg::Text(owner)).sql(" OR until_ms < ").int(now_ms).sql(")");
+        st.arg(Arg::Text(owner))
+            .sql(", until_ms = ")
+            .int(now_ms + hold_ms);
+        st.sql(" WHERE name = ")
+            .arg(Arg::Text(name))
+            .sql(" AND (owner = ");
+        st.arg(Arg::Text(owner))
+            .sql(" OR until_ms < ")
+            .int(now_ms)
+            .sql(")");
         Self::execute_in(&mut conn, &st).await?;
         // Read back rather than trusting the affected-row count, which MySQL
         // reports as 0 when the row already held these values.
@@ -733,7 +809,9 @@ where
 
     async fn db_size(&self) -> Result<i64> {
         let mut conn = self.pool.acquire().await?;
-        let row = sqlx::query(self.dialect.db_size()).fetch_one(&mut *conn).await?;
+        let row = sqlx::query(self.dialect.db_size())
+            .fetch_one(&mut *conn)
+            .await?;
         Ok(row.try_get(0)?)
     }
 

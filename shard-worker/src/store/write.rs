@@ -312,9 +312,7 @@ impl BatchState<'_> {
                     return Err(ShardError::LeaseNotFound);
                 }
                 self.revoke(*id, &mut w).await?;
-                WriteResponse::LeaseRevoke {
-                    revision: w.view(),
-                }
+                WriteResponse::LeaseRevoke { revision: w.view() }
             }
             WriteRequest::LeaseExpire { id, now_ms } => {
                 let expired = match self.ops.lease_deadline(*id).await? {
@@ -521,7 +519,9 @@ impl BatchState<'_> {
             let mut responses = Vec::with_capacity(ops.len());
             for op in ops {
                 let response = match &op.request {
-                    Some(Request::RequestRange(r)) => Response::ResponseRange(self.read(r, w).await?),
+                    Some(Request::RequestRange(r)) => {
+                        Response::ResponseRange(self.read(r, w).await?)
+                    }
                     Some(Request::RequestPut(p)) => {
                         let prev = self.put(p, w).await?;
                         Response::ResponsePut(PutResponse {
@@ -539,7 +539,8 @@ impl BatchState<'_> {
                     }
                     Some(Request::RequestTxn(nested)) => {
                         let mut r = self.exec_txn(nested, path, at, w).await?;
-                        r.header = header(w.view());
+                        // etcd gives a nested txn an empty header (revision 0).
+                        r.header = Some(ResponseHeader::default());
                         Response::ResponseTxn(r)
                     }
                     None => continue,
