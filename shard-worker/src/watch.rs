@@ -117,7 +117,7 @@ pub async fn run_poller(store: Arc<dyn ShardStore>, hub: Arc<WatchHub>, interval
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    if failures == 1 || failures % 100 == 0 {
+                    if failures == 1 || failures.is_multiple_of(100) {
                         warn!(error = %e, failures, "watch poll failed; retrying");
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -16,11 +16,12 @@ pub(crate) enum RangePlan<'a> {
     /// Nothing can match (range end at or below its start).
     Empty { header: i64 },
     /// `count` returns one row with the number of keys in range at the
-    /// revision; `rows` (absent for count_only) returns the key-values, one
-    /// more than the limit so that `more` can be told.
+    /// revision (absent: count the rows); `rows` (absent for count_only)
+    /// returns the key-values, one more than the limit so that `more` can
+    /// be told.
     Query {
         header: i64,
-        count: Statement<'a>,
+        count: Option<Statement<'a>>,
         rows: Option<Statement<'a>>,
     },
 }
@@ -101,30 +102,6 @@ pub(crate) fn build_range<'a>(
     }
     let at_current = rev == revs.current;
 
-    let mut count = Statement::new(dialect, "SELECT COUNT(*) FROM ");
-    if at_current {
-        count.sql("ks_live WHERE ");
-        push_key_filter(&mut count, "key_bytes", range);
-    } else {
-        push_source_at(&mut count, range, rev, dialect.empty_bytes());
-    }
-    if request.count_only {
-        return Ok(RangePlan::Query {
-            header,
-            count,
-            rows: None,
-        });
-    }
-
-    let value_col = if request.keys_only {
-        dialect.empty_bytes()
-    } else {
-        "value_bytes"
-    };
-    let mut rows = Statement::new(
-        dialect,
-        "SELECT key_bytes, create_revision, mod_revision, version, lease, ",
-    );
     let mut conditions: Vec<(&str, i64)> = Vec::new();
     if request.min_mod_revision != 0 {
         conditions.push(("mod_revision >= ", request.min_mod_revision));
@@ -138,6 +115,39 @@ pub(crate) fn build_range<'a>(
     if request.max_create_revision != 0 {
         conditions.push(("create_revision <= ", request.max_create_revision));
     }
+    // A single key without filters is counted by the rows themselves: one
+    // statement instead of two for the most common request (a Get).
+    let counted_by_rows = matches!(range, KeyRange::Single(_)) && conditions.is_empty();
+
+    let count = if counted_by_rows {
+        None
+    } else {
+        let mut count = Statement::new(dialect, "SELECT COUNT(*) FROM ");
+        if at_current {
+            count.sql("ks_live WHERE ");
+            push_key_filter(&mut count, "key_bytes", range);
+        } else {
+            push_source_at(&mut count, range, rev, dialect.empty_bytes());
+        }
+        Some(count)
+    };
+    if request.count_only && !counted_by_rows {
+        return Ok(RangePlan::Query {
+            header,
+            count,
+            rows: None,
+        });
+    }
+
+    let value_col = if request.keys_only || request.count_only {
+        dialect.empty_bytes()
+    } else {
+        "value_bytes"
+    };
+    let mut rows = Statement::new(
+        dialect,
+        "SELECT key_bytes, create_revision, mod_revision, version, lease, ",
+    );
     if at_current {
         rows.sql(value_col).sql(" FROM ks_live WHERE ");
         push_key_filter(&mut rows, "key_bytes", range);
@@ -232,7 +242,11 @@ mod tests {
     fn current_reads_use_live_rows_only() {
         let r = req(b"a", b"c");
         let range = KeyRange::new(&r.key, &r.range_end);
-        let Ok(RangePlan::Query { count, rows, .. }) = build_range(&Postgres, &r, REVS, &range)
+        let Ok(RangePlan::Query {
+            count: Some(count),
+            rows,
+            ..
+        }) = build_range(&Postgres, &r, REVS, &range)
         else {
             panic!("no plan");
         };
@@ -259,6 +273,26 @@ mod tests {
         };
         assert_eq!(rows.text.matches('?').count(), rows.args.len());
         assert!(rows.text.ends_with("LIMIT ?"));
+    }
+
+    #[test]
+    fn single_key_get_is_one_statement() {
+        let r = req(b"a", b"");
+        let range = KeyRange::new(&r.key, &r.range_end);
+        let Ok(RangePlan::Query {
+            count: None,
+            rows: Some(_),
+            ..
+        }) = build_range(&Postgres, &r, REVS, &range)
+        else {
+            panic!("a get needs no count statement");
+        };
+        let mut filtered = r.clone();
+        filtered.min_mod_revision = 4;
+        assert!(matches!(
+            build_range(&Postgres, &filtered, REVS, &range),
+            Ok(RangePlan::Query { count: Some(_), .. })
+        ));
     }
 
     #[test]

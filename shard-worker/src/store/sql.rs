@@ -188,20 +188,23 @@ where
         let plan = build_range(self.dialect, request, revs, &range)?;
         let (count_st, rows_st) = match &plan {
             RangePlan::Empty { .. } => (None, None),
-            RangePlan::Query { count, rows, .. } => (Some(count), rows.as_ref()),
+            RangePlan::Query { count, rows, .. } => (count.as_ref(), rows.as_ref()),
         };
-        let mut count = 0;
+        let mut kvs = Vec::new();
+        if let Some(st) = rows_st {
+            for row in Self::fetch_all_in(conn, st).await? {
+                kvs.push(kv_from_row::<DB>(&row, 0)?);
+            }
+        }
+        let mut count = kvs.len() as i64;
         if let Some(st) = count_st {
             let rows = Self::fetch_all_in(conn, st).await?;
             if let Some(row) = rows.first() {
                 count = row.try_get(0)?;
             }
         }
-        let mut kvs = Vec::new();
-        if let Some(st) = rows_st {
-            for row in Self::fetch_all_in(conn, st).await? {
-                kvs.push(kv_from_row::<DB>(&row, 0)?);
-            }
+        if request.count_only {
+            kvs.clear();
         }
         let limit = request.limit;
         let mut more = false;
