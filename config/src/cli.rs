@@ -40,6 +40,14 @@ pub struct Cli {
     )]
     pub endpoint: String,
 
+    /// Address (HOST:PORT) of the Prometheus /metrics endpoint; empty turns it off.
+    #[arg(
+        long,
+        env = "KUBESHARD_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:2381"
+    )]
+    pub metrics_bind_address: String,
+
     /// Log format; the level comes from RUST_LOG (default "info").
     #[arg(long, env = "KUBESHARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -76,6 +84,8 @@ pub struct Cli {
 pub struct ServerOptions {
     pub listen_address: String,
     pub endpoint: Endpoint,
+    /// Where to serve /metrics; None turns it off.
+    pub metrics_address: Option<String>,
     pub watch_poll_interval: Duration,
     pub lease_check_interval: Duration,
     pub progress_notify_interval: Duration,
@@ -90,6 +100,7 @@ impl Cli {
         Ok(ServerOptions {
             listen_address: self.listen_address.clone(),
             endpoint: Endpoint::parse(&self.endpoint)?,
+            metrics_address: Some(self.metrics_bind_address.clone()).filter(|a| !a.is_empty()),
             watch_poll_interval: Duration::from_millis(self.watch_poll_interval_ms.max(1)),
             lease_check_interval: Duration::from_millis(self.lease_check_interval_ms.max(10)),
             progress_notify_interval: Duration::from_secs(
@@ -108,6 +119,7 @@ impl ServerOptions {
         ServerOptions {
             listen_address: listen_address.into(),
             endpoint,
+            metrics_address: None,
             watch_poll_interval: Duration::from_millis(100),
             lease_check_interval: Duration::from_millis(500),
             progress_notify_interval: Duration::from_secs(600),

@@ -39,6 +39,10 @@ pub fn spawn(core: Arc<Core>) -> JoinHandle<()> {
 
 async fn expire_leases(core: &Core, owner: &str) {
     let store = &core.shard.store;
+    if let Ok(revs) = store.revisions().await {
+        core.metrics
+            .set_shard_revisions(&core.shard.name, revs.current, revs.compacted);
+    }
     let now = now_ms();
     match store
         .try_lock("lease-expirer", owner, now, EXPIRER_LOCK_MS)
@@ -65,7 +69,10 @@ async fn expire_leases(core: &Core, owner: &str) {
             .write(WriteRequest::LeaseExpire { id, now_ms: now })
             .await
         {
-            Ok(_) => info!(lease = id, "lease expired"),
+            Ok(_) => {
+                core.metrics.leases_expired.inc();
+                info!(lease = id, "lease expired")
+            }
             Err(e) => warn!(lease = id, error = %e, "lease expiry failed; will retry"),
         }
     }

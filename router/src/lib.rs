@@ -7,6 +7,7 @@
 
 mod background;
 pub mod error;
+pub mod metrics;
 pub mod server;
 pub mod validate;
 

@@ -304,6 +304,9 @@ impl KubeshardServer {
                 .arg(&listen)
                 .arg("--endpoint")
                 .arg(&endpoint_url)
+                // Several servers run at once: each gets its own metrics port.
+                .arg("--metrics-bind-address")
+                .arg("127.0.0.1:0")
                 // Plain logs in the captured file (tracing-subscriber honours it).
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())

@@ -27,6 +27,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::background;
+use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::validate::Limits;
 
 /// The etcd version kubeshard reports. kube-apiserver turns on watch progress
@@ -48,6 +49,7 @@ pub struct Core {
     pub member_id: u64,
     pub client_url: String,
     pub started_ms: i64,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Core {
@@ -97,6 +99,8 @@ pub enum ServeError {
         endpoint: String,
         error: ShardError,
     },
+    #[error("cannot create metrics: {0}")]
+    Metrics(prometheus::Error),
     #[error("grpc server failed: {0}")]
     Transport(tonic::transport::Error),
 }
@@ -105,6 +109,8 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct RunningServer {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<JoinHandle<()>>,
     shutdown: Option<oneshot::Sender<()>>,
     join: JoinHandle<Result<(), ServeError>>,
     core: Arc<Core>,
@@ -113,6 +119,11 @@ pub struct RunningServer {
 impl RunningServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where /metrics is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops accepting requests, waits for the server to end and stops the shard.
@@ -127,6 +138,9 @@ impl RunningServer {
                 Ok(())
             }
         };
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
         self.core.shard.stop();
         result
     }
@@ -161,6 +175,19 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         address: options.listen_address.clone(),
         error,
     })?;
+    let metrics = Arc::new(Metrics::new().map_err(ServeError::Metrics)?);
+    let (metrics_addr, metrics_task) = match &options.metrics_address {
+        Some(address) => {
+            let (addr, task) = crate::metrics::serve(address, metrics.clone())
+                .await
+                .map_err(|error| ServeError::Bind {
+                    address: address.clone(),
+                    error,
+                })?;
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
     let core = Arc::new(Core {
         shard,
         limits: Limits {
@@ -171,6 +198,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         member_id: fnv1a(local_addr.to_string().as_bytes()),
         client_url: format!("http://{local_addr}"),
         started_ms: now_ms(),
+        metrics: metrics.clone(),
         options,
     });
     info!(%local_addr, "serving the etcd v3 API");
@@ -179,6 +207,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let background = background::spawn(core.clone());
     let router = tonic::transport::Server::builder()
+        .layer(GrpcMetricsLayer { metrics })
         .add_service(
             KvServer::new(kv::KvService::new(core.clone())).max_decoding_message_size(max_message),
         )
@@ -208,6 +237,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     });
     Ok(RunningServer {
         local_addr,
+        metrics_addr,
+        metrics_task,
         shutdown: Some(shutdown_tx),
         join,
         core,

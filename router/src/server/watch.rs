@@ -113,6 +113,7 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
         let hub = self.core.shard.hub.clone();
         let (closed, mut events) = hub.subscribe();
+        self.core.metrics.watch_streams.inc();
         self.closed = closed;
         let (progress_tx, mut progress_rx) = mpsc::channel::<i64>(16);
         let period = self.core.options.progress_notify_interval;
@@ -140,6 +141,8 @@ impl Session {
             }
         }
         debug!(watches = self.watchers.len(), "watch stream ended");
+        self.core.metrics.watch_streams.dec();
+        self.core.metrics.watches.sub(self.watchers.len() as i64);
     }
 
     async fn send(&self, response: WatchResponse) -> Result<(), Gone> {
@@ -164,6 +167,7 @@ impl Session {
             Some(RequestUnion::CancelRequest(cancel)) => {
                 // etcd answers only the cancellation of a watch that exists.
                 if self.watchers.remove(&cancel.watch_id).is_some() {
+                    self.core.metrics.watches.dec();
                     let mut r = self.response(self.closed, cancel.watch_id);
                     r.canceled = true;
                     self.send(r).await?;
@@ -252,6 +256,7 @@ impl Session {
         };
         let catch_up = watcher.next <= self.closed;
         self.watchers.insert(id, watcher);
+        self.core.metrics.watches.inc();
         if catch_up {
             self.catch_up(id).await?;
         }
@@ -282,7 +287,9 @@ impl Session {
                     }
                 }
                 Err(ShardError::Compacted { compact_revision }) => {
-                    self.watchers.remove(&id);
+                    if self.watchers.remove(&id).is_some() {
+                        self.core.metrics.watches.dec();
+                    }
                     return self.cancel_compacted(id, compact_revision).await;
                 }
                 Err(e) => {
@@ -342,7 +349,9 @@ impl Session {
                 Err(ShardError::Compacted { compact_revision }) => {
                     let ids: Vec<i64> = self.watchers.keys().copied().collect();
                     for id in ids {
-                        self.watchers.remove(&id);
+                        if self.watchers.remove(&id).is_some() {
+                            self.core.metrics.watches.dec();
+                        }
                         self.cancel_compacted(id, compact_revision).await?;
                     }
                     self.closed = to;
@@ -371,6 +380,7 @@ impl Session {
             return Ok(());
         }
         w.sent_since_tick = true;
+        self.core.metrics.watch_events.inc_by(wanted.len() as u64);
         let mut r = self.response(closed, id);
         r.events = wanted;
         self.send(r).await
