@@ -271,3 +271,32 @@ mod tests {
         assert!(!text.contains("made.up"));
     }
 }
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    /// The shipped dashboard must not query a metric this code does not export.
+    #[test]
+    fn dashboard_uses_only_exported_metrics() {
+        let dashboard = include_str!("../../dashboards/kubeshard.json");
+        let Ok(m) = Metrics::new() else {
+            panic!("metrics not created");
+        };
+        m.observe("/etcdserverpb.KV/Range", "0", 0.001);
+        m.set_shard_revisions("default", 1, 0);
+        let exported = String::from_utf8(m.render()).unwrap_or_default();
+        let mut checked = 0;
+        for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if let Some(name) = word.strip_prefix("kubeshard_") {
+                let name = format!("kubeshard_{name}");
+                assert!(
+                    exported.contains(&name),
+                    "dashboard queries {name}, which is not exported"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 8, "dashboard queries too few metrics: {checked}");
+    }
+}
