@@ -23,7 +23,7 @@ use kubeshard_shard_worker::{Shard, ShardError};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::background;
@@ -226,9 +226,13 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             core.clone(),
         )))
         .add_service(AuthServer::new(auth::AuthService));
+    // tonic ignores its own TCP_NODELAY default for a caller's listener; without
+    // it Nagle's algorithm holds small responses back on a busy HTTP/2
+    // connection (many ms per request under concurrency).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let join = tokio::spawn(async move {
         let served = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
             })
             .await;
