@@ -155,8 +155,17 @@ pub(crate) fn build_range<'a>(
             rows.sql(" AND ").sql(cond).int(v);
         }
     } else {
-        rows.sql("value_bytes FROM ");
-        push_source_at(&mut rows, range, rev, value_col);
+        // Sorting by value needs the real values in the source; keys_only
+        // blanks them only in the outer select, whose blank column has no
+        // name that ORDER BY could pick up instead of the source's.
+        let sort_by_value = SortTarget::try_from(request.sort_target) == Ok(SortTarget::Value);
+        let source_value = if sort_by_value {
+            "value_bytes"
+        } else {
+            value_col
+        };
+        rows.sql(value_col).sql(" FROM ");
+        push_source_at(&mut rows, range, rev, source_value);
         for (i, (cond, v)) in conditions.into_iter().enumerate() {
             rows.sql(if i == 0 { " WHERE " } else { " AND " })
                 .sql(cond)

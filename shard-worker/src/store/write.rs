@@ -284,7 +284,8 @@ impl BatchState<'_> {
             }
             WriteRequest::Txn(t) => {
                 let path = self.compare_path(t).await?;
-                self.check_txn(t, &path, &mut 0).await?;
+                self.check_txn(t, &path, &mut 0, true).await?;
+                self.check_txn(t, &path, &mut 0, false).await?;
                 let mut response = self.exec_txn(t, &path, &mut 0, &mut w).await?;
                 response.header = header(w.view());
                 WriteResponse::Txn(response)
@@ -468,12 +469,16 @@ impl BatchState<'_> {
     }
 
     /// etcd's checkRequests: puts need their lease and, with ignore_*, their
-    /// key; ranges need a readable revision. Runs before any write.
+    /// key (the `puts` pass); ranges need a readable revision (the other
+    /// pass). Like etcd, the put pass runs over the whole txn before the range
+    /// pass, and each checks a level's ops before its nested txns, so a txn
+    /// with several faults reports the same one. Runs before any write.
     fn check_txn<'a>(
         &'a mut self,
         t: &'a TxnRequest,
         path: &'a [bool],
         at: &'a mut usize,
+        puts: bool,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let ok = path.get(*at).copied().unwrap_or(false);
@@ -481,13 +486,13 @@ impl BatchState<'_> {
             let ops = if ok { &t.success } else { &t.failure };
             for op in ops {
                 match &op.request {
-                    Some(Request::RequestPut(p)) => {
+                    Some(Request::RequestPut(p)) if puts => {
                         self.check_put(p).await?;
                         if p.lease != 0 && !self.lease_exists(p.lease).await? {
                             return Err(ShardError::LeaseNotFound);
                         }
                     }
-                    Some(Request::RequestRange(r)) if r.revision != 0 => {
+                    Some(Request::RequestRange(r)) if !puts && r.revision != 0 => {
                         if r.revision > self.revs.current {
                             return Err(ShardError::FutureRevision);
                         }
@@ -497,8 +502,12 @@ impl BatchState<'_> {
                             });
                         }
                     }
-                    Some(Request::RequestTxn(nested)) => self.check_txn(nested, path, at).await?,
                     _ => {}
+                }
+            }
+            for op in ops {
+                if let Some(Request::RequestTxn(nested)) = &op.request {
+                    self.check_txn(nested, path, at, puts).await?;
                 }
             }
             Ok(())

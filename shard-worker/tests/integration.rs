@@ -1,0 +1,612 @@
+//! The shard store against a model of etcd's MVCC: random operation
+//! sequences on every configured backend (SQLite always; PostgreSQL and
+//! MySQL from KUBESHARD_TEST_POSTGRES_URL / KUBESHARD_TEST_MYSQL_URL), plus
+//! deterministic regression tests.
+//!
+//! Cases per backend: 128 on SQLite, 48 on PostgreSQL and MySQL, or
+//! PROPTEST_CASES. A failure prints what ran, with the model's answers.
+//!
+//! One known store bug is kept out of the generated txns (see
+//! `ops::AVOID_PUT_THEN_DELETE_IN_ONE_TXN`) and reproduced by the ignored
+//! test `put_then_delete_of_a_key_in_one_txn`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "integration/backends.rs"]
+mod backends;
+#[path = "integration/model.rs"]
+mod model;
+#[path = "integration/ops.rs"]
+mod ops;
+#[path = "integration/run.rs"]
+mod run;
+#[path = "integration/show.rs"]
+mod show;
+
+use std::time::{Duration, Instant};
+
+use kubeshard_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use kubeshard_proto::etcdserverpb::request_op::Request;
+use kubeshard_proto::etcdserverpb::response_op::Response;
+use kubeshard_proto::etcdserverpb::{
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
+};
+use kubeshard_proto::mvccpb::KeyValue;
+use kubeshard_shard_worker::{KeyRange, ShardError, ShardStore, WriteRequest, WriteResponse};
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+use backends::Kind;
+use model::{Fail, Resp};
+use run::Runner;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Random sequences on fresh stores of `kind`, each compared with the model.
+fn property(kind: Kind, default_cases: u32) {
+    let test = format!("model_matches_store on {kind:?}");
+    let Some(server) = backends::server(kind, "model_matches_store") else {
+        return;
+    };
+    let rt = runtime();
+    let db = tokio::sync::Mutex::new(rt.block_on(server.create()));
+    let cases = cases(default_cases);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let started = Instant::now();
+    let result = runner.run(&ops::case(), |case| {
+        rt.block_on(async {
+            let mut db = db.lock().await;
+            db.fresh().await;
+            let run = run::run_case(&*db.store, &case);
+            match tokio::time::timeout(Duration::from_secs(120), run).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err("case timed out after 120 s".to_string()),
+            }
+        })
+        .map_err(TestCaseError::fail)
+    });
+    rt.block_on(db.into_inner().drop_db());
+    eprintln!("{test}: {cases} cases in {:.1?}", started.elapsed());
+    if let Err(e) = result {
+        panic!("{test}: {e}");
+    }
+}
+
+#[test]
+fn model_matches_store_sqlite() {
+    property(Kind::Sqlite, 128);
+}
+
+#[test]
+fn model_matches_store_postgres() {
+    property(Kind::Postgres, 48);
+}
+
+#[test]
+fn model_matches_store_mysql() {
+    property(Kind::Mysql, 48);
+}
+
+// ---- deterministic regression tests, on every configured backend ----
+
+/// Runs `test` on a fresh database of every configured backend.
+fn on_every_backend<F>(name: &str, test: F)
+where
+    F: for<'a> Fn(&'a dyn ShardStore, Kind) -> futures::future::BoxFuture<'a, ()>,
+{
+    let rt = runtime();
+    let test = &test;
+    for server in backends::servers(name) {
+        let kind = server.kind;
+        rt.block_on(server.with_db(|store| async move { test(&*store, kind).await }));
+    }
+}
+
+fn put(key: &str, value: &str) -> PutRequest {
+    PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    }
+}
+
+fn delete(key: &str, end: &str, prev_kv: bool) -> DeleteRangeRequest {
+    DeleteRangeRequest {
+        key: key.into(),
+        range_end: end.into(),
+        prev_kv,
+    }
+}
+
+fn get(key: &str, end: &str, revision: i64) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        range_end: end.into(),
+        revision,
+        ..Default::default()
+    }
+}
+
+fn op(request: Request) -> RequestOp {
+    RequestOp {
+        request: Some(request),
+    }
+}
+
+fn cmp(key: &str, target: CompareTarget, result: CompareResult, union: TargetUnion) -> Compare {
+    Compare {
+        result: result as i32,
+        target: target as i32,
+        key: key.into(),
+        range_end: Vec::new(),
+        target_union: Some(union),
+    }
+}
+
+fn txn(compare: Vec<Compare>, success: Vec<RequestOp>, failure: Vec<RequestOp>) -> TxnRequest {
+    TxnRequest {
+        compare,
+        success,
+        failure,
+    }
+}
+
+fn kv(key: &str, value: &str, create: i64, modified: i64, version: i64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        create_revision: create,
+        mod_revision: modified,
+        version,
+        value: value.into(),
+        lease: 0,
+    }
+}
+
+fn txn_resp(r: &Result<Resp, Fail>) -> &TxnResponse {
+    match r {
+        Ok(Resp::Txn(t)) => t,
+        other => panic!("not a txn answer: {}", show::answer(other)),
+    }
+}
+
+/// Runs the pending writes as one batch; panics with the trace on a mismatch.
+async fn flush(r: &mut Runner<'_>) -> Vec<Result<Resp, Fail>> {
+    match r.flush().await {
+        Ok(answers) => answers,
+        Err(e) => panic!("{e}\n--- what ran:\n{}", r.steps.join("\n")),
+    }
+}
+
+async fn check_all(r: &mut Runner<'_>) {
+    for page in [1, 100] {
+        if let Err(e) = r.check_all(page).await {
+            panic!("{e}\n--- what ran:\n{}", r.steps.join("\n"));
+        }
+    }
+}
+
+#[test]
+fn nested_txn() {
+    on_every_backend("nested_txn", |store, _| {
+        Box::pin(async move {
+            use CompareResult::{Equal, Greater};
+            use CompareTarget::{Mod, Value, Version};
+            let mut r = Runner::new(store);
+            r.write(WriteRequest::Put(put("a", "1")));
+            r.write(WriteRequest::Put(put("b", "1")));
+            flush(&mut r).await;
+
+            // Nested compares see the state before the txn: "c" is missing
+            // there, so its version compares as 0 although the outer branch
+            // has already put it.
+            let inner = txn(
+                vec![cmp("b", Mod, Greater, TargetUnion::ModRevision(100))],
+                vec![],
+                vec![op(Request::RequestDeleteRange(delete("b", "", true)))],
+            );
+            let middle = txn(
+                vec![cmp("c", Version, Equal, TargetUnion::Version(0))],
+                vec![
+                    op(Request::RequestRange(get("a", "\0", 0))),
+                    op(Request::RequestPut(put("d/1", "y"))),
+                    op(Request::RequestTxn(inner)),
+                ],
+                vec![op(Request::RequestPut(put("e", "no")))],
+            );
+            let outer = txn(
+                vec![cmp("a", Value, Equal, TargetUnion::Value("1".into()))],
+                vec![
+                    op(Request::RequestPut(put("c", "x"))),
+                    op(Request::RequestTxn(middle)),
+                    op(Request::RequestRange(get("b", "e", 0))),
+                ],
+                vec![],
+            );
+            r.write(WriteRequest::Txn(outer));
+            // A nested put with an unknown lease fails the whole txn before
+            // anything is written.
+            let mut leased = put("b", "2");
+            leased.lease = 77;
+            r.write(WriteRequest::Txn(txn(
+                vec![],
+                vec![
+                    op(Request::RequestPut(put("a", "2"))),
+                    op(Request::RequestTxn(txn(
+                        vec![],
+                        vec![op(Request::RequestPut(leased))],
+                        vec![],
+                    ))),
+                ],
+                vec![],
+            )));
+            // etcd checks every put of a txn (nested ones too) before any
+            // range: the unknown lease is reported, not the future revision
+            // that comes first in the request.
+            let mut leased = put("c", "3");
+            leased.lease = 78;
+            r.write(WriteRequest::Txn(txn(
+                vec![],
+                vec![
+                    op(Request::RequestTxn(txn(
+                        vec![],
+                        vec![op(Request::RequestRange(get("a", "", 100)))],
+                        vec![],
+                    ))),
+                    op(Request::RequestPut(leased)),
+                ],
+                vec![],
+            )));
+            let answers = flush(&mut r).await;
+
+            let t = txn_resp(&answers[0]);
+            assert_eq!(t.header.as_ref().map(|h| h.revision), Some(4));
+            assert!(t.succeeded);
+            let Some(Response::ResponseTxn(middle)) = &t.responses[1].response else {
+                panic!("no nested txn answer");
+            };
+            // etcd leaves the header of a nested txn answer empty.
+            assert_eq!(middle.header.as_ref().map(|h| h.revision), Some(0));
+            assert!(middle.succeeded);
+            let Some(Response::ResponseRange(seen)) = &middle.responses[0].response else {
+                panic!("no range answer");
+            };
+            // The read inside the txn sees the txn's own earlier put of "c".
+            assert_eq!(
+                seen.kvs,
+                vec![
+                    kv("a", "1", 2, 2, 1),
+                    kv("b", "1", 3, 3, 1),
+                    kv("c", "x", 4, 4, 1)
+                ]
+            );
+            let Some(Response::ResponseTxn(inner)) = &middle.responses[2].response else {
+                panic!("no inner txn answer");
+            };
+            assert!(!inner.succeeded);
+            let Some(Response::ResponseRange(last)) = &t.responses[2].response else {
+                panic!("no range answer");
+            };
+            // b was deleted by the inner txn: [b, e) holds c and d/1 at 4.
+            assert_eq!(
+                last.kvs,
+                vec![kv("c", "x", 4, 4, 1), kv("d/1", "y", 4, 4, 1)]
+            );
+            assert_eq!(answers[1], Err(Fail::LeaseNotFound));
+            assert_eq!(answers[2], Err(Fail::LeaseNotFound));
+            assert_eq!(r.model.rev, 4);
+            check_all(&mut r).await;
+        })
+    });
+}
+
+#[test]
+fn range_delete_and_put_in_one_batch() {
+    on_every_backend("range_delete_and_put_in_one_batch", |store, _| {
+        Box::pin(async move {
+            let mut r = Runner::new(store);
+            for k in ["a", "b", "c"] {
+                r.write(WriteRequest::Put(put(k, "1")));
+            }
+            flush(&mut r).await;
+            // revisions 5..=9, each request of the batch its own revision
+            r.write(WriteRequest::DeleteRange(delete("a", "c", true)));
+            r.write(WriteRequest::Put(put("b", "2")));
+            r.write(WriteRequest::Put(put("d/1", "1")));
+            r.write(WriteRequest::DeleteRange(delete("a", "\0", false)));
+            r.write(WriteRequest::Put(put("a", "3")));
+            // a put and then a range delete covering it, in one batch
+            r.write(WriteRequest::Put(put("e", "1")));
+            r.write(WriteRequest::DeleteRange(delete("d", "f", true)));
+            r.write(WriteRequest::Txn(txn(
+                vec![cmp(
+                    "e",
+                    CompareTarget::Version,
+                    CompareResult::Equal,
+                    TargetUnion::Version(0),
+                )],
+                vec![op(Request::RequestRange(get("\0", "\0", 0)))],
+                vec![],
+            )));
+            let answers = flush(&mut r).await;
+            let deleted = |a: &Result<Resp, Fail>| match a {
+                Ok(Resp::DeleteRange(d)) => d.deleted,
+                other => panic!("not a delete answer: {}", show::answer(other)),
+            };
+            assert_eq!(deleted(&answers[0]), 2);
+            assert_eq!(deleted(&answers[3]), 3);
+            assert_eq!(deleted(&answers[6]), 1);
+            assert!(txn_resp(&answers[7]).succeeded);
+            assert_eq!(r.model.rev, 11);
+            // b came back in a new generation at 6.
+            let at6 = store.range(&get("b", "", 6)).await.expect("range at 6");
+            assert_eq!(at6.kvs, vec![kv("b", "2", 6, 6, 1)]);
+            let now = store.range(&get("\0", "\0", 0)).await.expect("range");
+            assert_eq!(now.kvs, vec![kv("a", "3", 9, 9, 1)]);
+            check_all(&mut r).await;
+        })
+    });
+}
+
+#[test]
+fn compaction_then_history() {
+    on_every_backend("compaction_then_history", |store, _| {
+        Box::pin(async move {
+            let mut r = Runner::new(store);
+            r.write(WriteRequest::Put(put("a", "1"))); // 2
+            r.write(WriteRequest::Put(put("b", "1"))); // 3
+            flush(&mut r).await;
+            r.write(WriteRequest::Put(put("a", "2"))); // 4
+            r.write(WriteRequest::DeleteRange(delete("b", "", false))); // 5
+            r.write(WriteRequest::Put(put("c", "1"))); // 6
+            flush(&mut r).await;
+            r.write(WriteRequest::Put(put("a", "3"))); // 7
+            r.write(WriteRequest::Compact { revision: 5 });
+            r.write(WriteRequest::Compact { revision: 5 });
+            r.write(WriteRequest::Compact { revision: 8 });
+            let answers = flush(&mut r).await;
+            assert_eq!(answers[1], Ok(Resp::Compact { revision: 7 }));
+            assert_eq!(answers[2], Err(Fail::Compacted(5)));
+            assert_eq!(answers[3], Err(Fail::FutureRevision));
+
+            assert!(matches!(
+                store.range(&get("a", "", 4)).await,
+                Err(ShardError::Compacted {
+                    compact_revision: 5
+                })
+            ));
+            let at5 = store.range(&get("\0", "\0", 5)).await.expect("range at 5");
+            assert_eq!(at5.kvs, vec![kv("a", "2", 2, 4, 2)]);
+            let whole = KeyRange::new(b"\0", b"\0");
+            assert!(matches!(
+                store.history(&whole, 4, 7, 100).await,
+                Err(ShardError::Compacted {
+                    compact_revision: 5
+                })
+            ));
+            let events = store.history(&whole, 5, 7, 100).await.expect("history");
+            let revs: Vec<i64> = events
+                .events
+                .iter()
+                .map(|e| e.kv.as_ref().map_or(0, |k| k.mod_revision))
+                .collect();
+            assert_eq!(revs, vec![5, 6, 7]);
+            check_all(&mut r).await;
+
+            // After the rows are removed, the delete at 5 is gone (as in
+            // etcd) and the put at 7 still has its prev_kv from 4.
+            r.purge(1).await.expect("purge");
+            let events = store.history(&whole, 5, 7, 100).await.expect("history");
+            let revs: Vec<i64> = events
+                .events
+                .iter()
+                .map(|e| e.kv.as_ref().map_or(0, |k| k.mod_revision))
+                .collect();
+            assert_eq!(revs, vec![6, 7]);
+            assert_eq!(events.events[1].prev_kv, Some(kv("a", "2", 2, 4, 2)));
+            let at5 = store.range(&get("\0", "\0", 5)).await.expect("range at 5");
+            assert_eq!(at5.kvs, vec![kv("a", "2", 2, 4, 2)]);
+            check_all(&mut r).await;
+        })
+    });
+}
+
+/// Bytes that do not compress, so that an index limit is really reached.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = b"long/".to_vec();
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push(b'a' + (x % 26) as u8);
+    }
+    out
+}
+
+#[test]
+fn very_long_keys() {
+    on_every_backend("very_long_keys", |store, kind| {
+        Box::pin(async move {
+            let too_long = noise(3001);
+            let batch = vec![
+                WriteRequest::Put(put("k1", "1")),
+                WriteRequest::Put(PutRequest {
+                    key: too_long.clone(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                }),
+                WriteRequest::Put(put("k2", "2")),
+                WriteRequest::Txn(txn(
+                    vec![],
+                    vec![op(Request::RequestPut(PutRequest {
+                        key: too_long.clone(),
+                        ..Default::default()
+                    }))],
+                    vec![],
+                )),
+                WriteRequest::DeleteRange(DeleteRangeRequest {
+                    key: too_long.clone(),
+                    ..Default::default()
+                }),
+            ];
+            let answers = store.apply_batch(&batch).await.expect("batch commits");
+            let revision = |a: &Result<WriteResponse, ShardError>| match a {
+                Ok(WriteResponse::Put(p)) => p.header.as_ref().map_or(0, |h| h.revision),
+                other => panic!("not a put answer: {other:?}"),
+            };
+            assert_eq!(revision(&answers[0]), 2);
+            if kind == Kind::Sqlite {
+                // SQLite has no key limit.
+                assert_eq!(revision(&answers[1]), 3);
+                assert_eq!(revision(&answers[2]), 4);
+                assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+                return;
+            }
+            assert_eq!(revision(&answers[2]), 3);
+            let max: usize = match &answers[1] {
+                Err(ShardError::KeyTooLong { len: 3001, max, .. }) => *max,
+                other => panic!("{kind:?}: 3001-byte key: {other:?}"),
+            };
+            assert!(matches!(answers[3], Err(ShardError::KeyTooLong { .. })));
+            assert!(matches!(&answers[4], Ok(WriteResponse::DeleteRange(d)) if d.deleted == 0));
+            // The rest of the batch committed; the refused put consumed no revision.
+            let all = store.range(&get("\0", "\0", 0)).await.expect("range");
+            assert_eq!(all.header.as_ref().map(|h| h.revision), Some(3));
+            assert_eq!(
+                all.kvs,
+                vec![kv("k1", "1", 2, 2, 1), kv("k2", "2", 3, 3, 1)]
+            );
+            // A key of exactly the limit is stored, read and deleted.
+            let longest = noise(max);
+            let key = String::from_utf8(longest.clone()).expect("ascii");
+            let answers = store
+                .apply_batch(&[
+                    WriteRequest::Put(put(&key, "v")),
+                    WriteRequest::Put(put(&key, "w")),
+                ])
+                .await
+                .expect("batch commits");
+            assert!(answers.iter().all(Result::is_ok), "{kind:?}: {answers:?}");
+            let got = store.range(&get(&key, "", 0)).await.expect("range");
+            assert_eq!(got.kvs, vec![kv(&key, "w", 4, 5, 2)]);
+            let answers = store
+                .apply_batch(&[WriteRequest::DeleteRange(delete(&key, "", false))])
+                .await
+                .expect("batch commits");
+            assert!(matches!(&answers[0], Ok(WriteResponse::DeleteRange(d)) if d.deleted == 1));
+            let events = store
+                .history(&KeyRange::new(&longest, b""), 1, 10, 100)
+                .await
+                .expect("history");
+            assert_eq!(events.events.len(), 3);
+        })
+    });
+}
+
+/// etcd accepts a txn that puts a key in one nested txn and deletes it in a
+/// later one, and applies both at one revision (checked against etcd 3.4.23):
+/// the delete sees the put, the watch sees PUT then DELETE, both with the
+/// value before the txn as prev_kv. kubeshard writes two `ks_history` rows
+/// with the same (key, revision), its unique index refuses the second, and the
+/// whole write batch fails.
+#[test]
+#[ignore = "store bug: a key put and deleted in one txn fails the write batch (unique (key, revision) in ks_history)"]
+fn put_then_delete_of_a_key_in_one_txn() {
+    on_every_backend("put_then_delete_of_a_key_in_one_txn", |store, _| {
+        Box::pin(async move {
+            let mut r = Runner::new(store);
+            r.write(WriteRequest::Put(put("d/1", "old")));
+            flush(&mut r).await;
+            let mut with_prev = put("d/1", "v");
+            with_prev.prev_kv = true;
+            r.write(WriteRequest::Put(put("a", "1")));
+            r.write(WriteRequest::Txn(txn(
+                vec![],
+                vec![
+                    op(Request::RequestTxn(txn(
+                        vec![],
+                        vec![op(Request::RequestPut(with_prev))],
+                        vec![],
+                    ))),
+                    op(Request::RequestTxn(txn(
+                        vec![],
+                        vec![op(Request::RequestDeleteRange(delete("d/", "d0", true)))],
+                        vec![],
+                    ))),
+                ],
+                vec![],
+            )));
+            let answers = flush(&mut r).await;
+            assert_eq!(r.model.rev, 4);
+            let t = txn_resp(&answers[1]);
+            let Some(Response::ResponseTxn(second)) = &t.responses[1].response else {
+                panic!("no nested txn answer");
+            };
+            let Some(Response::ResponseDeleteRange(d)) = &second.responses[0].response else {
+                panic!("no delete answer");
+            };
+            assert_eq!(d.prev_kvs, vec![kv("d/1", "v", 2, 4, 2)]);
+            check_all(&mut r).await;
+        })
+    });
+}
+
+/// keys_only with sort by VALUE at an older revision must still sort by the
+/// values (the store once blanked them before sorting and answered in key
+/// order).
+#[test]
+fn keys_only_sorted_by_value_at_an_old_revision() {
+    use kubeshard_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+    on_every_backend(
+        "keys_only_sorted_by_value_at_an_old_revision",
+        |store, _| {
+            Box::pin(async move {
+                let mut r = Runner::new(store);
+                r.write(WriteRequest::Put(put("b", "zz"))); // 2
+                r.write(WriteRequest::Put(put("a", ""))); // 3
+                r.write(WriteRequest::Put(put("c", "y"))); // 4
+                r.write(WriteRequest::Put(put("c", "x"))); // 5
+                flush(&mut r).await;
+                for (revision, order, want) in [
+                    (4, SortOrder::Ascend, ["a", "c", "b"]),
+                    (4, SortOrder::Descend, ["b", "c", "a"]),
+                    (4, SortOrder::None, ["a", "c", "b"]),
+                    (5, SortOrder::Descend, ["b", "c", "a"]),
+                    (0, SortOrder::Ascend, ["a", "c", "b"]),
+                ] {
+                    let req = RangeRequest {
+                        key: b"a".to_vec(),
+                        range_end: vec![0],
+                        revision,
+                        sort_target: SortTarget::Value as i32,
+                        sort_order: order as i32,
+                        keys_only: true,
+                        ..Default::default()
+                    };
+                    if let Err(e) = r.range(&req).await {
+                        panic!("{e}");
+                    }
+                    let got = store.range(&req).await.expect("range");
+                    let keys: Vec<&[u8]> = got.kvs.iter().map(|kv| kv.key.as_slice()).collect();
+                    let want: Vec<&[u8]> = want.iter().map(|k| k.as_bytes()).collect();
+                    assert_eq!(keys, want, "revision {revision}, order {order:?}");
+                    assert!(got.kvs.iter().all(|kv| kv.value.is_empty()));
+                }
+            })
+        },
+    );
+}
