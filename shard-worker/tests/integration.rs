@@ -6,9 +6,8 @@
 //! Cases per backend: 128 on SQLite, 48 on PostgreSQL and MySQL, or
 //! PROPTEST_CASES. A failure prints what ran, with the model's answers.
 //!
-//! One known store bug is kept out of the generated txns (see
-//! `ops::AVOID_PUT_THEN_DELETE_IN_ONE_TXN`) and reproduced by the ignored
-//! test `put_then_delete_of_a_key_in_one_txn`.
+//! Generated txns include the put-then-delete of one key across nested txns
+//! that etcd accepts (`ops::AVOID_PUT_THEN_DELETE_IN_ONE_TXN`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "integration/backends.rs"]
@@ -520,11 +519,9 @@ fn very_long_keys() {
 /// etcd accepts a txn that puts a key in one nested txn and deletes it in a
 /// later one, and applies both at one revision (checked against etcd 3.4.23):
 /// the delete sees the put, the watch sees PUT then DELETE, both with the
-/// value before the txn as prev_kv. kubeshard writes two `ks_history` rows
-/// with the same (key, revision), its unique index refuses the second, and the
-/// whole write batch fails.
+/// value before the txn as prev_kv. (kubeshard once failed the whole write
+/// batch here: its history index was unique on (key, revision).)
 #[test]
-#[ignore = "store bug: a key put and deleted in one txn fails the write batch (unique (key, revision) in ks_history)"]
 fn put_then_delete_of_a_key_in_one_txn() {
     on_every_backend("put_then_delete_of_a_key_in_one_txn", |store, _| {
         Box::pin(async move {

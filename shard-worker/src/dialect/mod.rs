@@ -14,7 +14,9 @@ pub use postgres::Postgres;
 pub use sqlite::Sqlite;
 
 /// Schema version written to `ks_meta`; bumped with every incompatible change.
-pub const SCHEMA_VERSION: i64 = 1;
+/// 2: a key may have two history rows in one revision (put, then delete by a
+/// later nested txn), so the history index is (key, revision, sub).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The SQL differences between the supported databases.
 pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
@@ -66,7 +68,8 @@ pub(crate) fn compact_window_numbered(d: &dyn Dialect) -> String {
     format!(
         "DELETE FROM ks_history WHERE revision >= {lo} AND revision < {hi} AND (deleted = 1 OR EXISTS \
          (SELECT 1 FROM ks_history n WHERE n.key_bytes = ks_history.key_bytes \
-         AND n.revision > ks_history.revision AND n.revision <= {compact}))",
+         AND (n.revision > ks_history.revision OR (n.revision = ks_history.revision AND n.sub > ks_history.sub)) \
+         AND n.revision <= {compact}))",
         compact = d.param(1),
         lo = d.param(2),
         hi = d.param(3),

@@ -15,7 +15,7 @@ const SCHEMA: &[&str] = &[
         revision BIGINT NOT NULL,
         compact_revision BIGINT NOT NULL,
         schema_version BIGINT NOT NULL) ENGINE=InnoDB",
-    "INSERT IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 1)",
+    "INSERT IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 2)",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision BIGINT NOT NULL,
         sub BIGINT NOT NULL,
@@ -27,7 +27,7 @@ const SCHEMA: &[&str] = &[
         lease BIGINT NOT NULL,
         value_bytes LONGBLOB NOT NULL,
         PRIMARY KEY (revision, sub),
-        UNIQUE KEY ks_history_key (key_bytes, revision)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+        UNIQUE KEY ks_history_key (key_bytes, revision, sub)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
     "CREATE TABLE IF NOT EXISTS ks_live (
         key_bytes VARBINARY(3000) NOT NULL PRIMARY KEY,
         create_revision BIGINT NOT NULL,
@@ -86,7 +86,7 @@ impl Dialect for Mysql {
         // MySQL refuses a subquery on the table being deleted from; a
         // multi-table DELETE with a join says the same thing.
         "DELETE h FROM ks_history h LEFT JOIN ks_history n ON n.key_bytes = h.key_bytes \
-         AND n.revision > h.revision AND n.revision <= ? \
+         AND (n.revision > h.revision OR (n.revision = h.revision AND n.sub > h.sub)) AND n.revision <= ? \
          WHERE h.revision >= ? AND h.revision < ? AND (h.deleted = 1 OR n.revision IS NOT NULL)"
             .to_string()
     }

@@ -11,7 +11,7 @@ const SCHEMA: &[&str] = &[
         revision BIGINT NOT NULL,
         compact_revision BIGINT NOT NULL,
         schema_version BIGINT NOT NULL)",
-    "INSERT INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 1)
+    "INSERT INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 2)
         ON CONFLICT (id) DO NOTHING",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision BIGINT NOT NULL,
@@ -24,7 +24,7 @@ const SCHEMA: &[&str] = &[
         lease BIGINT NOT NULL,
         value_bytes BYTEA NOT NULL,
         PRIMARY KEY (revision, sub))",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ks_history_key ON ks_history (key_bytes, revision)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ks_history_key ON ks_history (key_bytes, revision, sub)",
     "CREATE TABLE IF NOT EXISTS ks_live (
         key_bytes BYTEA NOT NULL PRIMARY KEY,
         create_revision BIGINT NOT NULL,

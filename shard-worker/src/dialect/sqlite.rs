@@ -11,7 +11,7 @@ const SCHEMA: &[&str] = &[
         revision INTEGER NOT NULL,
         compact_revision INTEGER NOT NULL,
         schema_version INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 1)",
+    "INSERT OR IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 2)",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision INTEGER NOT NULL,
         sub INTEGER NOT NULL,
@@ -23,7 +23,7 @@ const SCHEMA: &[&str] = &[
         lease INTEGER NOT NULL,
         value_bytes BLOB NOT NULL,
         PRIMARY KEY (revision, sub))",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ks_history_key ON ks_history (key_bytes, revision)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ks_history_key ON ks_history (key_bytes, revision, sub)",
     "CREATE TABLE IF NOT EXISTS ks_live (
         key_bytes BLOB NOT NULL PRIMARY KEY,
         create_revision INTEGER NOT NULL,

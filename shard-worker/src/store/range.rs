@@ -71,9 +71,12 @@ fn push_source_at<'a>(st: &mut Statement<'a>, range: &'a KeyRange, rev: i64, val
         .int(rev)
         .sql(" AND ");
     push_key_filter(st, "c.key_bytes", range);
+    // The key's last row at or below `rev`: its newest revision, and in it
+    // the last sub (a txn may put a key and then delete it).
     st.sql(") AND h.revision = (SELECT MAX(m.revision) FROM ks_history m WHERE m.key_bytes = h.key_bytes AND m.revision <= ")
         .int(rev)
-        .sql(")) AS src");
+        .sql(") AND NOT EXISTS (SELECT 1 FROM ks_history s WHERE s.key_bytes = h.key_bytes \
+              AND s.revision = h.revision AND s.sub > h.sub)) AS src");
 }
 
 /// Plans a Range at the revisions of the snapshot it runs in.

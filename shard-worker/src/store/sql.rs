@@ -288,7 +288,7 @@ where
              h.lease, h.value_bytes, p.revision, p.deleted, p.create_revision, p.version, \
              p.lease, p.value_bytes \
              FROM ks_history h LEFT JOIN ks_history p \
-             ON p.key_bytes = h.key_bytes AND p.revision = h.prev_revision WHERE ",
+             ON p.key_bytes = h.key_bytes AND p.revision = h.prev_revision AND p.deleted = 0 WHERE ",
         )
     }
 }

@@ -112,6 +112,10 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 struct Writer {
     revision: i64,
     sub: i64,
+    /// For keys this request wrote: their mod_revision before the request.
+    /// A txn may put a key and delete it later (etcd allows it across nested
+    /// txns); both events' prev_kv is the key as it was before the txn.
+    prev_before: HashMap<Vec<u8>, i64>,
 }
 
 impl Writer {
@@ -261,6 +265,7 @@ impl BatchState<'_> {
         let mut w = Writer {
             revision: self.revs.current + 1,
             sub: 0,
+            prev_before: HashMap::new(),
         };
         let response = match request {
             WriteRequest::Put(p) => {
@@ -383,7 +388,10 @@ impl BatchState<'_> {
             key: kv.key.clone(),
             deleted: false,
             create_revision: kv.create_revision,
-            prev_revision: prev.as_ref().map_or(0, |k| k.mod_revision),
+            prev_revision: *w
+                .prev_before
+                .entry(kv.key.clone())
+                .or_insert(prev.as_ref().map_or(0, |k| k.mod_revision)),
             version: kv.version,
             lease: kv.lease,
             value: kv.value.clone(),
@@ -410,7 +418,11 @@ impl BatchState<'_> {
             key: kv.key.clone(),
             deleted: true,
             create_revision: 0,
-            prev_revision: kv.mod_revision,
+            prev_revision: if kv.mod_revision == w.revision {
+                w.prev_before.get(&kv.key).copied().unwrap_or(0)
+            } else {
+                kv.mod_revision
+            },
             version: 0,
             lease: 0,
             value: Vec::new(),
