@@ -80,17 +80,49 @@ impl WatchHub {
         Ok(target)
     }
 
-    fn publish(&self, batch: EventBatch) {
+    /// Whether any watch stream follows this hub.
+    pub fn has_subscribers(&self) -> bool {
         let sender = self.publish.lock().unwrap_or_else(|p| p.into_inner());
-        self.closed.send_replace(batch.closed);
+        sender.receiver_count() > 0
+    }
+
+    /// Publishes revisions (after, closed] if the hub is still at `after`.
+    /// `events: None` means they were not read, which is only allowed while
+    /// nobody subscribes (checked under the same lock as `subscribe`).
+    fn try_publish(&self, after: i64, closed: i64, events: Option<Vec<Event>>) -> bool {
+        let sender = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        if *self.closed.borrow() != after || closed <= after {
+            return false;
+        }
+        let events = match events {
+            Some(events) => events,
+            None if sender.receiver_count() == 0 => Vec::new(),
+            None => return false,
+        };
+        self.closed.send_replace(closed);
         // No receivers is fine: nobody is watching.
-        let _ = sender.send(Arc::new(batch));
+        let _ = sender.send(Arc::new(EventBatch {
+            after,
+            closed,
+            events,
+        }));
+        true
+    }
+
+    /// Publishes a batch this process committed, revisions (before, last],
+    /// straight from memory. If writes of another process came in between
+    /// (or the events were not collected and someone now watches), the
+    /// poller reads the revisions from the database instead.
+    pub fn publish_committed(&self, before: i64, last: i64, events: Option<Vec<Event>>) {
+        if last > before && !self.try_publish(before, last, events) {
+            self.wake();
+        }
     }
 }
 
-/// Runs the poller of one shard until the task is aborted.
+/// Runs the poller of one shard until the task is aborted: it publishes
+/// writes of other processes, and anything the writer could not publish.
 pub async fn run_poller(store: Arc<dyn ShardStore>, hub: Arc<WatchHub>, interval: Duration) {
-    let mut after = hub.closed();
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -98,20 +130,29 @@ pub async fn run_poller(store: Arc<dyn ShardStore>, hub: Arc<WatchHub>, interval
             _ = tokio::time::sleep(interval) => {}
         }
         loop {
-            match store.poll_events(after, EVENTS_PER_POLL).await {
-                Ok(page) => {
+            let after = hub.closed();
+            let polled = if hub.has_subscribers() {
+                store
+                    .poll_events(after, EVENTS_PER_POLL)
+                    .await
+                    .map(|page| (page.closed, Some(page.events), page.more))
+            } else {
+                // Nobody watches: only the mark moves, no rows are read.
+                store
+                    .revisions()
+                    .await
+                    .map(|revs| (revs.current, None, false))
+            };
+            match polled {
+                Ok((closed, events, more)) => {
                     failures = 0;
-                    if page.closed > after {
-                        let more = page.more;
-                        hub.publish(EventBatch {
-                            after,
-                            closed: page.closed,
-                            events: page.events,
-                        });
-                        after = page.closed;
-                        if more {
-                            continue;
-                        }
+                    if closed <= after {
+                        break;
+                    }
+                    // Retry when the mark moved meanwhile (the writer
+                    // published) or a subscriber came and rows are needed.
+                    if !hub.try_publish(after, closed, events) || more {
+                        continue;
                     }
                     break;
                 }

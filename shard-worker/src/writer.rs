@@ -75,9 +75,7 @@ impl Actor for WriterActor {
             let store = state.store.clone();
             let hub = state.hub.clone();
             tokio::spawn(async move {
-                run_batch(store.as_ref(), batch).await;
-                // Watchers learn about the commit at once.
-                hub.wake();
+                run_batch(store.as_ref(), &hub, batch).await;
                 // Fails only when the actor is stopping; nothing left to do then.
                 let _ = myself.send_message(WriterMessage::Committed);
             });
@@ -86,9 +84,21 @@ impl Actor for WriterActor {
     }
 }
 
-async fn run_batch(store: &dyn ShardStore, batch: Vec<(WriteRequest, Reply)>) {
+/// Commits a batch, hands its events to the watch hub, then answers.
+async fn commit(
+    store: &dyn ShardStore,
+    hub: &WatchHub,
+    requests: &[WriteRequest],
+) -> Result<Vec<Result<WriteResponse>>> {
+    // Events are only assembled when someone watches.
+    let committed = store.commit_batch(requests, hub.has_subscribers()).await?;
+    hub.publish_committed(committed.before, committed.last, committed.events);
+    Ok(committed.responses)
+}
+
+async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<(WriteRequest, Reply)>) {
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    match store.apply_batch(&requests).await {
+    match commit(store, hub, &requests).await {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
@@ -99,7 +109,7 @@ async fn run_batch(store: &dyn ShardStore, batch: Vec<(WriteRequest, Reply)>) {
             // a server limit): run each alone so only that one fails.
             warn!(error = %e, size = requests.len(), "write batch failed; retrying its requests one by one");
             for (request, reply) in requests.into_iter().zip(replies) {
-                let result = match store.apply_batch(std::slice::from_ref(&request)).await {
+                let result = match commit(store, hub, std::slice::from_ref(&request)).await {
                     Ok(mut results) => results
                         .pop()
                         .unwrap_or_else(|| Err(ShardError::Corrupt("empty batch result".into()))),

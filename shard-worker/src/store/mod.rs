@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::keys::KeyRange;
 
 pub use sql::SqlShard;
+pub use write::CommittedBatch;
 
 /// The revision counter and compaction mark of a shard, read together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +106,19 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
     async fn range(&self, request: &RangeRequest) -> Result<RangeResponse>;
 
     /// Applies a batch of writes in one database transaction, each write with
-    /// its own revision. The outer error fails the whole batch (nothing of it
-    /// was committed); the inner ones are per request.
-    async fn apply_batch(&self, batch: &[WriteRequest]) -> Result<Vec<Result<WriteResponse>>>;
+    /// its own revision, and commits it. The outer error fails the whole
+    /// batch (nothing of it was committed); the inner ones are per request.
+    /// With `collect_events`, the outcome also holds the batch's watch events.
+    async fn commit_batch(
+        &self,
+        batch: &[WriteRequest],
+        collect_events: bool,
+    ) -> Result<CommittedBatch>;
+
+    /// [`ShardStore::commit_batch`] without the events.
+    async fn apply_batch(&self, batch: &[WriteRequest]) -> Result<Vec<Result<WriteResponse>>> {
+        Ok(self.commit_batch(batch, false).await?.responses)
+    }
 
     /// Events with revisions in (after, closed], at most about `max_events`
     /// (whole revisions are never split), in revision order, with prev_kv.

@@ -12,14 +12,17 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 
 use super::range::{RangePlan, build_range};
 use super::write::{self, HistoryRow, TxOps};
-use super::{EventPage, LeaseRecord, Revisions, ShardStore, WriteRequest, WriteResponse};
+use super::{CommittedBatch, EventPage, LeaseRecord, Revisions, ShardStore, WriteRequest};
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
 
-/// Most rows in one multi-row INSERT: keeps the statement under every
-/// backend's parameter limit (9 columns x 500 rows).
-const ROWS_PER_INSERT: usize = 500;
+/// Most rows in one multi-row statement: keeps it under every backend's
+/// parameter limit (9 columns x 256 rows). Statements carry a power-of-two
+/// number of rows, so each connection prepares and caches only a handful of
+/// shapes instead of one per batch size (which once cost gigabytes of
+/// cached statements under load).
+const ROWS_PER_INSERT: usize = 256;
 /// Most payload bytes in one multi-row INSERT: keeps it under MySQL's
 /// max_allowed_packet even with 1.5 MiB values.
 const BYTES_PER_INSERT: usize = 4 << 20;
@@ -335,7 +338,24 @@ where
     })
 }
 
-/// Splits rows into chunks that respect the row and byte limits of one INSERT.
+/// Splits rows into chunks of power-of-two length, at most `ROWS_PER_INSERT`.
+fn pow2_chunks<T>(rows: &[T]) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let mut n = rest.len().min(ROWS_PER_INSERT);
+        if !n.is_power_of_two() {
+            n = n.next_power_of_two() / 2;
+        }
+        let (head, tail) = rest.split_at(n);
+        chunks.push(head);
+        rest = tail;
+    }
+    chunks
+}
+
+/// Splits rows into chunks that respect the row and byte limits of one
+/// INSERT, each of power-of-two length.
 fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut chunks = Vec::new();
     let mut start = 0;
@@ -352,7 +372,7 @@ fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     if start < rows.len() {
         chunks.push(&rows[start..]);
     }
-    chunks
+    chunks.into_iter().flat_map(pow2_chunks).collect()
 }
 
 #[async_trait]
@@ -399,7 +419,7 @@ where
 
     async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>> {
         let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(ROWS_PER_INSERT) {
+        for chunk in pow2_chunks(keys) {
             let mut st = self.shard.statement(
                 "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
                  FROM ks_live WHERE key_bytes IN (",
@@ -501,7 +521,7 @@ where
             st.sql(self.shard.dialect.upsert_live_tail());
             SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         }
-        for chunk in deletes.chunks(ROWS_PER_INSERT) {
+        for chunk in pow2_chunks(deletes) {
             let mut st = self
                 .shard
                 .statement("DELETE FROM ks_live WHERE key_bytes IN (");
@@ -519,7 +539,7 @@ where
 
     async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
         let mut out = Vec::new();
-        for chunk in ids.chunks(ROWS_PER_INSERT) {
+        for chunk in pow2_chunks(ids) {
             let mut st = self
                 .shard
                 .statement("SELECT id FROM ks_lease WHERE id IN (");
@@ -603,12 +623,16 @@ where
         Ok(response)
     }
 
-    async fn apply_batch(&self, batch: &[WriteRequest]) -> Result<Vec<Result<WriteResponse>>> {
+    async fn commit_batch(
+        &self,
+        batch: &[WriteRequest],
+        collect_events: bool,
+    ) -> Result<CommittedBatch> {
         let tx = self.pool.begin_with(self.dialect.begin_write()).await?;
         let mut ops = SqlTx { shard: self, tx };
-        let responses = write::apply_batch(&mut ops, batch).await?;
+        let committed = write::apply_batch(&mut ops, batch, collect_events).await?;
         ops.tx.commit().await?;
-        Ok(responses)
+        Ok(committed)
     }
 
     async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage> {
@@ -824,5 +848,23 @@ where
             sqlx::query(statement).execute(&mut *conn).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_have_power_of_two_lengths() {
+        let rows: Vec<usize> = (0..300).collect();
+        let lens: Vec<usize> = pow2_chunks(&rows).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, vec![256, 32, 8, 4]);
+        let lens: Vec<usize> = insert_chunks(&rows, |_| 1 << 20)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(lens, vec![4; 75], "4 MiB per statement: 4 rows of 1 MiB");
+        assert!(pow2_chunks::<u8>(&[]).is_empty());
     }
 }

@@ -20,7 +20,8 @@ use kubeshard_proto::etcdserverpb::{
     Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
     RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
-use kubeshard_proto::mvccpb::KeyValue;
+use kubeshard_proto::mvccpb::event::EventType;
+use kubeshard_proto::mvccpb::{Event, KeyValue};
 
 use super::{LeaseRecord, Revisions, WriteRequest, WriteResponse};
 use crate::error::{Result, ShardError};
@@ -61,12 +62,26 @@ pub(crate) trait TxOps: Send {
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>>;
 }
 
+/// What a committed batch did.
+#[derive(Debug)]
+pub struct CommittedBatch {
+    /// One result per request.
+    pub responses: Vec<Result<WriteResponse>>,
+    /// The shard's revision before the batch.
+    pub before: i64,
+    /// The shard's revision after it (equal to `before` if nothing changed).
+    pub last: i64,
+    /// Watch events of revisions (before, last], with prev_kv, if asked for.
+    pub events: Option<Vec<Event>>,
+}
+
 /// Applies `batch` and returns one result per request. An `Err` means the
 /// transaction must be rolled back: nothing of the batch may be committed.
 pub(crate) async fn apply_batch(
     ops: &mut dyn TxOps,
     batch: &[WriteRequest],
-) -> Result<Vec<Result<WriteResponse>>> {
+    collect_events: bool,
+) -> Result<CommittedBatch> {
     let revs = ops.lock_meta().await?;
     let mut state = BatchState {
         ops,
@@ -76,6 +91,7 @@ pub(crate) async fn apply_batch(
         leases: HashMap::new(),
         history: Vec::new(),
         live: BTreeMap::new(),
+        events: collect_events.then(Vec::new),
     };
     state.prefetch(batch).await?;
     let mut responses = Vec::with_capacity(batch.len());
@@ -89,7 +105,12 @@ pub(crate) async fn apply_batch(
     if state.revs != state.start {
         state.ops.set_revisions(state.revs).await?;
     }
-    Ok(responses)
+    Ok(CommittedBatch {
+        responses,
+        before: state.start.current,
+        last: state.revs.current,
+        events: state.events,
+    })
 }
 
 /// Errors that leave the transaction unusable (as opposed to a request refused).
@@ -115,7 +136,7 @@ struct Writer {
     /// For keys this request wrote: their mod_revision before the request.
     /// A txn may put a key and delete it later (etcd allows it across nested
     /// txns); both events' prev_kv is the key as it was before the txn.
-    prev_before: HashMap<Vec<u8>, i64>,
+    prev_before: HashMap<Vec<u8>, Option<KeyValue>>,
 }
 
 impl Writer {
@@ -151,6 +172,8 @@ struct BatchState<'o> {
     /// Changes not yet written to the database.
     history: Vec<HistoryRow>,
     live: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// The watch events of the batch, when the caller wants them.
+    events: Option<Vec<Event>>,
 }
 
 impl BatchState<'_> {
@@ -382,16 +405,27 @@ impl BatchState<'_> {
             value,
             lease,
         };
+        // The key before this request (a txn writes a key at most once,
+        // except a put followed by a delete in a later nested txn).
+        let before = w
+            .prev_before
+            .entry(kv.key.clone())
+            .or_insert_with(|| prev.clone())
+            .clone();
+        if let Some(events) = &mut self.events {
+            events.push(Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv.clone()),
+                prev_kv: before.clone(),
+            });
+        }
         self.history.push(HistoryRow {
             revision: w.revision,
             sub: w.next_sub(),
             key: kv.key.clone(),
             deleted: false,
             create_revision: kv.create_revision,
-            prev_revision: *w
-                .prev_before
-                .entry(kv.key.clone())
-                .or_insert(prev.as_ref().map_or(0, |k| k.mod_revision)),
+            prev_revision: before.as_ref().map_or(0, |k| k.mod_revision),
             version: kv.version,
             lease: kv.lease,
             value: kv.value.clone(),
@@ -412,17 +446,31 @@ impl BatchState<'_> {
     }
 
     fn tombstone(&mut self, kv: &KeyValue, w: &mut Writer) {
+        // etcd's prev_kv is the key at the previous revision: for a key put
+        // earlier in this same txn, its value from before the txn.
+        let before = if kv.mod_revision == w.revision {
+            w.prev_before.get(&kv.key).cloned().flatten()
+        } else {
+            Some(kv.clone())
+        };
+        if let Some(events) = &mut self.events {
+            events.push(Event {
+                r#type: EventType::Delete as i32,
+                kv: Some(KeyValue {
+                    key: kv.key.clone(),
+                    mod_revision: w.revision,
+                    ..Default::default()
+                }),
+                prev_kv: before.clone(),
+            });
+        }
         self.history.push(HistoryRow {
             revision: w.revision,
             sub: w.next_sub(),
             key: kv.key.clone(),
             deleted: true,
             create_revision: 0,
-            prev_revision: if kv.mod_revision == w.revision {
-                w.prev_before.get(&kv.key).copied().unwrap_or(0)
-            } else {
-                kv.mod_revision
-            },
+            prev_revision: before.as_ref().map_or(0, |k| k.mod_revision),
             version: 0,
             lease: 0,
             value: Vec::new(),
