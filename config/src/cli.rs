@@ -1,10 +1,15 @@
 //! The `kubeshard` command line. Flag names follow kine's so that kine users can switch.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::endpoint::{Endpoint, EndpointError};
+use crate::topology::{Topology, TopologyError};
+
+/// The database used when neither --endpoint nor --config is given.
+pub const DEFAULT_ENDPOINT: &str = "sqlite://./db/state.db";
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -32,13 +37,20 @@ pub struct Cli {
     /// Database of the single shard: sqlite://PATH (relative) or sqlite:///ABS/PATH,
     /// postgres://USER:PASS@HOST:PORT/DB, mysql://USER:PASS@tcp(HOST:PORT)/DB
     /// (kine's form) or mysql://USER:PASS@HOST:PORT/DB. The database and the
-    /// schema are created when missing.
+    /// schema are created when missing. Default (without --config):
+    /// sqlite://./db/state.db.
+    #[arg(long, env = "KUBESHARD_ENDPOINT", value_name = "URL")]
+    pub endpoint: Option<String>,
+
+    /// Topology file (TOML): several shards and the rules routing keys to
+    /// them (see docs/topology.md). Replaces --endpoint, which it conflicts with.
     #[arg(
         long,
-        env = "KUBESHARD_ENDPOINT",
-        default_value = "sqlite://./db/state.db"
+        env = "KUBESHARD_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "endpoint"
     )]
-    pub endpoint: String,
+    pub config: Option<PathBuf>,
 
     /// Address (HOST:PORT) of the Prometheus /metrics endpoint; empty turns it off.
     #[arg(
@@ -79,11 +91,30 @@ pub struct Cli {
     pub compaction_batch_revisions: i64,
 }
 
+/// Why the command line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(
+        "--config and --endpoint (or KUBESHARD_CONFIG and KUBESHARD_ENDPOINT) are both given: \
+         the topology file names every shard's endpoint; give one of them"
+    )]
+    ConfigAndEndpoint,
+}
+
 /// Everything the server needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub listen_address: String,
+    /// The default shard's endpoint: the only shard without --config. The
+    /// router serves this one until it routes by `topology`.
     pub endpoint: Endpoint,
+    /// The shards and routing rules (--config FILE), or the single shard of
+    /// --endpoint ([`Topology::single`]).
+    pub topology: Topology,
     /// Where to serve /metrics; None turns it off.
     pub metrics_address: Option<String>,
     pub watch_poll_interval: Duration,
@@ -96,10 +127,18 @@ pub struct ServerOptions {
 
 impl Cli {
     /// Validates the flags into server options.
-    pub fn server_options(&self) -> Result<ServerOptions, EndpointError> {
+    pub fn server_options(&self) -> Result<ServerOptions, OptionsError> {
+        let topology = match (&self.config, &self.endpoint) {
+            (Some(_), Some(_)) => return Err(OptionsError::ConfigAndEndpoint),
+            (Some(path), None) => Topology::from_file(path)?,
+            (None, endpoint) => Topology::single(Endpoint::parse(
+                endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT),
+            )?),
+        };
         Ok(ServerOptions {
             listen_address: self.listen_address.clone(),
-            endpoint: Endpoint::parse(&self.endpoint)?,
+            endpoint: topology.shard(topology.default_shard()).endpoint.clone(),
+            topology,
             metrics_address: Some(self.metrics_bind_address.clone()).filter(|a| !a.is_empty()),
             watch_poll_interval: Duration::from_millis(self.watch_poll_interval_ms.max(1)),
             lease_check_interval: Duration::from_millis(self.lease_check_interval_ms.max(10)),
@@ -118,6 +157,7 @@ impl ServerOptions {
     pub fn for_endpoint(endpoint: Endpoint, listen_address: impl Into<String>) -> Self {
         ServerOptions {
             listen_address: listen_address.into(),
+            topology: Topology::single(endpoint.clone()),
             endpoint,
             metrics_address: None,
             watch_poll_interval: Duration::from_millis(100),
@@ -163,6 +203,104 @@ mod tests {
             panic!("kine flags rejected");
         };
         assert!(cli.server_options().is_ok());
+    }
+
+    #[test]
+    fn no_flags_is_a_single_shard_topology() {
+        let Ok(cli) = Cli::try_parse_from(["kubeshard"]) else {
+            panic!("default flags rejected");
+        };
+        let Ok(options) = cli.server_options() else {
+            panic!("default endpoint rejected");
+        };
+        let topology = &options.topology;
+        assert_eq!(topology.shards().len(), 1);
+        assert_eq!(topology.shards()[0].name, "default");
+        assert_eq!(topology.shards()[0].endpoint, options.endpoint);
+        assert!(topology.routes().is_empty());
+        assert!(topology.source().is_none());
+    }
+
+    #[test]
+    fn config_file_gives_the_topology_and_the_default_endpoint() {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("no temporary directory");
+        };
+        let path = dir.path().join("topology.toml");
+        let text = "default_shard = \"core\"\n\
+            [[shards]]\nname = \"pods\"\nendpoint = \"sqlite://./pods.db\"\n\
+            [[shards]]\nname = \"core\"\nendpoint = \"postgres://u@h:5432/core\"\n\
+            [[routes]]\nprefix = \"/registry/pods/\"\nshard = \"pods\"\n";
+        let Ok(()) = std::fs::write(&path, text) else {
+            panic!("cannot write {}", path.display());
+        };
+        let Ok(cli) = Cli::try_parse_from(["kubeshard", "--config", &path.display().to_string()])
+        else {
+            panic!("--config rejected");
+        };
+        let options = match cli.server_options() {
+            Ok(options) => options,
+            Err(e) => panic!("topology refused: {e}"),
+        };
+        assert_eq!(options.topology.shards().len(), 2);
+        let Ok(core) = Endpoint::parse("postgres://u@h:5432/core") else {
+            panic!("endpoint");
+        };
+        assert_eq!(options.endpoint, core);
+        assert_eq!(
+            options.topology.route(b"/registry/pods/ns/p").index(),
+            0,
+            "pods shard"
+        );
+
+        let Ok(()) = std::fs::write(&path, text.replace("shard = \"pods\"", "shard = \"pod\""))
+        else {
+            panic!("cannot write {}", path.display());
+        };
+        let Err(e) = cli.server_options() else {
+            panic!("unknown shard accepted");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:10:9: unknown shard \"pod\"; the shards are \"pods\", \"core\"",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn config_conflicts_with_endpoint() {
+        assert!(
+            Cli::try_parse_from([
+                "kubeshard",
+                "--config",
+                "t.toml",
+                "--endpoint",
+                "sqlite://x.db"
+            ])
+            .is_err()
+        );
+        // KUBESHARD_ENDPOINT in the environment with --config on the command line.
+        let Ok(mut cli) = Cli::try_parse_from(["kubeshard", "--config", "t.toml"]) else {
+            panic!("--config rejected");
+        };
+        cli.endpoint = Some("sqlite://x.db".into());
+        assert!(matches!(
+            cli.server_options(),
+            Err(OptionsError::ConfigAndEndpoint)
+        ));
+    }
+
+    #[test]
+    fn for_endpoint_is_a_single_shard_topology() {
+        let Ok(endpoint) = Endpoint::parse("sqlite://./x.db") else {
+            panic!("endpoint");
+        };
+        let options = ServerOptions::for_endpoint(endpoint.clone(), "127.0.0.1:0");
+        assert_eq!(options.endpoint, endpoint);
+        assert_eq!(options.topology.shards().len(), 1);
+        assert_eq!(options.topology.shards()[0].endpoint, endpoint);
     }
 
     #[test]

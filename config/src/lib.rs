@@ -1,8 +1,11 @@
-//! kubeshard's configuration: the command line and database endpoint URLs.
+//! kubeshard's configuration: the command line, database endpoint URLs and
+//! the topology (shards and routing rules).
 #![forbid(unsafe_code)]
 
 mod cli;
 mod endpoint;
+pub mod topology;
 
-pub use cli::{Cli, LogFormat, ServerOptions};
+pub use cli::{Cli, DEFAULT_ENDPOINT, LogFormat, OptionsError, ServerOptions};
 pub use endpoint::{Backend, Endpoint, EndpointError};
+pub use topology::{ShardId, Topology, TopologyError};

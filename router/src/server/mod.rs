@@ -99,6 +99,8 @@ pub enum ServeError {
         endpoint: String,
         error: ShardError,
     },
+    #[error("{0}")]
+    Topology(String),
     #[error("cannot create metrics: {0}")]
     Metrics(prometheus::Error),
     #[error("grpc server failed: {0}")]
@@ -156,6 +158,18 @@ impl RunningServer {
 
 /// Opens the shard, binds the listener and serves the etcd API.
 pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> {
+    // Routing over several shards is being built (merged ranges, watches and
+    // one revision space across shards); until then a topology with more
+    // than one shard or with routes is refused rather than half-served.
+    let topology = &options.topology;
+    if topology.shards().len() > 1 || !topology.routes().is_empty() {
+        return Err(ServeError::Topology(format!(
+            "{}: this kubeshard serves one shard; routing over {} shards with {} routes is not available yet",
+            topology.source().unwrap_or("topology"),
+            topology.shards().len(),
+            topology.routes().len()
+        )));
+    }
     let endpoint = options.endpoint.clone();
     info!(listen_address = %options.listen_address, backend = %endpoint.backend(), endpoint = %endpoint, "starting kubeshard");
     let shard = Shard::open("default", &endpoint, options.watch_poll_interval)
