@@ -58,14 +58,18 @@ run_loads() { # system-name endpoint pid
     wait "$ck" && verdict=PASS || verdict=FAIL
     cat "$out" >&2
     local tput slowest stddev
-    tput=$(grep -oE 'Throughput is [0-9]+' "$out" | grep -oE '[0-9]+' || echo "?")
+    tput=$(grep -oE '[0-9]+ writes/s' "$out" | grep -oE '[0-9]+' || echo "?")
     slowest=$(grep -oE 'Slowest request took [0-9.]+s' "$out" | grep -oE '[0-9.]+' || echo "?")
     stddev=$(grep -oE 'Stddev is [0-9.]+s' "$out" | grep -oE '[0-9.]+' || echo "?")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$load" "$verdict" "$tput" "$slowest" "$stddev" "$((peak_rss / 1024))" >>"$results"
   done
 }
 
+systems=${SYSTEMS:-etcd sqlite postgres}
+want() { [[ " $systems " == *" $1 "* ]]; }
+
 # etcd (Debian's 3.4) on a temp data dir.
+if want etcd; then
 "$ETCD_BIN" --name bench --data-dir "$work/etcd" \
   --listen-client-urls http://127.0.0.1:23810 --advertise-client-urls http://127.0.0.1:23810 \
   --listen-peer-urls http://127.0.0.1:23811 --initial-advertise-peer-urls http://127.0.0.1:23811 \
@@ -74,15 +78,19 @@ pids+=($!)
 wait_ready 127.0.0.1:23810
 run_loads etcd-$("$ETCD_BIN" --version | awk '/etcd Version/ {print $3}') 127.0.0.1:23810 "${pids[-1]}"
 kill "${pids[-1]}"
+fi
 
 # kubeshard on SQLite.
+if want sqlite; then
 "$kubeshard" --listen-address 127.0.0.1:23820 --endpoint "sqlite://$work/sqlite/state.db" >"$work/ks-sqlite.log" 2>&1 &
 pids+=($!)
 wait_ready 127.0.0.1:23820
 run_loads kubeshard-sqlite 127.0.0.1:23820 "${pids[-1]}"
 kill "${pids[-1]}"
+fi
 
 # kubeshard on PostgreSQL, fresh database.
+if want postgres; then
 db="ks_bench_$(date +%s)"
 pg_url="${KUBESHARD_TEST_POSTGRES_URL%/*}/$db"
 "$kubeshard" --listen-address 127.0.0.1:23830 --endpoint "$pg_url" >"$work/ks-pg.log" 2>&1 &
@@ -91,6 +99,12 @@ wait_ready 127.0.0.1:23830
 run_loads kubeshard-postgres 127.0.0.1:23830 "${pids[-1]}"
 kill "${pids[-1]}"
 psql "${KUBESHARD_TEST_POSTGRES_URL}" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
+fi
+
+if [ "$systems" != "etcd sqlite postgres" ]; then
+  column -t -s $'\t' "$results"
+  exit 0
+fi
 
 {
   echo "# Benchmarks"

@@ -38,14 +38,26 @@ pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(30))
-                .pragma("cache_size", "-65536")
+                .pragma("cache_size", "-16384")
                 .disable_statement_logging();
             let pool = SqlitePoolOptions::new()
                 .max_connections(POOL_SIZE)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options)
+                .connect_with(options.clone())
                 .await?;
-            let shard = SqlShard::new(pool, &dialect::Sqlite);
+            // The writer checkpoints the WAL only as a safety net; a
+            // background task does it off the commit path.
+            let write_options = options
+                .pragma("cache_size", "-131072")
+                .pragma("wal_autocheckpoint", "20000");
+            let write_pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(write_options)
+                .await?;
+            spawn_sqlite_checkpointer(pool.clone());
+            let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite);
             let version = shard.migrate().await?;
             info!(backend = "sqlite", path = %path.display(), schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -57,9 +69,14 @@ pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
             let pool = PgPoolOptions::new()
                 .max_connections(POOL_SIZE)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options.clone())
+                .await?;
+            let write_pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, &dialect::Postgres);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Postgres);
             let version = shard.migrate().await?;
             info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -80,14 +97,40 @@ pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
             let pool = MySqlPoolOptions::new()
                 .max_connections(POOL_SIZE)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options.clone())
+                .await?;
+            let write_pool = MySqlPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, &dialect::Mysql);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Mysql);
             let version = shard.migrate().await?;
             info!(backend = "mysql", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
         }
     }
+}
+
+/// Copies the SQLite WAL back into the database file every quarter second,
+/// without blocking readers or the writer (PASSIVE), so that commits do not
+/// pay for checkpoints. Ends when the pool is closed.
+fn spawn_sqlite_checkpointer(pool: sqlx::SqlitePool) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                return;
+            }
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(error = %e, "sqlite checkpoint failed; will retry");
+            }
+        }
+    });
 }
 
 async fn create_postgres_database(server: &PgConnectOptions, database: &str) -> Result<()> {

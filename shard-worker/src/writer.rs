@@ -16,7 +16,7 @@ use crate::store::{ShardStore, WriteRequest, WriteResponse};
 use crate::watch::WatchHub;
 
 /// Most requests in one transaction.
-const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 1024;
 
 type Reply = oneshot::Sender<Result<WriteResponse>>;
 
@@ -98,7 +98,14 @@ async fn commit(
 
 async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<(WriteRequest, Reply)>) {
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    match commit(store, hub, &requests).await {
+    let started = std::time::Instant::now();
+    let committed = commit(store, hub, &requests).await;
+    tracing::debug!(
+        size = requests.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "write batch"
+    );
+    match committed {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);

@@ -18,10 +18,9 @@ use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
 
 /// Most rows in one multi-row statement: keeps it under every backend's
-/// parameter limit (9 columns x 256 rows). Statements carry a power-of-two
-/// number of rows, so each connection prepares and caches only a handful of
-/// shapes instead of one per batch size (which once cost gigabytes of
-/// cached statements under load).
+/// parameter limit (9 columns x 256 rows). Statements come in few shapes
+/// (see `shaped_chunks`): one shape per batch size made every pooled
+/// connection prepare and cache hundreds of large statements.
 const ROWS_PER_INSERT: usize = 256;
 /// Most payload bytes in one multi-row INSERT: keeps it under MySQL's
 /// max_allowed_packet even with 1.5 MiB values.
@@ -81,9 +80,14 @@ impl fmt::Debug for Statement<'_> {
     }
 }
 
-/// One shard's database: a typed connection pool and its dialect.
+/// One shard's database: typed connection pools and the dialect.
 pub struct SqlShard<DB: Database> {
+    /// Reads and the small writes that bypass the writer (lease renewals,
+    /// locks, compaction purges).
     pool: Pool<DB>,
+    /// The writer actor's own connection: one batch is in flight at a time,
+    /// and a connection that always writes keeps its page cache warm.
+    write_pool: Pool<DB>,
     dialect: &'static dyn Dialect,
 }
 
@@ -114,9 +118,13 @@ where
     usize: ColumnIndex<DB::Row>,
     DB::QueryResult: RowsAffected,
 {
-    /// Wraps a pool; call [`SqlShard::migrate`] before use.
-    pub fn new(pool: Pool<DB>, dialect: &'static dyn Dialect) -> Self {
-        SqlShard { pool, dialect }
+    /// Wraps the pools; call [`SqlShard::migrate`] before use.
+    pub fn new(pool: Pool<DB>, write_pool: Pool<DB>, dialect: &'static dyn Dialect) -> Self {
+        SqlShard {
+            pool,
+            write_pool,
+            dialect,
+        }
     }
 
     /// Creates the schema when missing and checks its version.
@@ -338,13 +346,20 @@ where
     })
 }
 
-/// Splits rows into chunks of power-of-two length, at most `ROWS_PER_INSERT`.
-fn pow2_chunks<T>(rows: &[T]) -> Vec<&[T]> {
+/// Rows up to which a statement carries exactly the rows it has; above,
+/// chunks have power-of-two lengths.
+const EXACT_ROWS: usize = 16;
+
+/// Splits rows into chunks of at most `ROWS_PER_INSERT`, each either of at
+/// most `EXACT_ROWS` rows or of a power-of-two length: about 20 statement
+/// shapes per kind, so prepared statements stay cached without piling up,
+/// and a small batch still needs one statement.
+fn shaped_chunks<T>(rows: &[T]) -> Vec<&[T]> {
     let mut chunks = Vec::new();
     let mut rest = rows;
     while !rest.is_empty() {
         let mut n = rest.len().min(ROWS_PER_INSERT);
-        if !n.is_power_of_two() {
+        if n > EXACT_ROWS && !n.is_power_of_two() {
             n = n.next_power_of_two() / 2;
         }
         let (head, tail) = rest.split_at(n);
@@ -372,7 +387,7 @@ fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     if start < rows.len() {
         chunks.push(&rows[start..]);
     }
-    chunks.into_iter().flat_map(pow2_chunks).collect()
+    chunks.into_iter().flat_map(shaped_chunks).collect()
 }
 
 #[async_trait]
@@ -419,7 +434,7 @@ where
 
     async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>> {
         let mut out = Vec::with_capacity(keys.len());
-        for chunk in pow2_chunks(keys) {
+        for chunk in shaped_chunks(keys) {
             let mut st = self.shard.statement(
                 "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
                  FROM ks_live WHERE key_bytes IN (",
@@ -521,7 +536,7 @@ where
             st.sql(self.shard.dialect.upsert_live_tail());
             SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         }
-        for chunk in pow2_chunks(deletes) {
+        for chunk in shaped_chunks(deletes) {
             let mut st = self
                 .shard
                 .statement("DELETE FROM ks_live WHERE key_bytes IN (");
@@ -539,7 +554,7 @@ where
 
     async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
         let mut out = Vec::new();
-        for chunk in pow2_chunks(ids) {
+        for chunk in shaped_chunks(ids) {
             let mut st = self
                 .shard
                 .statement("SELECT id FROM ks_lease WHERE id IN (");
@@ -628,7 +643,10 @@ where
         batch: &[WriteRequest],
         collect_events: bool,
     ) -> Result<CommittedBatch> {
-        let tx = self.pool.begin_with(self.dialect.begin_write()).await?;
+        let tx = self
+            .write_pool
+            .begin_with(self.dialect.begin_write())
+            .await?;
         let mut ops = SqlTx { shard: self, tx };
         let committed = write::apply_batch(&mut ops, batch, collect_events).await?;
         ops.tx.commit().await?;
@@ -856,15 +874,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_have_power_of_two_lengths() {
+    fn chunks_have_few_shapes() {
         let rows: Vec<usize> = (0..300).collect();
-        let lens: Vec<usize> = pow2_chunks(&rows).iter().map(|c| c.len()).collect();
-        assert_eq!(lens, vec![256, 32, 8, 4]);
+        let lens: Vec<usize> = shaped_chunks(&rows).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, vec![256, 32, 12]);
+        let small: Vec<usize> = (0..7).collect();
+        assert_eq!(shaped_chunks(&small).len(), 1);
         let lens: Vec<usize> = insert_chunks(&rows, |_| 1 << 20)
             .iter()
             .map(|c| c.len())
             .collect();
         assert_eq!(lens, vec![4; 75], "4 MiB per statement: 4 rows of 1 MiB");
-        assert!(pow2_chunks::<u8>(&[]).is_empty());
+        assert!(shaped_chunks::<u8>(&[]).is_empty());
     }
 }
