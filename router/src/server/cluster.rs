@@ -11,7 +11,7 @@ use kubeshard_proto::etcdserverpb::{
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::error::{shard_status, unimplemented};
+use crate::error::unimplemented;
 
 const WHY: &str = "membership is the set of kubeshard routers, configured outside etcd's API";
 
@@ -53,14 +53,7 @@ impl Cluster for ClusterService {
         &self,
         _: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
-        let revision = self
-            .core
-            .shard
-            .store
-            .revisions()
-            .await
-            .map_err(shard_status)?
-            .current;
+        let revision = self.core.current_revision().await?;
         Ok(Response::new(MemberListResponse {
             header: self.core.header(revision),
             members: vec![Member {

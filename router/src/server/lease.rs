@@ -32,17 +32,6 @@ impl LeaseService {
     pub fn new(core: Arc<Core>) -> Self {
         LeaseService { core }
     }
-
-    async fn current_revision(&self) -> Result<i64, Status> {
-        Ok(self
-            .core
-            .shard
-            .store
-            .revisions()
-            .await
-            .map_err(shard_status)?
-            .current)
-    }
 }
 
 fn unexpected() -> Status {
@@ -150,7 +139,7 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let request = request.into_inner();
         let store = &self.core.shard.store;
-        let revision = self.current_revision().await?;
+        let revision = self.core.current_revision().await?;
         let Some(lease) = store.lease_get(request.id).await.map_err(shard_status)? else {
             // Not an error in etcd: TTL -1 says the lease does not exist.
             return Ok(Response::new(LeaseTimeToLiveResponse {
@@ -180,7 +169,7 @@ impl Lease for LeaseService {
         &self,
         _request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let revision = self.current_revision().await?;
+        let revision = self.core.current_revision().await?;
         let leases = self
             .core
             .shard

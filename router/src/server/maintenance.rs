@@ -22,17 +22,6 @@ impl MaintenanceService {
     pub fn new(core: Arc<Core>) -> Self {
         MaintenanceService { core }
     }
-
-    async fn current_revision(&self) -> Result<i64, Status> {
-        Ok(self
-            .core
-            .shard
-            .store
-            .revisions()
-            .await
-            .map_err(shard_status)?
-            .current)
-    }
 }
 
 #[tonic::async_trait]
@@ -40,7 +29,7 @@ impl Maintenance for MaintenanceService {
     async fn alarm(&self, _: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         // No alarms exist: space is the SQL database's to manage, and there
         // is no raft state to corrupt. Activating one is accepted and ignored.
-        let revision = self.current_revision().await?;
+        let revision = self.core.current_revision().await?;
         Ok(Response::new(AlarmResponse {
             header: self.core.header(revision),
             alarms: Vec::new(),
@@ -49,7 +38,7 @@ impl Maintenance for MaintenanceService {
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let store = &self.core.shard.store;
-        let revision = self.current_revision().await?;
+        let revision = self.core.current_revision().await?;
         let db_size = store.db_size().await.map_err(shard_status)?;
         Ok(Response::new(StatusResponse {
             header: self.core.header(revision),
@@ -78,7 +67,7 @@ impl Maintenance for MaintenanceService {
             .defragment()
             .await
             .map_err(shard_status)?;
-        let revision = self.current_revision().await?;
+        let revision = self.core.current_revision().await?;
         Ok(Response::new(DefragmentResponse {
             header: self.core.header(revision),
         }))

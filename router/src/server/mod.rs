@@ -63,6 +63,16 @@ impl Core {
         })
     }
 
+    /// The shard's current revision, for headers of answers that read no keys.
+    pub async fn current_revision(&self) -> Result<i64, tonic::Status> {
+        self.shard
+            .store
+            .revisions()
+            .await
+            .map(|revs| revs.current)
+            .map_err(crate::error::shard_status)
+    }
+
     /// Fills the identity fields of a header a shard returned.
     pub fn fill(&self, header: &mut Option<ResponseHeader>) {
         let revision = header.as_ref().map_or(0, |h| h.revision);

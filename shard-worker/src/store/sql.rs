@@ -150,10 +150,8 @@ where
         Statement::new(self.dialect, text)
     }
 
-    async fn fetch_all_in<'a>(
-        conn: &mut DB::Connection,
-        st: &Statement<'a>,
-    ) -> Result<Vec<DB::Row>> {
+    /// The statement as a sqlx query with its parameters bound.
+    fn query<'q>(st: &'q Statement<'q>) -> sqlx::query::Query<'q, DB, DB::Arguments<'q>> {
         let mut q = sqlx::query(&st.text);
         for a in &st.args {
             q = match *a {
@@ -162,20 +160,15 @@ where
                 Arg::Text(v) => q.bind(v),
             };
         }
-        Ok(q.fetch_all(&mut *conn).await?)
+        q
     }
 
-    async fn execute_in<'a>(conn: &mut DB::Connection, st: &Statement<'a>) -> Result<u64> {
-        let mut q = sqlx::query(&st.text);
-        for a in &st.args {
-            q = match *a {
-                Arg::Int(v) => q.bind(v),
-                Arg::Bytes(v) => q.bind(v),
-                Arg::Text(v) => q.bind(v),
-            };
-        }
-        let done = q.execute(&mut *conn).await?;
-        Ok(done.rows())
+    async fn fetch_all_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<Vec<DB::Row>> {
+        Ok(Self::query(st).fetch_all(&mut *conn).await?)
+    }
+
+    async fn execute_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<u64> {
+        Ok(Self::query(st).execute(&mut *conn).await?.rows())
     }
 
     async fn read_revisions(conn: &mut DB::Connection) -> Result<Revisions> {
