@@ -212,6 +212,9 @@ impl Session {
     async fn create(&mut self, create: WatchCreateRequest) -> Result<(), Gone> {
         let revs = match self.core.shard.store.revisions().await {
             Ok(revs) => revs,
+            // Ending the stream with Unavailable (rather than canceling this
+            // watch) lets etcd's Go client re-create the stream and resume
+            // every watch from its last revision without telling the caller.
             Err(e) => {
                 let _ = self.tx.send(Err(shard_status(e))).await;
                 return Err(Gone);
