@@ -377,6 +377,51 @@ impl Server for KubeshardServer {
 impl Drop for KubeshardServer {
     fn drop(&mut self) {
         kill(&mut self.child);
+        // Each run creates a fresh database: remove it so runs do not pile up
+        // databases on the shared PostgreSQL and MariaDB (best effort).
+        drop_database(&self.endpoint_url);
+    }
+}
+
+/// Drops the PostgreSQL or MySQL database named by `endpoint_url`, if any.
+fn drop_database(endpoint_url: &str) {
+    let Ok(url) = url::Url::parse(endpoint_url) else {
+        return;
+    };
+    let database = url.path().trim_start_matches('/').to_string();
+    if !database.starts_with("ks_") {
+        return;
+    }
+    let output = match url.scheme() {
+        "postgres" | "postgresql" => {
+            let mut server = url.clone();
+            server.set_path("/postgres");
+            Command::new("psql")
+                .arg(server.as_str())
+                .args([
+                    "-qtAc",
+                    &format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"),
+                ])
+                .stdin(Stdio::null())
+                .output()
+        }
+        "mysql" => Command::new("mysql")
+            .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
+            .args(["-P", &url.port().unwrap_or(3306).to_string()])
+            .args(["-u", url.username()])
+            .env("MYSQL_PWD", url.password().unwrap_or_default())
+            .args(["-e", &format!("DROP DATABASE IF EXISTS `{database}`")])
+            .stdin(Stdio::null())
+            .output(),
+        _ => return,
+    };
+    if let Ok(o) = output
+        && !o.status.success()
+    {
+        eprintln!(
+            "could not drop test database {database}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }
 
