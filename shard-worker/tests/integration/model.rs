@@ -438,16 +438,27 @@ impl Model {
     /// The events of the range with revisions in [from, to], as a watch
     /// sees them: deletes carry key and mod_revision only; prev_kv is the
     /// key's value just before. Once history was purged at the compaction
-    /// revision C, the tombstones at C and the rows they or the puts at C
-    /// replaced are gone (as in etcd, whose compaction removes them too).
+    /// revision C, the tombstones at C, the puts at C that a tombstone of the
+    /// same revision replaced, and the rows they or the puts at C replaced
+    /// are gone (as in etcd, whose compaction removes them too).
     pub fn events(&self, start: &[u8], end: &[u8], from: i64, to: i64) -> Vec<Event> {
         let purged = self.purged_at == Some(self.compacted);
         let mut out = Vec::new();
-        for c in &self.log {
+        for (i, c) in self.log.iter().enumerate() {
             if c.rev < from || c.rev > to || !in_range(&c.key, start, end) {
                 continue;
             }
             let at_purge = purged && c.rev == self.compacted;
+            // A put at C that a delete of the same txn (same revision)
+            // replaced is gone too: etcd drops the key's whole generation
+            // when its tombstone is at or below the compaction revision.
+            if at_purge
+                && self.log[i + 1..]
+                    .iter()
+                    .any(|later| later.rev == c.rev && later.key == c.key)
+            {
+                continue;
+            }
             let (r#type, kv) = match &c.kv {
                 Some(kv) => (EventType::Put, kv.clone()),
                 None if at_purge => continue,
