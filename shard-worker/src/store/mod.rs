@@ -58,6 +58,13 @@ pub enum WriteRequest {
     Compact {
         revision: i64,
     },
+    /// Raises the shard's revision counter to at least `floor`, writing
+    /// nothing else: every later write of the shard then gets a revision
+    /// above `floor`. This is how shards that are written rarely keep up
+    /// with the others in one revision space (the floor of revisions.md).
+    Bump {
+        floor: i64,
+    },
 }
 
 /// The answer to a [`WriteRequest`]; every variant carries the revision the
@@ -71,6 +78,7 @@ pub enum WriteResponse {
     LeaseRevoke { revision: i64 },
     LeaseExpire { expired: bool, revision: i64 },
     Compact { revision: i64 },
+    Bump { revision: i64 },
 }
 
 /// Events read from a shard's history, in revision order.

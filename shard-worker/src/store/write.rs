@@ -370,6 +370,12 @@ impl BatchState<'_> {
                     revision: self.revs.current,
                 }
             }
+            WriteRequest::Bump { floor } => {
+                self.revs.current = self.revs.current.max(*floor);
+                WriteResponse::Bump {
+                    revision: self.revs.current,
+                }
+            }
         };
         if w.changed() {
             self.revs.current = w.revision;

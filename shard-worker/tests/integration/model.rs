@@ -38,6 +38,7 @@ pub enum Resp {
     LeaseRevoke { revision: i64 },
     LeaseExpire { expired: bool, revision: i64 },
     Compact { revision: i64 },
+    Bump { revision: i64 },
 }
 
 pub fn header(revision: i64) -> Option<ResponseHeader> {
@@ -427,6 +428,10 @@ impl Model {
                 }
                 self.compacted = *revision;
                 Resp::Compact { revision: self.rev }
+            }
+            WriteRequest::Bump { floor } => {
+                self.rev = self.rev.max(*floor);
+                Resp::Bump { revision: self.rev }
             }
         };
         if w.changed {

@@ -137,6 +137,9 @@ pub enum Op {
         now: i64,
     },
     Compact(Rev),
+    /// Raise the revision counter by this much over the current revision
+    /// (0: a floor at or below it, which changes nothing).
+    Bump(i64),
     /// `ShardStore::purge_compacted` at the compaction revision.
     Purge {
         batch: i64,
@@ -292,6 +295,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1..4i64, 0..40_000i64).prop_map(|(id, now)| Op::Expire { id, now }),
         1 => (1..4i64, 0..40_000i64).prop_map(|(id, now)| Op::Renew { id, now }),
         1 => any::<u8>().prop_map(|p| Op::Compact(Rev::Pick(p))),
+        1 => (0..5i64).prop_map(Op::Bump),
         1 => (1..5i64).prop_map(|batch| Op::Purge { batch }),
     ]
 }
@@ -421,6 +425,7 @@ pub fn write_req(op: &Op, cur: i64) -> Option<WriteRequest> {
         Op::Compact(r) => WriteRequest::Compact {
             revision: r.at(cur).max(1),
         },
+        Op::Bump(by) => WriteRequest::Bump { floor: cur + by },
         Op::Range(_) | Op::Renew { .. } | Op::Purge { .. } => return None,
     })
 }

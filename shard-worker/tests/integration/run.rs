@@ -78,6 +78,9 @@ pub fn norm(r: &Result<WriteResponse, ShardError>) -> Result<Resp, Fail> {
         Ok(WriteResponse::Compact { revision }) => Ok(Resp::Compact {
             revision: *revision,
         }),
+        Ok(WriteResponse::Bump { revision }) => Ok(Resp::Bump {
+            revision: *revision,
+        }),
     }
 }
 
