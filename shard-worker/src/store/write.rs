@@ -9,7 +9,7 @@
 //! and then writing its successor inside the transaction cannot race with
 //! another writer (kine's read-then-insert race needs two unlocked writers).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -90,7 +90,7 @@ pub(crate) async fn apply_batch(
         keys: HashMap::new(),
         leases: HashMap::new(),
         history: Vec::new(),
-        live: BTreeMap::new(),
+        live: BTreeSet::new(),
         events: collect_events.then(Vec::new),
     };
     state.prefetch(batch).await?;
@@ -171,7 +171,8 @@ struct BatchState<'o> {
     leases: HashMap<i64, bool>,
     /// Changes not yet written to the database.
     history: Vec<HistoryRow>,
-    live: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Keys whose `ks_live` row must be written: their state is in `keys`.
+    live: BTreeSet<Vec<u8>>,
     /// The watch events of the batch, when the caller wants them.
     events: Option<Vec<Event>>,
 }
@@ -244,13 +245,14 @@ impl BatchState<'_> {
             self.history.clear();
         }
         if !self.live.is_empty() {
-            let upserts: Vec<&KeyValue> = self.live.values().flatten().collect();
-            let deletes: Vec<&[u8]> = self
-                .live
-                .iter()
-                .filter(|(_, v)| v.is_none())
-                .map(|(k, _)| k.as_slice())
-                .collect();
+            let mut upserts: Vec<&KeyValue> = Vec::new();
+            let mut deletes: Vec<&[u8]> = Vec::new();
+            for key in &self.live {
+                match self.keys.get(key) {
+                    Some(Some(kv)) => upserts.push(kv),
+                    _ => deletes.push(key),
+                }
+            }
             self.ops.write_live(&upserts, &deletes).await?;
             self.live.clear();
         }
@@ -436,7 +438,7 @@ impl BatchState<'_> {
             lease: kv.lease,
             value: kv.value.clone(),
         });
-        self.live.insert(kv.key.clone(), Some(kv.clone()));
+        self.live.insert(kv.key.clone());
         self.keys.insert(kv.key.clone(), Some(kv));
         Ok(prev)
     }
@@ -481,7 +483,7 @@ impl BatchState<'_> {
             lease: 0,
             value: Vec::new(),
         });
-        self.live.insert(kv.key.clone(), None);
+        self.live.insert(kv.key.clone());
         self.keys.insert(kv.key.clone(), None);
     }
 
