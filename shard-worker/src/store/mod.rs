@@ -132,8 +132,9 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
     /// (whole revisions are never split), in revision order, with prev_kv.
     async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage>;
 
-    /// Events of `range` with revisions in [from, to], starting after the
-    /// (revision, sub) cursor, at most `max_events`, for watch catch-up.
+    /// Events of `range` with revisions in [from, to], at most about
+    /// `max_events` (whole revisions are never split), for watch catch-up;
+    /// Compacted if `from` is below the compaction revision.
     async fn history(
         &self,
         range: &KeyRange,

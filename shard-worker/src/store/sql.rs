@@ -285,6 +285,54 @@ where
         Ok(out)
     }
 
+    /// Events of revisions [first, to] (of `range`, if given) in revision
+    /// order, and the revision up to which they are complete: at most about
+    /// `max_events`, never splitting a revision (a single revision larger
+    /// than that is read whole).
+    async fn events_page(
+        &self,
+        conn: &mut DB::Connection,
+        first: i64,
+        to: i64,
+        range: Option<&KeyRange>,
+        max_events: usize,
+    ) -> Result<(Vec<Event>, i64)> {
+        let mut st = self.events_select();
+        st.sql("h.revision >= ")
+            .int(first)
+            .sql(" AND h.revision <= ")
+            .int(to);
+        if let Some(range) = range {
+            st.sql(" AND ");
+            super::range::push_key_filter(&mut st, "h.key_bytes", range);
+        }
+        st.sql(" ORDER BY h.revision, h.sub LIMIT ")
+            .int(max_events as i64 + 1);
+        let mut rows = Self::events_in(conn, &st).await?;
+        let mut closed = to;
+        if rows.len() > max_events {
+            // The last revision may be cut short: close below it, unless it
+            // is the only one, in which case read that revision whole.
+            let last = rows.last().map_or(first, |r| r.0);
+            let only = rows.first().map_or(first, |r| r.0) == last;
+            if only {
+                let mut st = self.events_select();
+                st.sql("h.revision = ").int(last);
+                if let Some(range) = range {
+                    st.sql(" AND ");
+                    super::range::push_key_filter(&mut st, "h.key_bytes", range);
+                }
+                st.sql(" ORDER BY h.sub");
+                rows = Self::events_in(conn, &st).await?;
+                closed = last;
+            } else {
+                rows.retain(|r| r.0 < last);
+                closed = last - 1;
+            }
+        }
+        Ok((rows.into_iter().map(|r| r.2).collect(), closed))
+    }
+
     /// The SELECT of history events joined with each event's previous row.
     fn events_select(&self) -> Statement<'static> {
         self.statement(
@@ -657,33 +705,12 @@ where
                 more: false,
             });
         }
-        let mut st = self.events_select();
-        st.sql("h.revision > ")
-            .int(after)
-            .sql(" AND h.revision <= ")
-            .int(revs.current);
-        st.sql(" ORDER BY h.revision, h.sub LIMIT ")
-            .int(max_events as i64 + 1);
-        let mut rows = Self::events_in(&mut tx, &st).await?;
-        let mut closed = revs.current;
-        if rows.len() > max_events {
-            // The last revision may be cut short: close below it, unless it
-            // is the only one, in which case read that revision whole.
-            let last = rows.last().map(|r| r.0).unwrap_or(after);
-            let first = rows.first().map(|r| r.0).unwrap_or(after);
-            if first == last {
-                let mut st = self.events_select();
-                st.sql("h.revision = ").int(last).sql(" ORDER BY h.sub");
-                rows = Self::events_in(&mut tx, &st).await?;
-                closed = last;
-            } else {
-                rows.retain(|r| r.0 < last);
-                closed = last - 1;
-            }
-        }
+        let (events, closed) = self
+            .events_page(&mut tx, after + 1, revs.current, None, max_events)
+            .await?;
         tx.commit().await?;
         Ok(EventPage {
-            events: rows.into_iter().map(|r| r.2).collect(),
+            events,
             closed,
             more: closed < revs.current,
         })
@@ -705,35 +732,12 @@ where
             });
         }
         let to = to.min(revs.current);
-        let mut st = self.events_select();
-        st.sql("h.revision >= ")
-            .int(from)
-            .sql(" AND h.revision <= ")
-            .int(to)
-            .sql(" AND ");
-        super::range::push_key_filter(&mut st, "h.key_bytes", range);
-        st.sql(" ORDER BY h.revision, h.sub LIMIT ")
-            .int(max_events as i64 + 1);
-        let mut rows = Self::events_in(&mut tx, &st).await?;
-        let mut closed = to;
-        if rows.len() > max_events {
-            let last = rows.last().map(|r| r.0).unwrap_or(from);
-            let first = rows.first().map(|r| r.0).unwrap_or(from);
-            if first == last {
-                let mut st = self.events_select();
-                st.sql("h.revision = ").int(last).sql(" AND ");
-                super::range::push_key_filter(&mut st, "h.key_bytes", range);
-                st.sql(" ORDER BY h.sub");
-                rows = Self::events_in(&mut tx, &st).await?;
-                closed = last;
-            } else {
-                rows.retain(|r| r.0 < last);
-                closed = last - 1;
-            }
-        }
+        let (events, closed) = self
+            .events_page(&mut tx, from, to, Some(range), max_events)
+            .await?;
         tx.commit().await?;
         Ok(EventPage {
-            events: rows.into_iter().map(|r| r.2).collect(),
+            events,
             closed,
             more: closed < to,
         })
