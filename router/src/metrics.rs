@@ -119,12 +119,13 @@ impl Metrics {
             .set(compacted);
     }
 
+    /// `record` for a request path (tests use it; the layer labels first).
+    #[cfg(test)]
     fn observe(&self, path: &str, code: &str, seconds: f64) {
-        let method = KNOWN_METHODS
-            .iter()
-            .find(|m| **m == path)
-            .copied()
-            .unwrap_or("other");
+        self.record(method_label(path), code, seconds);
+    }
+
+    fn record(&self, method: &'static str, code: &str, seconds: f64) {
         self.grpc_requests.with_label_values(&[method, code]).inc();
         self.grpc_seconds
             .with_label_values(&[method])
@@ -139,6 +140,15 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The label of a request path: a known RPC, or "other".
+fn method_label(path: &str) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|m| **m == path)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// Tower layer that counts and times every gRPC call.
@@ -177,7 +187,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_string();
+        // A static label: no allocation per request.
+        let method = method_label(request.uri().path());
         let metrics = self.metrics.clone();
         let start = Instant::now();
         let future = self.inner.call(request);
@@ -190,11 +201,10 @@ where
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_string(),
-                Err(_) => "transport".to_string(),
+                    .unwrap_or("0"),
+                Err(_) => "transport",
             };
-            metrics.observe(&path, &code, start.elapsed().as_secs_f64());
+            metrics.record(method, code, start.elapsed().as_secs_f64());
             response
         })
     }
