@@ -4,39 +4,17 @@
 # the same run on the same machine, and writes the figures to
 # docs/benchmarks.md. Compare ratios within one run only.
 #
-# Needs: etcd + etcdctl (Debian's etcd-server/etcd-client), a PostgreSQL
-# reachable at KUBESHARD_TEST_POSTGRES_URL (scripts/test.sh --setup-only
-# starts one). Usage: scripts/bench-check-perf.sh [loads...]   (default: m l)
+# Needs what scripts/bench-lib.sh says.
+# Usage: scripts/bench-check-perf.sh [loads...]   (default: m l)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 loads=("$@")
 [ ${#loads[@]} -gt 0 ] || loads=(m l)
-export ETCDCTL_API=3
-: "${KUBESHARD_TEST_POSTGRES_URL:=postgres://kubeshard:kubeshard@127.0.0.1:5432/postgres}"
-ETCD_BIN=${ETCD_BIN:-$(command -v etcd)}
-ETCDCTL_BIN=${ETCDCTL_BIN:-$(command -v etcdctl)}
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/bench-lib.sh
 
 echo "== building kubeshard (release)" >&2
 cargo build --release --locked --bin kubeshard >&2
-kubeshard=target/release/kubeshard
-
-wait_ready() { # endpoint
-  for _ in $(seq 1 100); do
-    "$ETCDCTL_BIN" --endpoints="$1" --dial-timeout=1s endpoint health >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  echo "server at $1 did not come up" >&2
-  return 1
-}
 
 results="$work/results.tsv"
 : >"$results"
@@ -70,35 +48,24 @@ want() { [[ " $systems " == *" $1 "* ]]; }
 
 # etcd (Debian's 3.4) on a temp data dir.
 if want etcd; then
-"$ETCD_BIN" --name bench --data-dir "$work/etcd" \
-  --listen-client-urls http://127.0.0.1:23810 --advertise-client-urls http://127.0.0.1:23810 \
-  --listen-peer-urls http://127.0.0.1:23811 --initial-advertise-peer-urls http://127.0.0.1:23811 \
-  --initial-cluster bench=http://127.0.0.1:23811 >"$work/etcd.log" 2>&1 &
-pids+=($!)
-wait_ready 127.0.0.1:23810
-run_loads etcd-$("$ETCD_BIN" --version | awk '/etcd Version/ {print $3}') 127.0.0.1:23810 "${pids[-1]}"
-kill "${pids[-1]}"
+  start_etcd 23810 23811
+  run_loads "etcd-$(etcd_version)" 127.0.0.1:23810 "$server_pid"
+  stop_server
 fi
 
-# kubeshard on SQLite.
 if want sqlite; then
-"$kubeshard" --listen-address 127.0.0.1:23820 --endpoint "sqlite://$work/sqlite/state.db" >"$work/ks-sqlite.log" 2>&1 &
-pids+=($!)
-wait_ready 127.0.0.1:23820
-run_loads kubeshard-sqlite 127.0.0.1:23820 "${pids[-1]}"
-kill "${pids[-1]}"
+  start_kubeshard 23820 "sqlite://$work/sqlite/state.db"
+  run_loads kubeshard-sqlite 127.0.0.1:23820 "$server_pid"
+  stop_server
 fi
 
 # kubeshard on PostgreSQL, fresh database.
 if want postgres; then
-db="ks_bench_$(date +%s)"
-pg_url="${KUBESHARD_TEST_POSTGRES_URL%/*}/$db"
-"$kubeshard" --listen-address 127.0.0.1:23830 --endpoint "$pg_url" >"$work/ks-pg.log" 2>&1 &
-pids+=($!)
-wait_ready 127.0.0.1:23830
-run_loads kubeshard-postgres 127.0.0.1:23830 "${pids[-1]}"
-kill "${pids[-1]}"
-psql "${KUBESHARD_TEST_POSTGRES_URL}" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
+  db="ks_bench_$(date +%s)"
+  start_kubeshard 23830 "$(pg_url "$db")"
+  run_loads kubeshard-postgres 127.0.0.1:23830 "$server_pid"
+  stop_server
+  pg_drop "$db"
 fi
 
 if [ "$systems" != "etcd sqlite postgres" ]; then

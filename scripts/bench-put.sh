@@ -4,37 +4,17 @@
 # in the same run, written to docs/benchmarks-put.md. Every client sends its
 # next put as soon as the previous one is answered: throughput at saturation.
 # Usage: scripts/bench-put.sh [seconds] (default 15). Needs what
-# scripts/bench-check-perf.sh needs.
+# scripts/bench-lib.sh says.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-15}
 clients=${CLIENTS:-500}
 conns=${CONNS:-50}
-export ETCDCTL_API=3
-: "${KUBESHARD_TEST_POSTGRES_URL:=postgres://kubeshard:kubeshard@127.0.0.1:5432/postgres}"
-ETCD_BIN=${ETCD_BIN:-$(command -v etcd)}
-ETCDCTL_BIN=${ETCDCTL_BIN:-$(command -v etcdctl)}
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/bench-lib.sh
 
 echo "== building kubeshard and kubeshard-bench (release)" >&2
 cargo build --release --locked --bin kubeshard --bin kubeshard-bench >&2
 bench=target/release/kubeshard-bench
-
-wait_ready() {
-  for _ in $(seq 1 100); do
-    "$ETCDCTL_BIN" --endpoints="$1" --dial-timeout=1s endpoint health >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  echo "server at $1 did not come up" >&2
-  return 1
-}
 
 rows=()
 measure() { # name endpoint pid
@@ -47,30 +27,19 @@ measure() { # name endpoint pid
   rows+=("$1|$line|$rss")
 }
 
-"$ETCD_BIN" --name bench --data-dir "$work/etcd" \
-  --listen-client-urls http://127.0.0.1:23860 --advertise-client-urls http://127.0.0.1:23860 \
-  --listen-peer-urls http://127.0.0.1:23861 --initial-advertise-peer-urls http://127.0.0.1:23861 \
-  --initial-cluster bench=http://127.0.0.1:23861 >"$work/etcd.log" 2>&1 &
-pids+=($!)
-wait_ready 127.0.0.1:23860
-measure "etcd-$("$ETCD_BIN" --version | awk '/etcd Version/ {print $3}')" 127.0.0.1:23860 "${pids[-1]}"
-kill "${pids[-1]}"
+start_etcd 23860 23861
+measure "etcd-$(etcd_version)" 127.0.0.1:23860 "$server_pid"
+stop_server
 
-target/release/kubeshard --listen-address 127.0.0.1:23870 --metrics-bind-address '' \
-  --endpoint "sqlite://$work/sqlite/state.db" >"$work/ks-sqlite.log" 2>&1 &
-pids+=($!)
-wait_ready 127.0.0.1:23870
-measure kubeshard-sqlite 127.0.0.1:23870 "${pids[-1]}"
-kill "${pids[-1]}"
+start_kubeshard 23870 "sqlite://$work/sqlite/state.db"
+measure kubeshard-sqlite 127.0.0.1:23870 "$server_pid"
+stop_server
 
 db="ks_benchput_$(date +%s)"
-target/release/kubeshard --listen-address 127.0.0.1:23880 --metrics-bind-address '' \
-  --endpoint "${KUBESHARD_TEST_POSTGRES_URL%/*}/$db" >"$work/ks-pg.log" 2>&1 &
-pids+=($!)
-wait_ready 127.0.0.1:23880
-measure kubeshard-postgres 127.0.0.1:23880 "${pids[-1]}"
-kill "${pids[-1]}"
-psql "$KUBESHARD_TEST_POSTGRES_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
+start_kubeshard 23880 "$(pg_url "$db")"
+measure kubeshard-postgres 127.0.0.1:23880 "$server_pid"
+stop_server
+pg_drop "$db"
 
 field() { sed -E "s/.*\"$2\":\"?([^,\"}]*)\"?.*/\1/" <<<"$1"; }
 {

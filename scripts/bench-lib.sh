@@ -1,0 +1,66 @@
+# Shared by the benchmark scripts (sourced, not run): tools, a work folder
+# removed on exit, and starting/stopping the systems under test one at a time.
+# Needs: etcd + etcdctl (Debian's etcd-server/etcd-client), a PostgreSQL
+# reachable at KUBESHARD_TEST_POSTGRES_URL (scripts/test.sh --setup-only
+# starts one), and target/release/kubeshard built by the caller.
+
+export ETCDCTL_API=3
+: "${KUBESHARD_TEST_POSTGRES_URL:=postgres://kubeshard:kubeshard@127.0.0.1:5432/postgres}"
+ETCD_BIN=${ETCD_BIN:-$(command -v etcd)}
+ETCDCTL_BIN=${ETCDCTL_BIN:-$(command -v etcdctl)}
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# wait_ready HOST:PORT: until the server answers etcd's health check.
+wait_ready() {
+  for _ in $(seq 1 100); do
+    "$ETCDCTL_BIN" --endpoints="$1" --dial-timeout=1s endpoint health >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "server at $1 did not come up" >&2
+  return 1
+}
+
+# start_etcd CLIENT_PORT PEER_PORT: etcd on a fresh data dir; sets server_pid.
+start_etcd() {
+  "$ETCD_BIN" --name bench --data-dir "$work/etcd-$1" \
+    --listen-client-urls "http://127.0.0.1:$1" --advertise-client-urls "http://127.0.0.1:$1" \
+    --listen-peer-urls "http://127.0.0.1:$2" --initial-advertise-peer-urls "http://127.0.0.1:$2" \
+    --initial-cluster "bench=http://127.0.0.1:$2" >"$work/etcd-$1.log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
+  wait_ready "127.0.0.1:$1"
+}
+
+# start_kubeshard PORT ENDPOINT: the release build, metrics off; sets server_pid.
+start_kubeshard() {
+  target/release/kubeshard --listen-address "127.0.0.1:$1" --metrics-bind-address '' \
+    --endpoint "$2" >"$work/kubeshard-$1.log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
+  wait_ready "127.0.0.1:$1"
+}
+
+stop_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+}
+
+etcd_version() {
+  "$ETCD_BIN" --version | awk '/etcd Version/ {print $3}'
+}
+
+# pg_url DB: KUBESHARD_TEST_POSTGRES_URL with its database replaced by DB.
+pg_url() {
+  echo "${KUBESHARD_TEST_POSTGRES_URL%/*}/$1"
+}
+
+pg_drop() {
+  psql "$KUBESHARD_TEST_POSTGRES_URL" -qc "DROP DATABASE IF EXISTS \"$1\" WITH (FORCE)" >/dev/null 2>&1 || true
+}
