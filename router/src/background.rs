@@ -1,14 +1,18 @@
 //! Background duties of a router: expiring leases (one router at a time,
-//! through a lock held in the database) and finishing compactions.
+//! through a lock held in the default shard's database), removing the
+//! copies of expired leases from the other shards, and finishing
+//! compactions on every shard.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kubeshard_shard_worker::WriteRequest;
+use kubeshard_shard_worker::{WriteRequest, WriteResponse};
 use rand::Rng;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::server::lease::expire_copies;
 use crate::server::{Core, now_ms};
 
 /// How long the lease-expiry lock is held before it must be renewed.
@@ -27,22 +31,31 @@ pub fn spawn(core: Arc<Core>) -> JoinHandle<()> {
         );
         let mut leases = tokio::time::interval(core.options.lease_check_interval);
         let mut purge = tokio::time::interval(PURGE_INTERVAL);
-        let mut purged_to = 0;
+        let mut purged_to = vec![0; core.shards.len()];
+        // Expired leases whose copies on other shards are still to remove.
+        let mut orphans: BTreeSet<i64> = BTreeSet::new();
         loop {
             tokio::select! {
-                _ = leases.tick() => expire_leases(&core, &owner).await,
-                _ = purge.tick() => purged_to = purge_history(&core, purged_to).await,
+                _ = leases.tick() => expire_leases(&core, &owner, &mut orphans).await,
+                _ = purge.tick() => {
+                    finish_compactions(&core, &mut purged_to).await;
+                    if core.shards.len() > 1 {
+                        find_orphan_copies(&core, &owner, &mut orphans).await;
+                    }
+                }
             }
         }
     })
 }
 
-async fn expire_leases(core: &Core, owner: &str) {
-    let store = &core.shard.store;
-    if let Ok(revs) = store.revisions().await {
-        core.metrics
-            .set_shard_revisions(&core.shard.name, revs.current, revs.compacted);
+async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
+    for (_, shard) in core.shards.all() {
+        if let Ok(revs) = shard.store.revisions().await {
+            core.metrics
+                .set_shard_revisions(&shard.name, revs.current, revs.compacted);
+        }
     }
+    let store = &core.shards.default_shard().store;
     let now = now_ms();
     match store
         .try_lock("lease-expirer", owner, now, EXPIRER_LOCK_MS)
@@ -62,40 +75,113 @@ async fn expire_leases(core: &Core, owner: &str) {
             return;
         }
     };
+    let default = core.shards.default_id();
     for id in expired {
+        // The default shard decides (a KeepAlive may have renewed it).
         match core
-            .shard
-            .writer
-            .write(WriteRequest::LeaseExpire { id, now_ms: now })
+            .shards
+            .write(default, WriteRequest::LeaseExpire { id, now_ms: now })
             .await
         {
-            Ok(_) => {
+            Ok(WriteResponse::LeaseExpire { expired: true, .. }) => {
                 core.metrics.leases_expired.inc();
-                info!(lease = id, "lease expired")
+                info!(lease = id, "lease expired");
+                orphans.insert(id);
             }
+            Ok(_) => {}
             Err(e) => warn!(lease = id, error = %e, "lease expiry failed; will retry"),
         }
     }
+    if core.shards.len() > 1 {
+        let pending: Vec<i64> = orphans.iter().copied().collect();
+        for id in pending {
+            match expire_copies(core, id).await {
+                Ok(()) => {
+                    orphans.remove(&id);
+                }
+                Err(e) => {
+                    warn!(lease = id, error = %e, "lease expiry: keys on other shards not removed yet; will retry")
+                }
+            }
+        }
+    } else {
+        orphans.clear();
+    }
 }
 
-async fn purge_history(core: &Core, purged_to: i64) -> i64 {
-    let compacted = match core.shard.store.revisions().await {
-        Ok(revs) => revs.compacted,
-        Err(_) => return purged_to,
-    };
-    if compacted <= purged_to {
-        return purged_to;
-    }
-    match core
-        .shard
+/// Finds lease copies on non-default shards whose lease is gone (an expiry
+/// by a router that stopped before removing them), while holding the
+/// expirer lock, and queues them for removal.
+async fn find_orphan_copies(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
+    let default = core.shards.default_shard();
+    match default
         .store
-        .purge_compacted(compacted, core.options.compaction_batch_revisions)
+        .try_lock("lease-expirer", owner, now_ms(), EXPIRER_LOCK_MS)
         .await
     {
-        Ok(_) => compacted,
-        Err(e) => {
-            warn!(error = %e, "compaction: history purge failed; will retry");
-            purged_to
+        Ok(true) => {}
+        _ => return,
+    }
+    // Copies first, then the leases: a grant writes the lease before its
+    // copies, so a copy seen here whose lease is missing afterwards really
+    // lost its lease (and is not one being granted right now).
+    let mut copies = Vec::new();
+    for (id, shard) in core.shards.all() {
+        if id == core.shards.default_id() {
+            continue;
+        }
+        match shard.store.lease_list().await {
+            Ok(ids) => copies.extend(ids),
+            Err(_) => return,
+        }
+    }
+    let Ok(live) = default.store.lease_list().await else {
+        return;
+    };
+    let live: BTreeSet<i64> = live.into_iter().collect();
+    orphans.extend(copies.into_iter().filter(|lease| !live.contains(lease)));
+}
+
+/// Brings every shard to the highest compaction mark among them (a Compact
+/// that failed on some shard) and removes compacted history.
+async fn finish_compactions(core: &Core, purged_to: &mut [i64]) {
+    let shards = &core.shards;
+    let mut marks = Vec::with_capacity(shards.len());
+    for (id, shard) in shards.all() {
+        match shard.store.revisions().await {
+            Ok(revs) => marks.push((id, revs.compacted)),
+            Err(_) => return,
+        }
+    }
+    let highest = marks.iter().map(|(_, c)| *c).max().unwrap_or(0);
+    for (id, compacted) in &marks {
+        if *compacted < highest {
+            let repaired = async {
+                shards.raise(*id, highest).await?;
+                shards
+                    .write(*id, WriteRequest::Compact { revision: highest })
+                    .await
+            }
+            .await;
+            if let Err(e) = repaired {
+                warn!(shard = %shards.get(*id).name, revision = highest, error = %e, "compaction: cannot bring shard to the compaction mark; will retry");
+                continue;
+            }
+        }
+        let done = &mut purged_to[id.index()];
+        if highest <= *done {
+            continue;
+        }
+        match shards
+            .get(*id)
+            .store
+            .purge_compacted(highest, core.options.compaction_batch_revisions)
+            .await
+        {
+            Ok(_) => *done = highest,
+            Err(e) => {
+                warn!(shard = %shards.get(*id).name, error = %e, "compaction: history purge failed; will retry")
+            }
         }
     }
 }

@@ -84,6 +84,15 @@ pub fn shard_status(e: ShardError) -> Status {
     }
 }
 
+/// A Txn whose keys live on several shards: kubeshard commits a Txn
+/// atomically inside one shard's database and has no atomic commit across
+/// databases, so it refuses rather than half-apply (docs/topology.md).
+pub fn cross_shard_txn(shards: &str) -> Status {
+    Status::invalid_argument(format!(
+        "kubeshard: a transaction may not span shards; its keys live on shards {shards}"
+    ))
+}
+
 /// The answer for etcd RPCs that kubeshard does not offer.
 pub fn unimplemented(rpc: &str, why: &str) -> Status {
     Status::unimplemented(format!("kubeshard does not implement {rpc}: {why}"))

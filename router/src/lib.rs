@@ -1,14 +1,18 @@
 //! The kubeshard router: serves the etcd v3 gRPC API over SQL shards.
 //!
 //! A request's route: `server/<service>.rs` validates it (`validate.rs`),
-//! then reads go to the shard's store and writes to the shard's writer actor
-//! (crate `kubeshard-shard-worker`); errors become etcd's answers in `error.rs`.
+//! `shards.rs` picks its shard(s) from the topology and keeps one revision
+//! space over them; reads go to the shards' stores and writes to their
+//! writer actors (crate `kubeshard-shard-worker`); ranges and watches that
+//! span shards are merged in `server/kv.rs` and `server/watch.rs`; errors
+//! become etcd's answers in `error.rs`.
 #![forbid(unsafe_code)]
 
 mod background;
 pub mod error;
 pub mod metrics;
 pub mod server;
+pub mod shards;
 pub mod validate;
 
 pub use server::{ETCD_VERSION, RunningServer, ServeError, start};

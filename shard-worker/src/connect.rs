@@ -13,14 +13,17 @@ use tracing::info;
 
 use crate::dialect;
 use crate::error::{Result, ShardError};
-use crate::store::{ShardStore, SqlShard};
+use crate::store::{RevisionClass, ShardStore, SqlShard};
 
 /// Connections per shard pool (reads share them; the writer actor uses one).
 const POOL_SIZE: u32 = 16;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens the store of one shard, creating database and schema when missing.
-pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
+///
+/// `class` says which revisions the shard hands out ([`RevisionClass::ALL`]
+/// for a topology of one shard).
+pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc<dyn ShardStore>> {
     match endpoint {
         Endpoint::Sqlite { path } => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -57,7 +60,7 @@ pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
                 .connect_with(write_options)
                 .await?;
             spawn_sqlite_checkpointer(pool.clone());
-            let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, class);
             let version = shard.migrate().await?;
             info!(backend = "sqlite", path = %path.display(), schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -76,7 +79,7 @@ pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, write_pool, &dialect::Postgres);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, class);
             let version = shard.migrate().await?;
             info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -104,7 +107,7 @@ pub async fn open_store(endpoint: &Endpoint) -> Result<Arc<dyn ShardStore>> {
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, write_pool, &dialect::Mysql);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Mysql, class);
             let version = shard.migrate().await?;
             info!(backend = "mysql", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))

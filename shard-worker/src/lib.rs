@@ -14,7 +14,9 @@ pub mod writer;
 pub use connect::open_store;
 pub use error::{Result, ShardError};
 pub use keys::KeyRange;
-pub use store::{EventPage, LeaseRecord, Revisions, ShardStore, WriteRequest, WriteResponse};
+pub use store::{
+    EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WriteRequest, WriteResponse,
+};
 pub use watch::{EventBatch, WatchHub};
 pub use writer::ShardWriter;
 

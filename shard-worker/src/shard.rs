@@ -8,7 +8,7 @@ use kubeshard_config::Endpoint;
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
-use crate::store::ShardStore;
+use crate::store::{RevisionClass, ShardStore};
 use crate::watch::{WatchHub, run_poller};
 use crate::writer::ShardWriter;
 
@@ -25,8 +25,13 @@ pub struct Shard {
 impl Shard {
     /// Opens the database (creating it when missing) and starts the writer
     /// actor and the watch poller.
-    pub async fn open(name: &str, endpoint: &Endpoint, poll_interval: Duration) -> Result<Self> {
-        let store = crate::connect::open_store(endpoint).await?;
+    pub async fn open(
+        name: &str,
+        endpoint: &Endpoint,
+        class: RevisionClass,
+        poll_interval: Duration,
+    ) -> Result<Self> {
+        let store = crate::connect::open_store(endpoint, class).await?;
         Self::start(name, store, poll_interval).await
     }
 

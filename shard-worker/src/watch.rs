@@ -80,6 +80,18 @@ impl WatchHub {
         Ok(target)
     }
 
+    /// Waits until everything up to `target` has been published (the
+    /// caller makes sure the shard's counter gets there).
+    pub async fn wait_closed(&self, target: i64) {
+        if self.closed() >= target {
+            return;
+        }
+        self.wake();
+        let mut marks = self.closed.subscribe();
+        // The sender lives as long as the hub, which outlives this borrow.
+        let _ = marks.wait_for(|c| *c >= target).await;
+    }
+
     /// Whether any watch stream follows this hub.
     pub fn has_subscribers(&self) -> bool {
         let sender = self.publish.lock().unwrap_or_else(|p| p.into_inner());

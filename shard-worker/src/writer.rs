@@ -164,13 +164,23 @@ impl ShardWriter {
 
     /// Queues a write and waits for its commit.
     pub async fn write(&self, request: WriteRequest) -> Result<WriteResponse> {
+        let answer = self.submit(request)?;
+        answer
+            .await
+            .map_err(|_| ShardError::Stopped(self.shard.to_string()))?
+    }
+
+    /// Queues a write without waiting: writes submitted one after the other
+    /// are applied in that order. The receiver gets the answer after commit.
+    pub fn submit(
+        &self,
+        request: WriteRequest,
+    ) -> Result<oneshot::Receiver<Result<WriteResponse>>> {
         let (reply, answer) = oneshot::channel();
         self.actor
             .send_message(WriterMessage::Write { request, reply })
             .map_err(|_| ShardError::Stopped(self.shard.to_string()))?;
-        answer
-            .await
-            .map_err(|_| ShardError::Stopped(self.shard.to_string()))?
+        Ok(answer)
     }
 
     /// Stops the actor after the requests already queued.

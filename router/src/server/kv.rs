@@ -1,18 +1,27 @@
-//! etcd's KV service: Range, Put, DeleteRange, Txn, Compact.
+//! etcd's KV service: Range, Put, DeleteRange, Txn, Compact, routed to the
+//! shards of their keys. A range over several shards is read from all of
+//! them at one revision and merged; a Txn must stay inside one shard.
 
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use futures::future::join_all;
+use kubeshard_config::ShardId;
 use kubeshard_proto::etcdserverpb::kv_server::Kv;
+use kubeshard_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use kubeshard_proto::etcdserverpb::request_op::Request as Op;
 use kubeshard_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, RangeStreamResponse, TxnRequest, TxnResponse,
 };
-use kubeshard_shard_worker::{WriteRequest, WriteResponse};
+use kubeshard_proto::mvccpb::KeyValue;
+use kubeshard_shard_worker::{ShardError, WriteRequest, WriteResponse};
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use super::Core;
-use crate::error::{shard_status, unimplemented};
+use crate::error::{EtcdError, cross_shard_txn, shard_status, unimplemented};
 use crate::validate;
 
 #[derive(Debug)]
@@ -25,13 +34,186 @@ impl KvService {
         KvService { core }
     }
 
-    async fn write(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
+    async fn write(&self, id: ShardId, request: WriteRequest) -> Result<WriteResponse, Status> {
         self.core
-            .shard
-            .writer
-            .write(request)
+            .shards
+            .write(id, request)
             .await
             .map_err(shard_status)
+    }
+
+    /// A range inside one shard, with a header no lower than the floor.
+    async fn range_one(
+        &self,
+        id: ShardId,
+        request: &RangeRequest,
+    ) -> Result<RangeResponse, Status> {
+        let shards = &self.core.shards;
+        let mut target = shards.floor();
+        if request.revision > target {
+            // Another router may have written up to it.
+            target = shards.refresh().await.map_err(shard_status)?;
+        }
+        shards.raise(id, target).await.map_err(shard_status)?;
+        let response = shards
+            .get(id)
+            .store
+            .range(request)
+            .await
+            .map_err(shard_status)?;
+        if let Some(h) = &response.header {
+            shards.observe(id, h.revision);
+        }
+        Ok(response)
+    }
+
+    /// A range over several shards: every shard is read at one revision R
+    /// (the floor, or the revision asked for) after lagging shards were
+    /// raised to it, and the answers are merged as one etcd would give them.
+    async fn range_many(
+        &self,
+        ids: &[ShardId],
+        request: &RangeRequest,
+    ) -> Result<RangeResponse, Status> {
+        let shards = &self.core.shards;
+        let mut floor = shards.floor();
+        if request.revision > floor {
+            floor = shards.refresh().await.map_err(shard_status)?;
+            if request.revision > floor {
+                return Err(EtcdError::FutureRevision.into());
+            }
+        }
+        let at = if request.revision > 0 {
+            request.revision
+        } else {
+            floor
+        };
+        shards
+            .raise_all(ids, floor.max(at))
+            .await
+            .map_err(shard_status)?;
+        let mut per_shard = request.clone();
+        per_shard.revision = at;
+        let sort_target = SortTarget::try_from(request.sort_target).unwrap_or(SortTarget::Key);
+        // Merging by value needs the values, even if the client wants none.
+        if request.keys_only && sort_target == SortTarget::Value {
+            per_shard.keys_only = false;
+        }
+        let reads = ids.iter().map(|id| {
+            let per_shard = &per_shard;
+            async move { (*id, shards.get(*id).store.range(per_shard).await) }
+        });
+        let mut answers = Vec::with_capacity(ids.len());
+        for (id, answer) in join_all(reads).await {
+            let answer = answer.map_err(shard_status)?;
+            if let Some(h) = &answer.header {
+                shards.observe(id, h.revision);
+            }
+            answers.push(answer);
+        }
+        let mut merged = merge_ranges(request, answers);
+        // A read at the current revision answers with the revision it was
+        // read at: a list at R then a watch from R+1 misses nothing.
+        if request.revision <= 0 {
+            merged.header = self.core.header(at);
+        } else {
+            self.core.fill(&mut merged.header);
+        }
+        Ok(merged)
+    }
+
+    /// The one shard of a Txn's keys, or etcd's answer for a Txn that
+    /// spans shards.
+    fn txn_shard(&self, txn: &TxnRequest) -> Result<ShardId, Status> {
+        let shards = &self.core.shards;
+        let mut ids = BTreeSet::new();
+        collect_txn_shards(shards, txn, &mut ids);
+        let mut iter = ids.iter();
+        match (iter.next(), iter.next()) {
+            (None, _) => Ok(shards.default_id()),
+            (Some(id), None) => Ok(*id),
+            _ => Err(cross_shard_txn(&shards.names(&ids))),
+        }
+    }
+}
+
+/// Every shard a Txn's compares and operations touch.
+fn collect_txn_shards(
+    shards: &crate::shards::Shards,
+    txn: &TxnRequest,
+    ids: &mut BTreeSet<ShardId>,
+) {
+    for c in &txn.compare {
+        ids.extend(shards.for_range(&c.key, &c.range_end));
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match &op.request {
+            Some(Op::RequestRange(r)) => ids.extend(shards.for_range(&r.key, &r.range_end)),
+            Some(Op::RequestPut(p)) => {
+                ids.insert(shards.route(&p.key));
+            }
+            Some(Op::RequestDeleteRange(d)) => ids.extend(shards.for_range(&d.key, &d.range_end)),
+            Some(Op::RequestTxn(t)) => collect_txn_shards(shards, t, ids),
+            None => {}
+        }
+    }
+}
+
+/// etcd's order of a sorted range: the sort target, then key order for
+/// ties (etcd sorts a key-ordered list stably), as the shards' SQL does.
+fn range_order(request: &RangeRequest) -> impl Fn(&KeyValue, &KeyValue) -> Ordering {
+    let target = SortTarget::try_from(request.sort_target).unwrap_or(SortTarget::Key);
+    let order = SortOrder::try_from(request.sort_order).unwrap_or(SortOrder::None);
+    move |a: &KeyValue, b: &KeyValue| {
+        let by_target = match target {
+            SortTarget::Key => Ordering::Equal,
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Value => a.value.cmp(&b.value),
+        };
+        match (order, target) {
+            (SortOrder::Descend, SortTarget::Key) => b.key.cmp(&a.key),
+            (SortOrder::Descend, _) => by_target.reverse().then_with(|| a.key.cmp(&b.key)),
+            _ => by_target.then_with(|| a.key.cmp(&b.key)),
+        }
+    }
+}
+
+/// Merges the answers of several shards to one range, as one store would
+/// have answered it: exact count, order, limit and `more`.
+fn merge_ranges(request: &RangeRequest, answers: Vec<RangeResponse>) -> RangeResponse {
+    // The lowest shard counter: every shard is at least there.
+    let mut header: Option<i64> = None;
+    let mut count = 0;
+    let mut more = false;
+    let mut kvs = Vec::new();
+    for answer in answers {
+        if let Some(h) = &answer.header {
+            header = Some(header.map_or(h.revision, |r| r.min(h.revision)));
+        }
+        count += answer.count;
+        more |= answer.more;
+        kvs.extend(answer.kvs);
+    }
+    kvs.sort_by(range_order(request));
+    if request.limit > 0 && kvs.len() as i64 > request.limit {
+        kvs.truncate(request.limit as usize);
+        more = true;
+    }
+    if request.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    RangeResponse {
+        header: header.map(|revision| kubeshard_proto::etcdserverpb::ResponseHeader {
+            revision,
+            ..Default::default()
+        }),
+        kvs,
+        more,
+        count,
     }
 }
 
@@ -50,13 +232,11 @@ impl Kv for KvService {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_range(&request)?;
-        let mut response = self
-            .core
-            .shard
-            .store
-            .range(&request)
-            .await
-            .map_err(shard_status)?;
+        let ids = self.core.shards.for_range(&request.key, &request.range_end);
+        let mut response = match ids.as_slice() {
+            [id] => self.range_one(*id, &request).await?,
+            _ => self.range_many(&ids, &request).await?,
+        };
         self.core.fill(&mut response.header);
         Ok(Response::new(response))
     }
@@ -78,7 +258,8 @@ impl Kv for KvService {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_put(&request)?;
-        match self.write(WriteRequest::Put(request)).await? {
+        let id = self.core.shards.route(&request.key);
+        match self.write(id, WriteRequest::Put(request)).await? {
             WriteResponse::Put(mut r) => {
                 self.core.fill(&mut r.header);
                 Ok(Response::new(r))
@@ -94,20 +275,35 @@ impl Kv for KvService {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_delete(&request)?;
-        match self.write(WriteRequest::DeleteRange(request)).await? {
-            WriteResponse::DeleteRange(mut r) => {
-                self.core.fill(&mut r.header);
-                Ok(Response::new(r))
+        let ids = self.core.shards.for_range(&request.key, &request.range_end);
+        // A delete over several shards runs shard by shard, each part with
+        // its own revision (there is no atomic commit across databases;
+        // docs/topology.md). Its answer is the sum of the parts.
+        let mut merged = DeleteRangeResponse::default();
+        for id in ids {
+            match self
+                .write(id, WriteRequest::DeleteRange(request.clone()))
+                .await?
+            {
+                WriteResponse::DeleteRange(r) => {
+                    merged.header = r.header;
+                    merged.deleted += r.deleted;
+                    merged.prev_kvs.extend(r.prev_kvs);
+                }
+                _ => return Err(unexpected("DeleteRange")),
             }
-            _ => Err(unexpected("DeleteRange")),
         }
+        merged.prev_kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        self.core.fill(&mut merged.header);
+        Ok(Response::new(merged))
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_txn(&request, self.core.limits.max_txn_ops)?;
-        match self.write(WriteRequest::Txn(request)).await? {
+        let id = self.txn_shard(&request)?;
+        match self.write(id, WriteRequest::Txn(request)).await? {
             WriteResponse::Txn(mut r) => {
                 self.core.fill(&mut r.header);
                 Ok(Response::new(r))
@@ -122,19 +318,50 @@ impl Kv for KvService {
     ) -> Result<Response<CompactionResponse>, Status> {
         let request = request.into_inner();
         let revision = request.revision;
-        let current = match self.write(WriteRequest::Compact { revision }).await? {
-            WriteResponse::Compact { revision } => revision,
-            _ => return Err(unexpected("Compact")),
-        };
+        let shards = self.core.shards.clone();
+        let current = shards.refresh().await.map_err(shard_status)?;
+        if revision > current {
+            return Err(EtcdError::FutureRevision.into());
+        }
+        // Every shard must accept `revision` as a past one.
+        let ids = shards.ids();
+        shards
+            .raise_all(&ids, revision)
+            .await
+            .map_err(shard_status)?;
+        let compactions = ids.iter().map(|id| {
+            let shards = &shards;
+            async move {
+                let answer = shards.write(*id, WriteRequest::Compact { revision }).await;
+                (*id, answer)
+            }
+        });
+        // The default shard's answer is the answer; another shard may
+        // already be compacted further by an earlier, partly failed Compact.
+        let mut header = shards.floor();
+        for (id, answer) in join_all(compactions).await {
+            match answer {
+                Ok(WriteResponse::Compact { revision }) => header = header.min(revision),
+                Ok(_) => return Err(unexpected("Compact")),
+                Err(ShardError::Compacted { .. }) if id != shards.default_id() => {}
+                Err(e) => return Err(shard_status(e)),
+            }
+        }
         // The compaction mark is committed: reads below it already fail.
         // Removing the rows can take a while; `physical` waits for it.
-        let store = self.core.shard.store.clone();
         let batch = self.core.options.compaction_batch_revisions;
         let purge = async move {
-            match store.purge_compacted(revision, batch).await {
-                Ok(rows) => tracing::info!(revision, rows, "compaction removed history"),
-                Err(e) => warn!(revision, error = %e, "compaction could not remove history yet"),
-            }
+            let purges = shards.all().map(|(_, shard)| async move {
+                match shard.store.purge_compacted(revision, batch).await {
+                    Ok(rows) => {
+                        tracing::info!(shard = %shard.name, revision, rows, "compaction removed history")
+                    }
+                    Err(e) => {
+                        warn!(shard = %shard.name, revision, error = %e, "compaction could not remove history yet")
+                    }
+                }
+            });
+            join_all(purges).await;
         };
         if request.physical {
             purge.await;
@@ -142,7 +369,128 @@ impl Kv for KvService {
             tokio::spawn(purge);
         }
         Ok(Response::new(CompactionResponse {
-            header: self.core.header(current),
+            header: self.core.header(header),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str, version: i64, create: i64, modified: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.into(),
+            version,
+            create_revision: create,
+            mod_revision: modified,
+            lease: 0,
+        }
+    }
+
+    fn answer(revision: i64, kvs: Vec<KeyValue>, count: i64, more: bool) -> RangeResponse {
+        RangeResponse {
+            header: Some(kubeshard_proto::etcdserverpb::ResponseHeader {
+                revision,
+                ..Default::default()
+            }),
+            kvs,
+            more,
+            count,
+        }
+    }
+
+    fn keys(r: &RangeResponse) -> Vec<String> {
+        r.kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn merge_orders_by_key_and_applies_the_limit() {
+        let request = RangeRequest {
+            limit: 3,
+            ..Default::default()
+        };
+        let merged = merge_ranges(
+            &request,
+            vec![
+                answer(
+                    9,
+                    vec![
+                        kv("a", "", 1, 2, 2),
+                        kv("c", "", 1, 3, 3),
+                        kv("e", "", 1, 4, 4),
+                    ],
+                    5,
+                    true,
+                ),
+                answer(
+                    7,
+                    vec![kv("b", "", 1, 5, 5), kv("d", "", 1, 6, 6)],
+                    2,
+                    false,
+                ),
+            ],
+        );
+        assert_eq!(keys(&merged), ["a", "b", "c"]);
+        assert_eq!(merged.count, 7);
+        assert!(merged.more);
+        assert_eq!(merged.header.map(|h| h.revision), Some(7));
+    }
+
+    #[test]
+    fn merge_without_limit_has_no_more() {
+        let request = RangeRequest::default();
+        let merged = merge_ranges(
+            &request,
+            vec![
+                answer(3, vec![kv("b", "", 1, 2, 2)], 1, false),
+                answer(3, vec![kv("a", "", 1, 3, 3)], 1, false),
+            ],
+        );
+        assert_eq!(keys(&merged), ["a", "b"]);
+        assert!(!merged.more);
+    }
+
+    #[test]
+    fn merge_sorts_like_the_shards() {
+        let data = || {
+            vec![
+                answer(
+                    9,
+                    vec![kv("a", "z", 3, 2, 8), kv("c", "m", 1, 3, 3)],
+                    2,
+                    false,
+                ),
+                answer(
+                    9,
+                    vec![kv("b", "m", 3, 5, 5), kv("d", "a", 2, 6, 6)],
+                    2,
+                    false,
+                ),
+            ]
+        };
+        let sorted = |target: SortTarget, order: SortOrder, keys_only: bool| {
+            let request = RangeRequest {
+                sort_target: target as i32,
+                sort_order: order as i32,
+                keys_only,
+                ..Default::default()
+            };
+            merge_ranges(&request, data())
+        };
+        let by_key_desc = sorted(SortTarget::Key, SortOrder::Descend, false);
+        assert_eq!(keys(&by_key_desc), ["d", "c", "b", "a"]);
+        // Ties on the target keep key order, ascending, in both directions.
+        let by_version_desc = sorted(SortTarget::Version, SortOrder::Descend, false);
+        assert_eq!(keys(&by_version_desc), ["a", "b", "d", "c"]);
+        let by_value = sorted(SortTarget::Value, SortOrder::None, true);
+        assert_eq!(keys(&by_value), ["d", "b", "c", "a"]);
+        assert!(by_value.kvs.iter().all(|kv| kv.value.is_empty()));
+        let by_mod_desc = sorted(SortTarget::Mod, SortOrder::Descend, false);
+        assert_eq!(keys(&by_mod_desc), ["a", "d", "b", "c"]);
     }
 }

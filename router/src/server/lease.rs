@@ -9,7 +9,7 @@ use kubeshard_proto::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
-use kubeshard_shard_worker::{WriteRequest, WriteResponse};
+use kubeshard_shard_worker::{ShardError, WriteRequest, WriteResponse};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,6 +34,51 @@ impl LeaseService {
     }
 }
 
+/// Revokes lease `id`: first the copies on the other shards (with their
+/// keys), then the lease itself on the default shard, so that a revoke that
+/// fails half-way leaves the lease alive and can simply be retried. Returns
+/// the revision after the revoke; LeaseNotFound if the lease does not exist.
+pub async fn revoke_everywhere(core: &Core, id: i64) -> Result<i64, ShardError> {
+    let shards = &core.shards;
+    let default = shards.default_id();
+    let copies = shards
+        .ids()
+        .into_iter()
+        .filter(|other| *other != default)
+        .map(|other| shards.write(other, WriteRequest::LeaseRevoke { id }));
+    let mut revision = 0;
+    for revoked in futures::future::join_all(copies).await {
+        match revoked {
+            Ok(r) => revision = revision.max(r.revision()),
+            Err(ShardError::LeaseNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let revoked = shards
+        .write(default, WriteRequest::LeaseRevoke { id })
+        .await?;
+    Ok(revision.max(revoked.revision()).max(shards.floor()))
+}
+
+/// Removes the copies of an expired lease (already gone from the default
+/// shard) and their keys from the other shards.
+pub async fn expire_copies(core: &Core, id: i64) -> Result<(), ShardError> {
+    let shards = &core.shards;
+    let default = shards.default_id();
+    let copies = shards
+        .ids()
+        .into_iter()
+        .filter(|other| *other != default)
+        .map(|other| shards.write(other, WriteRequest::LeaseRevoke { id }));
+    for revoked in futures::future::join_all(copies).await {
+        match revoked {
+            Ok(_) | Err(ShardError::LeaseNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn unexpected() -> Status {
     Status::internal("kubeshard: shard answered a lease request with another response type")
 }
@@ -55,28 +100,47 @@ impl Lease for LeaseService {
         } else {
             request.id
         };
-        let response = self
-            .core
-            .shard
-            .writer
-            .write(WriteRequest::LeaseGrant {
-                id,
-                ttl,
-                now_ms: now_ms(),
-            })
+        let now = now_ms();
+        let shards = &self.core.shards;
+        let grant = WriteRequest::LeaseGrant {
+            id,
+            ttl,
+            now_ms: now,
+        };
+        // The default shard holds the lease and decides; every other shard
+        // gets a copy so that a Put there can attach keys to it inside its
+        // own transaction (docs/architecture.md, "Leases across shards").
+        let response = shards
+            .write(shards.default_id(), grant.clone())
             .await
             .map_err(shard_status)?;
-        match response {
-            WriteResponse::LeaseGrant { id, ttl, revision } => {
-                Ok(Response::new(LeaseGrantResponse {
-                    header: self.core.header(revision),
-                    id,
-                    ttl,
-                    error: String::new(),
-                }))
+        let WriteResponse::LeaseGrant { id, ttl, revision } = response else {
+            return Err(unexpected());
+        };
+        let others: Vec<_> = shards
+            .ids()
+            .into_iter()
+            .filter(|other| *other != shards.default_id())
+            .collect();
+        let copies = others
+            .iter()
+            .map(|other| shards.write(*other, grant.clone()));
+        for copied in futures::future::join_all(copies).await {
+            match copied {
+                Ok(_) | Err(ShardError::LeaseExists) => {}
+                Err(e) => {
+                    // Undo what was granted; the lease never existed.
+                    let _ = revoke_everywhere(&self.core, id).await;
+                    return Err(shard_status(e));
+                }
             }
-            _ => Err(unexpected()),
         }
+        Ok(Response::new(LeaseGrantResponse {
+            header: self.core.header(revision.max(shards.floor())),
+            id,
+            ttl,
+            error: String::new(),
+        }))
     }
 
     async fn lease_revoke(
@@ -84,19 +148,12 @@ impl Lease for LeaseService {
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let id = request.into_inner().id;
-        match self
-            .core
-            .shard
-            .writer
-            .write(WriteRequest::LeaseRevoke { id })
+        let revision = revoke_everywhere(&self.core, id)
             .await
-            .map_err(shard_status)?
-        {
-            WriteResponse::LeaseRevoke { revision } => Ok(Response::new(LeaseRevokeResponse {
-                header: self.core.header(revision),
-            })),
-            _ => Err(unexpected()),
-        }
+            .map_err(shard_status)?;
+        Ok(Response::new(LeaseRevokeResponse {
+            header: self.core.header(revision),
+        }))
     }
 
     type LeaseKeepAliveStream = ReceiverStream<Result<LeaseKeepAliveResponse, Status>>;
@@ -111,19 +168,22 @@ impl Lease for LeaseService {
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 let Ok(message) = message else { break };
-                let store = &core.shard.store;
                 let answer = async {
+                    let store = &core.shards.default_shard().store;
                     // An unknown or expired lease answers TTL 0, as in etcd.
-                    let ttl = store.lease_renew(message.id, now_ms()).await?.unwrap_or(0);
-                    let revision = store.revisions().await?.current;
-                    Ok::<_, kubeshard_shard_worker::ShardError>(LeaseKeepAliveResponse {
+                    let ttl = store
+                        .lease_renew(message.id, now_ms())
+                        .await
+                        .map_err(shard_status)?
+                        .unwrap_or(0);
+                    let revision = core.current_revision().await?;
+                    Ok::<_, Status>(LeaseKeepAliveResponse {
                         header: core.header(revision),
                         id: message.id,
                         ttl,
                     })
                 }
-                .await
-                .map_err(shard_status);
+                .await;
                 let failed = answer.is_err();
                 if tx.send(answer).await.is_err() || failed {
                     break;
@@ -138,7 +198,8 @@ impl Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let request = request.into_inner();
-        let store = &self.core.shard.store;
+        let shards = &self.core.shards;
+        let store = &shards.default_shard().store;
         let revision = self.core.current_revision().await?;
         let Some(lease) = store.lease_get(request.id).await.map_err(shard_status)? else {
             // Not an error in etcd: TTL -1 says the lease does not exist.
@@ -150,11 +211,17 @@ impl Lease for LeaseService {
                 keys: Vec::new(),
             }));
         };
-        let keys = if request.keys {
-            store.lease_keys(request.id).await.map_err(shard_status)?
-        } else {
-            Vec::new()
-        };
+        // The lease's keys may live on any shard.
+        let mut keys = Vec::new();
+        if request.keys {
+            let lookups = shards
+                .all()
+                .map(|(_, shard)| shard.store.lease_keys(request.id));
+            for found in futures::future::join_all(lookups).await {
+                keys.extend(found.map_err(shard_status)?);
+            }
+            keys.sort();
+        }
         let remaining = ((lease.expires_at_ms - now_ms()) / 1000).max(0);
         Ok(Response::new(LeaseTimeToLiveResponse {
             header: self.core.header(revision),
@@ -172,7 +239,8 @@ impl Lease for LeaseService {
         let revision = self.core.current_revision().await?;
         let leases = self
             .core
-            .shard
+            .shards
+            .default_shard()
             .store
             .lease_list()
             .await

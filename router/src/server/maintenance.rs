@@ -37,9 +37,17 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let store = &self.core.shard.store;
         let revision = self.core.current_revision().await?;
-        let db_size = store.db_size().await.map_err(shard_status)?;
+        // The store is every shard's database together.
+        let sizes = self
+            .core
+            .shards
+            .all()
+            .map(|(_, shard)| shard.store.db_size());
+        let mut db_size = 0;
+        for size in futures::future::join_all(sizes).await {
+            db_size += size.map_err(shard_status)?;
+        }
         Ok(Response::new(StatusResponse {
             header: self.core.header(revision),
             version: ETCD_VERSION.to_string(),
@@ -61,12 +69,9 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        self.core
-            .shard
-            .store
-            .defragment()
-            .await
-            .map_err(shard_status)?;
+        for (_, shard) in self.core.shards.all() {
+            shard.store.defragment().await.map_err(shard_status)?;
+        }
         let revision = self.core.current_revision().await?;
         Ok(Response::new(DefragmentResponse {
             header: self.core.header(revision),

@@ -3,7 +3,7 @@
 mod auth;
 mod cluster;
 mod kv;
-mod lease;
+pub(crate) mod lease;
 mod maintenance;
 mod watch;
 
@@ -19,7 +19,7 @@ use kubeshard_proto::etcdserverpb::kv_server::KvServer;
 use kubeshard_proto::etcdserverpb::lease_server::LeaseServer;
 use kubeshard_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use kubeshard_proto::etcdserverpb::watch_server::WatchServer;
-use kubeshard_shard_worker::{Shard, ShardError};
+use kubeshard_shard_worker::ShardError;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -28,6 +28,7 @@ use tracing::info;
 
 use crate::background;
 use crate::metrics::{GrpcMetricsLayer, Metrics};
+use crate::shards::Shards;
 use crate::validate::Limits;
 
 /// The etcd version kubeshard reports. kube-apiserver turns on watch progress
@@ -42,7 +43,7 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// State shared by all services of one router process.
 #[derive(Debug)]
 pub struct Core {
-    pub shard: Shard,
+    pub shards: Arc<Shards>,
     pub options: ServerOptions,
     pub limits: Limits,
     pub cluster_id: u64,
@@ -63,14 +64,21 @@ impl Core {
         })
     }
 
-    /// The shard's current revision, for headers of answers that read no keys.
+    /// The revision for headers of answers that read no keys (leases,
+    /// maintenance): the default shard's counter, or the router's floor if
+    /// that is higher, so that a header never goes back for a client of
+    /// this router.
     pub async fn current_revision(&self) -> Result<i64, tonic::Status> {
-        self.shard
+        let id = self.shards.default_id();
+        let revs = self
+            .shards
+            .get(id)
             .store
             .revisions()
             .await
-            .map(|revs| revs.current)
-            .map_err(crate::error::shard_status)
+            .map_err(crate::error::shard_status)?;
+        self.shards.observe(id, revs.current);
+        Ok(self.shards.floor())
     }
 
     /// Fills the identity fields of a header a shard returned.
@@ -103,14 +111,14 @@ pub enum ServeError {
         address: String,
         error: std::io::Error,
     },
-    #[error("shard {shard} ({endpoint}): {error}")]
+    #[error("{}shard {shard} ({endpoint}): {error}", .location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default())]
     Shard {
         shard: String,
         endpoint: String,
+        /// Where the shard is defined in the topology file.
+        location: Option<String>,
         error: ShardError,
     },
-    #[error("{0}")]
-    Topology(String),
     #[error("cannot create metrics: {0}")]
     Metrics(prometheus::Error),
     #[error("grpc server failed: {0}")]
@@ -153,7 +161,7 @@ impl RunningServer {
         if let Some(task) = self.metrics_task.take() {
             task.abort();
         }
-        self.core.shard.stop();
+        self.core.shards.stop();
         result
     }
 
@@ -166,28 +174,26 @@ impl RunningServer {
     }
 }
 
-/// Opens the shard, binds the listener and serves the etcd API.
+/// Opens the shards, binds the listener and serves the etcd API.
 pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> {
-    // Routing over several shards is being built (merged ranges, watches and
-    // one revision space across shards); until then a topology with more
-    // than one shard or with routes is refused rather than half-served.
-    let topology = &options.topology;
-    if topology.shards().len() > 1 || !topology.routes().is_empty() {
-        return Err(ServeError::Topology(format!(
-            "{}: this kubeshard serves one shard; routing over {} shards with {} routes is not available yet",
-            topology.source().unwrap_or("topology"),
-            topology.shards().len(),
-            topology.routes().len()
-        )));
+    let topology = options.topology.clone();
+    info!(
+        listen_address = %options.listen_address,
+        shards = topology.shards().len(),
+        routes = topology.routes().len(),
+        topology = topology.source().unwrap_or("--endpoint"),
+        "starting kubeshard"
+    );
+    for spec in topology.shards() {
+        info!(shard = %spec.name, backend = %spec.endpoint.backend(), endpoint = %spec.endpoint, "shard");
     }
-    let endpoint = options.endpoint.clone();
-    info!(listen_address = %options.listen_address, backend = %endpoint.backend(), endpoint = %endpoint, "starting kubeshard");
-    let shard = Shard::open("default", &endpoint, options.watch_poll_interval)
+    let shards = Shards::open(topology, options.watch_poll_interval)
         .await
-        .map_err(|error| ServeError::Shard {
-            shard: "default".into(),
-            endpoint: endpoint.to_string(),
-            error,
+        .map_err(|e| ServeError::Shard {
+            shard: e.shard,
+            endpoint: e.endpoint,
+            location: e.location,
+            error: e.error,
         })?;
     let listener = TcpListener::bind(&options.listen_address)
         .await
@@ -212,8 +218,9 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         }
         None => (None, None),
     };
+    let endpoint = options.endpoint.clone();
     let core = Arc::new(Core {
-        shard,
+        shards,
         limits: Limits {
             max_request_bytes: options.max_request_bytes,
             max_txn_ops: options.max_txn_ops,

@@ -1,13 +1,22 @@
 //! etcd's Watch service. One session per gRPC stream multiplexes any number
-//! of watches; it follows the shard's event broadcast in revision order, so
-//! every watch sees each event once, in order, and a progress answer at H
-//! means every watch of the stream has received everything up to H.
+//! of watches and follows the event broadcast of every shard.
+//!
+//! Each shard's broadcast comes with a mark: every event of that shard at or
+//! below it has arrived. A watch covers the shards its range may live on; it
+//! queues their events and sends them once every one of those shards has
+//! passed them, merged in revision order, so it sees each event once, in
+//! order. A watch waiting for an idle shard asks the router to raise that
+//! shard (`Shards::advance`). A progress answer at H goes out only when
+//! every shard behind the stream's watches has passed H.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::join_all;
+use futures::stream::select_all;
+use kubeshard_config::ShardId;
 use kubeshard_proto::etcdserverpb::watch_create_request::FilterType;
 use kubeshard_proto::etcdserverpb::watch_request::RequestUnion;
 use kubeshard_proto::etcdserverpb::watch_server::Watch;
@@ -15,18 +24,19 @@ use kubeshard_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchRespo
 use kubeshard_proto::mvccpb::Event;
 use kubeshard_proto::mvccpb::event::EventType;
 use kubeshard_shard_worker::{EventBatch, KeyRange, ShardError};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use super::Core;
 use crate::error::shard_status;
+use crate::shards::Shards;
 
 /// Events read from history per page while a watch catches up.
 const HISTORY_PAGE: usize = 1000;
-/// How long a progress request may wait for the shard's events to be published.
+/// How long a progress request may wait for the shards' events to be published.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
@@ -51,12 +61,14 @@ impl Watch for WatchService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let session = Session {
+            shards: self.core.shards.clone(),
             core: self.core.clone(),
             tx,
             watchers: BTreeMap::new(),
             next_id: 0,
-            closed: 0,
+            marks: vec![0; self.core.shards.len()],
             progress_waiting: Vec::new(),
+            last_progress: 0,
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -66,6 +78,10 @@ impl Watch for WatchService {
 #[derive(Debug)]
 struct Watcher {
     range: KeyRange,
+    /// The shards the range may live on, and per shard the events received
+    /// but not sent yet (in revision order).
+    shards: Vec<ShardId>,
+    queues: Vec<VecDeque<Event>>,
     /// The lowest revision this watch has not been sent yet.
     next: i64,
     no_put: bool,
@@ -93,6 +109,51 @@ impl Watcher {
         }
         event
     }
+
+    /// Queues the events of the shard at `pos` in `shards` that this watch wants.
+    fn enqueue(&mut self, pos: usize, events: &[Event]) {
+        let wanted: Vec<Event> = events
+            .iter()
+            .filter(|e| self.wants(e))
+            .map(|e| self.shape(e))
+            .collect();
+        if let Some(queue) = self.queues.get_mut(pos) {
+            queue.extend(wanted);
+        }
+    }
+
+    /// Takes the queued events at or below `bound`, in revision order.
+    fn take_until(&mut self, bound: i64) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut sources = 0;
+        for queue in &mut self.queues {
+            let before = out.len();
+            while queue.front().is_some_and(|e| revision(e) <= bound) {
+                if let Some(e) = queue.pop_front() {
+                    out.push(e);
+                }
+            }
+            sources += usize::from(out.len() > before);
+        }
+        if sources > 1 {
+            // Events of one revision come from one shard: a stable sort
+            // keeps their order inside the revision.
+            out.sort_by_key(revision);
+        }
+        out
+    }
+
+    /// The highest revision queued, if any.
+    fn highest_queued(&self) -> Option<i64> {
+        self.queues
+            .iter()
+            .filter_map(|q| q.back().map(revision))
+            .max()
+    }
+}
+
+fn revision(event: &Event) -> i64 {
+    event.kv.as_ref().map_or(0, |kv| kv.mod_revision)
 }
 
 /// The client went away: the session ends.
@@ -100,21 +161,31 @@ struct Gone;
 
 struct Session {
     core: Arc<Core>,
+    shards: Arc<Shards>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
-    /// Every event at or below this revision has been handled for all watchers.
-    closed: i64,
-    /// Revisions of progress requests waiting for `closed` to reach them.
+    /// Per shard: every event of the shard at or below this revision has
+    /// been queued for (or sent to) the watches covering the shard.
+    marks: Vec<i64>,
+    /// Revisions of progress requests waiting for the marks to reach them.
     progress_waiting: Vec<i64>,
+    /// The last progress answer (answers never go back).
+    last_progress: i64,
 }
 
 impl Session {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
-        let hub = self.core.shard.hub.clone();
-        let (closed, mut events) = hub.subscribe();
+        let mut streams = Vec::with_capacity(self.shards.len());
+        for (id, shard) in self.shards.all() {
+            let (closed, receiver) = shard.hub.subscribe();
+            self.marks[id.index()] = closed;
+            let stream =
+                tokio_stream::wrappers::BroadcastStream::new(receiver).map(move |item| (id, item));
+            streams.push(stream);
+        }
+        let mut events = select_all(streams);
         self.core.metrics.watch_streams.inc();
-        self.closed = closed;
         let (progress_tx, mut progress_rx) = mpsc::channel::<i64>(16);
         let period = self.core.options.progress_notify_interval;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -124,11 +195,11 @@ impl Session {
                     Some(Ok(request)) => self.on_request(request, &progress_tx).await,
                     _ => Err(Gone),
                 },
-                batch = events.recv() => match batch {
-                    Ok(batch) => self.on_batch(&batch).await,
+                batch = events.next() => match batch {
+                    Some((id, Ok(batch))) => self.on_batch(id, &batch).await,
                     // The next batch shows the gap, which is then read from history.
-                    Err(RecvError::Lagged(_)) => Ok(()),
-                    Err(RecvError::Closed) => Err(Gone),
+                    Some((_, Err(BroadcastStreamRecvError::Lagged(_)))) => Ok(()),
+                    None => Err(Gone),
                 },
                 Some(target) = progress_rx.recv() => {
                     self.progress_waiting.push(target);
@@ -149,12 +220,36 @@ impl Session {
         self.tx.send(Ok(response)).await.map_err(|_| Gone)
     }
 
+    /// Ends the stream with a database error: etcd's Go client re-creates
+    /// the stream and resumes every watch from its last revision.
+    async fn fail(&self, e: ShardError) -> Result<(), Gone> {
+        let _ = self.tx.send(Err(shard_status(e))).await;
+        Err(Gone)
+    }
+
     fn response(&self, revision: i64, watch_id: i64) -> WatchResponse {
         WatchResponse {
             header: self.core.header(revision),
             watch_id,
             ..Default::default()
         }
+    }
+
+    /// Every shard some watch of this stream covers.
+    fn covered_shards(&self) -> BTreeSet<ShardId> {
+        self.watchers
+            .values()
+            .flat_map(|w| w.shards.iter().copied())
+            .collect()
+    }
+
+    /// The revision up to which watch `w` has every event of its shards.
+    fn complete_to(&self, w: &Watcher) -> i64 {
+        w.shards
+            .iter()
+            .map(|id| self.marks[id.index()])
+            .min()
+            .unwrap_or(0)
     }
 
     async fn on_request(
@@ -168,26 +263,25 @@ impl Session {
                 // etcd answers only the cancellation of a watch that exists.
                 if self.watchers.remove(&cancel.watch_id).is_some() {
                     self.core.metrics.watches.dec();
-                    let mut r = self.response(self.closed, cancel.watch_id);
+                    let mut r = self.response(self.shards.floor(), cancel.watch_id);
                     r.canceled = true;
                     self.send(r).await?;
                 }
                 Ok(())
             }
             Some(RequestUnion::ProgressRequest(_)) => {
-                // Find the shard's current revision and wait, off this loop,
-                // until its events are published; the answer goes out once
-                // this stream has handled them too.
-                let core = self.core.clone();
+                // Find the revision every covered shard must reach and get
+                // them there, off this loop; the answer goes out once this
+                // stream has passed it on every covered shard.
+                let shards = self.shards.clone();
+                let covered: Vec<ShardId> = self.covered_shards().into_iter().collect();
                 let progress_tx = progress_tx.clone();
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
-                    let synced = tokio::time::timeout(
-                        PROGRESS_TIMEOUT,
-                        core.shard.hub.sync(core.shard.store.as_ref()),
-                    )
-                    .await;
-                    match synced {
+                    let reached =
+                        tokio::time::timeout(PROGRESS_TIMEOUT, progress_target(&shards, &covered))
+                            .await;
+                    match reached {
                         Ok(Ok(target)) => {
                             let _ = progress_tx.send(target).await;
                         }
@@ -210,19 +304,15 @@ impl Session {
     }
 
     async fn create(&mut self, create: WatchCreateRequest) -> Result<(), Gone> {
-        let revs = match self.core.shard.store.revisions().await {
+        let shards = self.shards.clone();
+        let ids = shards.for_range(&create.key, &create.range_end);
+        let (current, compacted) = match watch_start(&shards, &ids).await {
             Ok(revs) => revs,
-            // Ending the stream with Unavailable (rather than canceling this
-            // watch) lets etcd's Go client re-create the stream and resume
-            // every watch from its last revision without telling the caller.
-            Err(e) => {
-                let _ = self.tx.send(Err(shard_status(e))).await;
-                return Err(Gone);
-            }
+            Err(e) => return self.fail(e).await,
         };
         let id = if create.watch_id != 0 {
             if self.watchers.contains_key(&create.watch_id) {
-                let mut r = self.response(revs.current, -1);
+                let mut r = self.response(current, -1);
                 r.created = true;
                 r.canceled = true;
                 r.cancel_reason = "mvcc: duplicate watch ID provided on the WatchStream".into();
@@ -238,18 +328,20 @@ impl Session {
             id
         };
         let start = if create.start_revision <= 0 {
-            revs.current + 1
+            current + 1
         } else {
             create.start_revision
         };
-        let mut created = self.response(revs.current, id);
+        let mut created = self.response(current, id);
         created.created = true;
         self.send(created).await?;
-        if start < revs.compacted {
-            return self.cancel_compacted(id, revs.compacted).await;
+        if start < compacted {
+            return self.cancel_compacted(id, compacted).await;
         }
         let watcher = Watcher {
             range: KeyRange::new(&create.key, &create.range_end),
+            queues: vec![VecDeque::new(); ids.len()],
+            shards: ids,
             next: start,
             no_put: create.filters.contains(&(FilterType::Noput as i32)),
             no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
@@ -257,48 +349,66 @@ impl Session {
             progress_notify: create.progress_notify,
             sent_since_tick: false,
         };
-        let catch_up = watcher.next <= self.closed;
+        let catch_up = watcher
+            .shards
+            .iter()
+            .any(|s| start <= self.marks[s.index()]);
         self.watchers.insert(id, watcher);
         self.core.metrics.watches.inc();
         if catch_up {
             self.catch_up(id).await?;
         }
-        Ok(())
+        self.release(id).await
     }
 
-    /// Sends a watch its history from its start up to `closed`.
+    /// Queues a new watch's history from its start up to the stream's mark
+    /// of each of its shards, page by page, sending what every shard has
+    /// been read up to as it goes.
     async fn catch_up(&mut self, id: i64) -> Result<(), Gone> {
-        let store = self.core.shard.store.clone();
+        let Some(w) = self.watchers.get(&id) else {
+            return Ok(());
+        };
+        let range = w.range.clone();
+        let shards = w.shards.clone();
+        let marks: Vec<i64> = shards.iter().map(|s| self.marks[s.index()]).collect();
+        let mut cursors = vec![w.next; shards.len()];
         loop {
-            let Some(w) = self.watchers.get(&id) else {
-                return Ok(());
-            };
-            if w.next > self.closed {
-                return Ok(());
-            }
-            match store
-                .history(&w.range, w.next, self.closed, HISTORY_PAGE)
-                .await
-            {
-                Ok(page) => {
-                    self.deliver_to(id, &page.events, page.closed).await?;
-                    if !page.more {
+            for (pos, shard) in shards.iter().enumerate() {
+                let Some(w) = self.watchers.get(&id) else {
+                    return Ok(());
+                };
+                if cursors[pos] > marks[pos] || !w.queues[pos].is_empty() {
+                    continue;
+                }
+                let store = &self.shards.get(*shard).store;
+                match store
+                    .history(&range, cursors[pos], marks[pos], HISTORY_PAGE)
+                    .await
+                {
+                    Ok(page) => {
                         if let Some(w) = self.watchers.get_mut(&id) {
-                            w.next = w.next.max(self.closed + 1);
+                            w.enqueue(pos, &page.events);
                         }
-                        return Ok(());
+                        cursors[pos] = if page.more {
+                            page.closed + 1
+                        } else {
+                            marks[pos] + 1
+                        };
                     }
-                }
-                Err(ShardError::Compacted { compact_revision }) => {
-                    if self.watchers.remove(&id).is_some() {
-                        self.core.metrics.watches.dec();
+                    Err(ShardError::Compacted { compact_revision }) => {
+                        if self.watchers.remove(&id).is_some() {
+                            self.core.metrics.watches.dec();
+                        }
+                        return self.cancel_compacted(id, compact_revision).await;
                     }
-                    return self.cancel_compacted(id, compact_revision).await;
+                    Err(e) => return self.fail(e).await,
                 }
-                Err(e) => {
-                    let _ = self.tx.send(Err(shard_status(e))).await;
-                    return Err(Gone);
-                }
+            }
+            // Every shard has been read up to here.
+            let bound = cursors.iter().map(|c| c - 1).min().unwrap_or(0);
+            self.flush(id, bound).await?;
+            if cursors.iter().zip(&marks).all(|(c, m)| c > m) {
+                return Ok(());
             }
         }
     }
@@ -311,97 +421,170 @@ impl Session {
         self.send(r).await
     }
 
-    async fn on_batch(&mut self, batch: &EventBatch) -> Result<(), Gone> {
-        if batch.closed <= self.closed {
+    async fn on_batch(&mut self, shard: ShardId, batch: &EventBatch) -> Result<(), Gone> {
+        let index = shard.index();
+        if batch.closed <= self.marks[index] {
             return Ok(());
         }
-        if batch.after > self.closed {
-            self.fill_gap(batch.after).await?;
+        if batch.after > self.marks[index] {
+            self.fill_gap(shard, batch.after).await?;
         }
-        let ids: Vec<i64> = self.watchers.keys().copied().collect();
-        for id in ids {
-            self.deliver_to(id, &batch.events, batch.closed).await?;
-        }
-        self.closed = batch.closed;
+        self.enqueue_all(shard, &batch.events);
+        self.marks[index] = batch.closed;
+        self.release_covering(shard).await?;
         self.answer_progress().await
     }
 
-    /// This stream fell behind the broadcast: read the missed revisions
-    /// (closed, to] from history, for all watches at once.
-    async fn fill_gap(&mut self, to: i64) -> Result<(), Gone> {
+    /// Queues `events` of `shard` for every watch covering it.
+    fn enqueue_all(&mut self, shard: ShardId, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        for w in self.watchers.values_mut() {
+            if let Some(pos) = w.shards.iter().position(|s| *s == shard) {
+                w.enqueue(pos, events);
+            }
+        }
+    }
+
+    /// This stream fell behind a shard's broadcast: read the missed
+    /// revisions (mark, to] of that shard from history, for all watches.
+    async fn fill_gap(&mut self, shard: ShardId, to: i64) -> Result<(), Gone> {
         let everything = KeyRange::Span {
             start: Vec::new(),
             end: None,
         };
-        let store = self.core.shard.store.clone();
-        while self.closed < to {
+        let index = shard.index();
+        let store = self.shards.get(shard).store.clone();
+        while self.marks[index] < to {
             match store
-                .history(&everything, self.closed + 1, to, HISTORY_PAGE)
+                .history(&everything, self.marks[index] + 1, to, HISTORY_PAGE)
                 .await
             {
                 Ok(page) => {
-                    let ids: Vec<i64> = self.watchers.keys().copied().collect();
-                    for id in ids {
-                        self.deliver_to(id, &page.events, page.closed).await?;
-                    }
-                    self.closed = page.closed.max(self.closed);
-                    if !page.more {
-                        self.closed = to;
-                    }
+                    self.enqueue_all(shard, &page.events);
+                    self.marks[index] = if page.more {
+                        page.closed.max(self.marks[index])
+                    } else {
+                        to
+                    };
+                    self.release_covering(shard).await?;
                 }
                 Err(ShardError::Compacted { compact_revision }) => {
-                    let ids: Vec<i64> = self.watchers.keys().copied().collect();
+                    let ids: Vec<i64> = self
+                        .watchers
+                        .iter()
+                        .filter(|(_, w)| w.shards.contains(&shard))
+                        .map(|(id, _)| *id)
+                        .collect();
                     for id in ids {
                         if self.watchers.remove(&id).is_some() {
                             self.core.metrics.watches.dec();
                         }
                         self.cancel_compacted(id, compact_revision).await?;
                     }
-                    self.closed = to;
+                    self.marks[index] = to;
                 }
-                Err(e) => {
-                    let _ = self.tx.send(Err(shard_status(e))).await;
-                    return Err(Gone);
+                Err(e) => return self.fail(e).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what every watch covering `shard` can have now.
+    async fn release_covering(&mut self, shard: ShardId) -> Result<(), Gone> {
+        let ids: Vec<i64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.shards.contains(&shard))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.release(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends watch `id` its queued events up to where all its shards are
+    /// complete; if some wait for an idle shard, asks for it to be raised.
+    async fn release(&mut self, id: i64) -> Result<(), Gone> {
+        let Some(w) = self.watchers.get(&id) else {
+            return Ok(());
+        };
+        let bound = self.complete_to(w);
+        self.flush(id, bound).await?;
+        let Some(w) = self.watchers.get(&id) else {
+            return Ok(());
+        };
+        if let Some(waiting_for) = w.highest_queued() {
+            for shard in &w.shards {
+                if self.marks[shard.index()] < waiting_for {
+                    self.shards.advance(*shard, waiting_for);
                 }
             }
         }
         Ok(())
     }
 
-    /// Sends watch `id` the events it wants and moves it past `closed`.
-    async fn deliver_to(&mut self, id: i64, events: &[Event], closed: i64) -> Result<(), Gone> {
+    /// Sends watch `id` its queued events at or below `bound` and moves it
+    /// past `bound`.
+    async fn flush(&mut self, id: i64, bound: i64) -> Result<(), Gone> {
         let Some(w) = self.watchers.get_mut(&id) else {
             return Ok(());
         };
-        let wanted: Vec<Event> = events
-            .iter()
-            .filter(|e| w.wants(e))
-            .map(|e| w.shape(e))
-            .collect();
-        w.next = w.next.max(closed + 1);
-        if wanted.is_empty() {
+        if bound < w.next {
+            return Ok(());
+        }
+        let events = w.take_until(bound);
+        w.next = bound + 1;
+        if events.is_empty() {
             return Ok(());
         }
         w.sent_since_tick = true;
-        self.core.metrics.watch_events.inc_by(wanted.len() as u64);
-        let mut r = self.response(closed, id);
-        r.events = wanted;
+        self.core.metrics.watch_events.inc_by(events.len() as u64);
+        let mut r = self.response(bound, id);
+        r.events = events;
         self.send(r).await
     }
 
     async fn answer_progress(&mut self) -> Result<(), Gone> {
-        let closed = self.closed;
-        let before = self.progress_waiting.len();
-        self.progress_waiting.retain(|target| *target > closed);
-        for _ in self.progress_waiting.len()..before {
-            self.send(self.response(closed, -1)).await?;
+        if self.progress_waiting.is_empty() {
+            return Ok(());
         }
+        let covered = self.covered_shards();
+        let mut waiting = std::mem::take(&mut self.progress_waiting);
+        waiting.sort_unstable();
+        let mut still = Vec::new();
+        for target in waiting {
+            let needed = target.max(self.last_progress);
+            let lagging: Vec<ShardId> = covered
+                .iter()
+                .copied()
+                .filter(|s| self.marks[s.index()] < needed)
+                .collect();
+            if !lagging.is_empty() {
+                for shard in lagging {
+                    self.shards.advance(shard, needed);
+                }
+                still.push(target);
+                continue;
+            }
+            // Every watch must have its events up to `needed` first.
+            let ids: Vec<i64> = self.watchers.keys().copied().collect();
+            for id in ids {
+                self.release(id).await?;
+            }
+            self.last_progress = needed;
+            self.send(self.response(needed, -1)).await?;
+        }
+        self.progress_waiting = still;
         Ok(())
     }
 
     /// etcd's progress_notify: watches that asked for it and got no events
     /// during the interval learn the revision they are complete up to.
     async fn periodic_progress(&mut self) -> Result<(), Gone> {
+        let floor = self.shards.floor();
         let mut due = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
             if w.progress_notify && !w.sent_since_tick {
@@ -410,8 +593,61 @@ impl Session {
             w.sent_since_tick = false;
         }
         for id in due {
-            self.send(self.response(self.closed, id)).await?;
+            let Some(w) = self.watchers.get(&id) else {
+                continue;
+            };
+            // Nothing below `next` is wanted, so the watch is complete up to
+            // there even before its shards are.
+            let complete = self.complete_to(w).max(w.next - 1);
+            // Idle shards move on for the next notification.
+            for shard in &w.shards {
+                self.shards.advance(*shard, floor);
+            }
+            self.send(self.response(complete, id)).await?;
         }
         Ok(())
     }
+}
+
+/// The current revision and compaction mark for a new watch over `ids`.
+/// Every shard is first raised to the floor, and to each other's counter,
+/// so that any write the watch has not seen gets a revision above the
+/// answer.
+async fn watch_start(shards: &Shards, ids: &[ShardId]) -> Result<(i64, i64), ShardError> {
+    shards.raise_all(ids, shards.floor()).await?;
+    let reads = ids
+        .iter()
+        .map(|id| async move { (*id, shards.get(*id).store.revisions().await) });
+    let mut current = 0;
+    let mut compacted = 0;
+    for (id, revs) in join_all(reads).await {
+        let revs = revs?;
+        shards.observe(id, revs.current);
+        current = current.max(revs.current);
+        compacted = compacted.max(revs.compacted);
+    }
+    if ids.len() > 1 {
+        shards.raise_all(ids, current).await?;
+    }
+    Ok((current, compacted))
+}
+
+/// The revision a progress request answers: the store's current revision
+/// over the covered shards (at least the floor), once every covered shard
+/// has reached and published it.
+async fn progress_target(shards: &Shards, covered: &[ShardId]) -> Result<i64, ShardError> {
+    let mut target = shards.floor();
+    let reads = covered
+        .iter()
+        .map(|id| async move { (*id, shards.get(*id).store.revisions().await) });
+    for (id, revs) in join_all(reads).await {
+        let current = revs?.current;
+        shards.observe(id, current);
+        target = target.max(current);
+    }
+    shards.raise_all(covered, target).await?;
+    for id in covered {
+        shards.get(*id).hub.wait_closed(target).await;
+    }
+    Ok(target)
 }

@@ -34,6 +34,50 @@ pub struct Revisions {
     pub compacted: i64,
 }
 
+/// The revisions a shard hands out: those congruent to `offset` modulo
+/// `stride`. With one shard every revision is its own (stride 1); with n
+/// shards, shard i takes i, i+n, i+2n, ... so that no two shards ever give
+/// the same revision to different writes (invariant 1 of revisions.md)
+/// without asking anyone: each shard's counter row stays its own lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevisionClass {
+    stride: i64,
+    offset: i64,
+}
+
+impl RevisionClass {
+    /// Every revision: a topology of one shard.
+    pub const ALL: RevisionClass = RevisionClass {
+        stride: 1,
+        offset: 0,
+    };
+
+    /// The class of shard `index` among `shards`; None unless index < shards.
+    pub fn of_shard(index: usize, shards: usize) -> Option<RevisionClass> {
+        if index >= shards {
+            return None;
+        }
+        Some(RevisionClass {
+            stride: i64::try_from(shards).ok()?,
+            offset: i64::try_from(index).ok()?,
+        })
+    }
+
+    /// The smallest revision of this class above `revision`.
+    pub fn next_after(&self, revision: i64) -> i64 {
+        let candidate = revision + 1;
+        candidate + (self.offset - candidate).rem_euclid(self.stride)
+    }
+
+    pub fn stride(&self) -> i64 {
+        self.stride
+    }
+
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+}
+
 /// A request that goes through the shard's write path (the writer actor).
 #[derive(Debug, Clone)]
 pub enum WriteRequest {
@@ -79,6 +123,25 @@ pub enum WriteResponse {
     LeaseExpire { expired: bool, revision: i64 },
     Compact { revision: i64 },
     Bump { revision: i64 },
+}
+
+impl WriteResponse {
+    /// The revision the shard is at after the request.
+    pub fn revision(&self) -> i64 {
+        let header = |h: &Option<kubeshard_proto::etcdserverpb::ResponseHeader>| {
+            h.as_ref().map_or(0, |h| h.revision)
+        };
+        match self {
+            WriteResponse::Put(r) => header(&r.header),
+            WriteResponse::DeleteRange(r) => header(&r.header),
+            WriteResponse::Txn(r) => header(&r.header),
+            WriteResponse::LeaseGrant { revision, .. }
+            | WriteResponse::LeaseRevoke { revision }
+            | WriteResponse::LeaseExpire { revision, .. }
+            | WriteResponse::Compact { revision }
+            | WriteResponse::Bump { revision } => *revision,
+        }
+    }
 }
 
 /// Events read from a shard's history, in revision order.
@@ -162,4 +225,39 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Gives unused space back to the file system where the database can.
     async fn defragment(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RevisionClass;
+
+    #[test]
+    fn one_shard_hands_out_every_revision() {
+        let all = RevisionClass::ALL;
+        assert_eq!(all.next_after(1), 2);
+        assert_eq!(all.next_after(41), 42);
+    }
+
+    #[test]
+    fn shards_hand_out_disjoint_increasing_revisions() {
+        let classes: Vec<RevisionClass> = (0..3)
+            .filter_map(|i| RevisionClass::of_shard(i, 3))
+            .collect();
+        assert_eq!(classes.len(), 3);
+        assert_eq!(classes[0].next_after(1), 3);
+        assert_eq!(classes[1].next_after(1), 4);
+        assert_eq!(classes[2].next_after(1), 2);
+        assert_eq!(classes[1].next_after(4), 7);
+        let mut seen = std::collections::HashSet::new();
+        for class in &classes {
+            let mut r = 1;
+            for _ in 0..100 {
+                let next = class.next_after(r);
+                assert!(next > r && next - r <= 3, "{class:?} after {r}: {next}");
+                assert!(seen.insert(next), "{next} handed out twice");
+                r = next;
+            }
+        }
+        assert_eq!(RevisionClass::of_shard(3, 3), None);
+    }
 }

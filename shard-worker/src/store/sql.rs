@@ -12,7 +12,9 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 
 use super::range::{RangePlan, build_range};
 use super::write::{self, HistoryRow, TxOps};
-use super::{CommittedBatch, EventPage, LeaseRecord, Revisions, ShardStore, WriteRequest};
+use super::{
+    CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WriteRequest,
+};
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
@@ -89,6 +91,8 @@ pub struct SqlShard<DB: Database> {
     /// and a connection that always writes keeps its page cache warm.
     write_pool: Pool<DB>,
     dialect: &'static dyn Dialect,
+    /// The revisions this shard hands out.
+    class: RevisionClass,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -119,11 +123,17 @@ where
     DB::QueryResult: RowsAffected,
 {
     /// Wraps the pools; call [`SqlShard::migrate`] before use.
-    pub fn new(pool: Pool<DB>, write_pool: Pool<DB>, dialect: &'static dyn Dialect) -> Self {
+    pub fn new(
+        pool: Pool<DB>,
+        write_pool: Pool<DB>,
+        dialect: &'static dyn Dialect,
+        class: RevisionClass,
+    ) -> Self {
         SqlShard {
             pool,
             write_pool,
             dialect,
+            class,
         }
     }
 
@@ -689,7 +699,7 @@ where
             .begin_with(self.dialect.begin_write())
             .await?;
         let mut ops = SqlTx { shard: self, tx };
-        let committed = write::apply_batch(&mut ops, batch, collect_events).await?;
+        let committed = write::apply_batch(&mut ops, batch, self.class, collect_events).await?;
         ops.tx.commit().await?;
         Ok(committed)
     }

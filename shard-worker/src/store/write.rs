@@ -23,7 +23,7 @@ use kubeshard_proto::etcdserverpb::{
 use kubeshard_proto::mvccpb::event::EventType;
 use kubeshard_proto::mvccpb::{Event, KeyValue};
 
-use super::{LeaseRecord, Revisions, WriteRequest, WriteResponse};
+use super::{LeaseRecord, RevisionClass, Revisions, WriteRequest, WriteResponse};
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
 
@@ -80,11 +80,13 @@ pub struct CommittedBatch {
 pub(crate) async fn apply_batch(
     ops: &mut dyn TxOps,
     batch: &[WriteRequest],
+    class: RevisionClass,
     collect_events: bool,
 ) -> Result<CommittedBatch> {
     let revs = ops.lock_meta().await?;
     let mut state = BatchState {
         ops,
+        class,
         start: revs,
         revs,
         keys: HashMap::new(),
@@ -131,6 +133,8 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 /// The revision being written by one request and its next sub-revision.
 #[derive(Debug)]
 struct Writer {
+    /// The shard's revision before this request.
+    before: i64,
     revision: i64,
     sub: i64,
     /// For keys this request wrote: their mod_revision before the request.
@@ -155,13 +159,15 @@ impl Writer {
         if self.changed() {
             self.revision
         } else {
-            self.revision - 1
+            self.before
         }
     }
 }
 
 struct BatchState<'o> {
     ops: &'o mut dyn TxOps,
+    /// Which revisions this shard may hand out.
+    class: RevisionClass,
     start: Revisions,
     /// `current` is the last revision handed out, including this batch's.
     revs: Revisions,
@@ -288,7 +294,8 @@ impl BatchState<'_> {
 
     async fn apply(&mut self, request: &WriteRequest) -> Result<WriteResponse> {
         let mut w = Writer {
-            revision: self.revs.current + 1,
+            before: self.revs.current,
+            revision: self.class.next_after(self.revs.current),
             sub: 0,
             prev_before: HashMap::new(),
         };

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::FutureExt;
 use kubeshard_config::Endpoint;
-use kubeshard_shard_worker::{ShardStore, open_store};
+use kubeshard_shard_worker::{RevisionClass, ShardStore, open_store};
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
@@ -94,6 +94,7 @@ enum Conn {
 /// One test database and the store opened on it.
 pub struct TestDb {
     pub kind: Kind,
+    class: RevisionClass,
     pub store: Arc<dyn ShardStore>,
     server: Server,
     dir: Option<TempDir>,
@@ -122,6 +123,11 @@ fn mysql_options(url: &Url) -> MySqlConnectOptions {
 impl Server {
     /// Creates a fresh database with the schema and opens a store on it.
     pub async fn create(&self) -> TestDb {
+        self.create_in(RevisionClass::ALL).await
+    }
+
+    /// [`Server::create`] for a shard handing out the revisions of `class`.
+    pub async fn create_in(&self, class: RevisionClass) -> TestDb {
         let name = unique_name();
         let (endpoint, dir) = match (self.kind, &self.url) {
             (Kind::Sqlite, _) => {
@@ -145,7 +151,7 @@ impl Server {
             ),
             _ => unreachable!("servers have URLs"),
         };
-        let store = open_store(&endpoint)
+        let store = open_store(&endpoint, class)
             .await
             .unwrap_or_else(|e| panic!("open {endpoint}: {e}"));
         let conn = match (self.kind, &self.url) {
@@ -167,6 +173,7 @@ impl Server {
         };
         TestDb {
             kind: self.kind,
+            class,
             store,
             server: self.clone(),
             dir,
@@ -198,7 +205,7 @@ impl TestDb {
     pub async fn fresh(&mut self) {
         match &mut self.conn {
             None => {
-                let new = self.server.create().await;
+                let new = self.server.create_in(self.class).await;
                 self.store = new.store;
                 self.dir = new.dir;
             }
@@ -219,6 +226,7 @@ impl TestDb {
     pub async fn drop_db(self) {
         let TestDb {
             kind,
+            class: _,
             store,
             server,
             dir,

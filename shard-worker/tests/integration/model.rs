@@ -74,6 +74,7 @@ pub struct Lease {
 /// The revision a write request builds and whether it changed anything yet
 /// (etcd's storeTxnWrite: beginRev + 1, len(changes) > 0).
 struct W {
+    before: i64,
     rev: i64,
     changed: bool,
 }
@@ -81,7 +82,7 @@ struct W {
 impl W {
     /// The revision reads inside the request see.
     fn view(&self) -> i64 {
-        if self.changed { self.rev } else { self.rev - 1 }
+        if self.changed { self.rev } else { self.before }
     }
 }
 
@@ -94,6 +95,9 @@ pub struct Model {
     /// Every change ever made, in (revision, sub) order.
     log: Vec<Change>,
     pub leases: BTreeMap<i64, Lease>,
+    /// The revisions the shard hands out (every stride-th one).
+    stride: i64,
+    offset: i64,
 }
 
 fn branch(t: &TxnRequest, ok: bool) -> &[RequestOp] {
@@ -101,8 +105,11 @@ fn branch(t: &TxnRequest, ok: bool) -> &[RequestOp] {
 }
 
 impl Model {
-    pub fn new() -> Self {
+    /// A model of a shard that hands out revisions `offset` modulo `stride`.
+    pub fn new(stride: i64, offset: i64) -> Self {
         Model {
+            stride,
+            offset,
             rev: 1,
             compacted: 0,
             purged_at: None,
@@ -357,8 +364,11 @@ impl Model {
 
     /// One write request, as etcd applies it.
     pub fn apply(&mut self, request: &WriteRequest) -> Result<Resp, Fail> {
+        // The next revision of the shard's class after the current one.
+        let next = self.rev + 1 + (self.offset - self.rev - 1).rem_euclid(self.stride);
         let mut w = W {
-            rev: self.rev + 1,
+            before: self.rev,
+            rev: next,
             changed: false,
         };
         let resp = match request {

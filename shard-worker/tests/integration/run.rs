@@ -4,7 +4,9 @@
 use kubeshard_proto::etcdserverpb::response_op::Response;
 use kubeshard_proto::etcdserverpb::{RangeRequest, ResponseHeader, TxnResponse};
 use kubeshard_proto::mvccpb::Event;
-use kubeshard_shard_worker::{KeyRange, ShardError, ShardStore, WriteRequest, WriteResponse};
+use kubeshard_shard_worker::{
+    KeyRange, RevisionClass, ShardError, ShardStore, WriteRequest, WriteResponse,
+};
 
 use super::model::{Fail, Model, Resp};
 use super::ops::{self, Case, Op};
@@ -100,9 +102,14 @@ pub struct Runner<'s> {
 
 impl<'s> Runner<'s> {
     pub fn new(store: &'s dyn ShardStore) -> Self {
+        Self::in_class(store, RevisionClass::ALL)
+    }
+
+    /// A runner whose model hands out the revisions of `class`, as the store does.
+    pub fn in_class(store: &'s dyn ShardStore, class: RevisionClass) -> Self {
         Runner {
             store,
-            model: Model::new(),
+            model: Model::new(class.stride(), class.offset()),
             steps: Vec::new(),
             batch: Vec::new(),
             expected: Vec::new(),
@@ -426,8 +433,12 @@ fn compare_events(what: &str, got: &[Event], want: &[Event]) -> Result<(), Strin
 }
 
 /// Runs one generated case on a fresh store.
-pub async fn run_case(store: &dyn ShardStore, case: &Case) -> Result<(), String> {
-    let mut runner = Runner::new(store);
+pub async fn run_case(
+    store: &dyn ShardStore,
+    class: RevisionClass,
+    case: &Case,
+) -> Result<(), String> {
+    let mut runner = Runner::in_class(store, class);
     let outcome = runner.run(case).await;
     outcome.map_err(|e| {
         format!(

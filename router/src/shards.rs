@@ -1,0 +1,265 @@
+//! The shards behind this router and the one revision space over them
+//! (docs/architecture.md, "Shards"; ../shared/design/revisions.md).
+//!
+//! - Each shard hands out its own class of revisions (shard i of n takes
+//!   i mod n), so revisions are unique across shards with no central
+//!   allocator.
+//! - The router's *floor* is the highest revision it has seen on any shard
+//!   (a Lamport clock). A write goes to its shard behind a Bump to the floor,
+//!   so it gets a revision above everything this router acknowledged; a read
+//!   first raises a lagging shard to the floor, so its header never goes
+//!   back.
+//! - `advance` raises idle shards on demand, so merged watches and progress
+//!   answers, which wait for every shard behind them, keep moving.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use futures::future::join_all;
+use kubeshard_config::{ShardId, Topology};
+use kubeshard_shard_worker::{RevisionClass, Shard, ShardError, WriteRequest, WriteResponse};
+use tracing::{debug, info};
+
+/// Every shard of the topology, opened, with the router's revision floor.
+#[derive(Debug)]
+pub struct Shards {
+    topology: Topology,
+    /// Index = [`ShardId::index`].
+    shards: Vec<Shard>,
+    floor: AtomicI64,
+    /// Per shard: a revision its counter is known to have reached.
+    known: Vec<AtomicI64>,
+    /// Per shard: the highest target an `advance` is working towards.
+    advancing: Vec<AtomicI64>,
+}
+
+/// A shard that could not be opened.
+#[derive(Debug)]
+pub struct OpenError {
+    pub shard: String,
+    pub endpoint: String,
+    pub location: Option<String>,
+    pub error: ShardError,
+}
+
+impl Shards {
+    /// Opens every shard of `topology` (creating databases when missing),
+    /// in parallel, and sets the floor to the highest counter among them.
+    pub async fn open(
+        topology: Topology,
+        poll_interval: Duration,
+    ) -> Result<Arc<Shards>, OpenError> {
+        let count = topology.shards().len();
+        let opening = topology.shards().iter().enumerate().map(|(i, spec)| {
+            let class = RevisionClass::of_shard(i, count).unwrap_or(RevisionClass::ALL);
+            async move {
+                Shard::open(&spec.name, &spec.endpoint, class, poll_interval)
+                    .await
+                    .map_err(|error| OpenError {
+                        shard: spec.name.clone(),
+                        endpoint: spec.endpoint.to_string(),
+                        location: spec.location.as_ref().map(ToString::to_string),
+                        error,
+                    })
+            }
+        });
+        let mut shards = Vec::with_capacity(count);
+        let mut failed = None;
+        for opened in join_all(opening).await {
+            match opened {
+                Ok(shard) => shards.push(shard),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            for shard in &shards {
+                shard.stop();
+            }
+            return Err(e);
+        }
+        let mut known = Vec::with_capacity(count);
+        let mut floor = 0;
+        for shard in &shards {
+            let current = shard.hub.closed();
+            floor = floor.max(current);
+            known.push(AtomicI64::new(current));
+        }
+        info!(shards = count, floor, "shards open");
+        Ok(Arc::new(Shards {
+            topology,
+            shards,
+            floor: AtomicI64::new(floor),
+            known,
+            advancing: (0..count).map(|_| AtomicI64::new(0)).collect(),
+        }))
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    pub fn get(&self, id: ShardId) -> &Shard {
+        &self.shards[id.index()]
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = (ShardId, &Shard)> {
+        self.topology.shard_ids().map(|id| (id, self.get(id)))
+    }
+
+    pub fn ids(&self) -> Vec<ShardId> {
+        self.topology.shard_ids().collect()
+    }
+
+    /// The shard that holds leases and answers requests that name no key.
+    pub fn default_id(&self) -> ShardId {
+        self.topology.default_shard()
+    }
+
+    pub fn default_shard(&self) -> &Shard {
+        self.get(self.default_id())
+    }
+
+    /// The shard of one key.
+    pub fn route(&self, key: &[u8]) -> ShardId {
+        self.topology.route(key)
+    }
+
+    /// The shards that may hold keys of an etcd range (key, range_end); the
+    /// default shard for a range that holds no key at all.
+    pub fn for_range(&self, key: &[u8], range_end: &[u8]) -> Vec<ShardId> {
+        let ids = self.topology.shards_for_etcd_range(key, range_end);
+        if ids.is_empty() {
+            vec![self.default_id()]
+        } else {
+            ids
+        }
+    }
+
+    /// The highest revision this router has seen on any shard.
+    pub fn floor(&self) -> i64 {
+        self.floor.load(Ordering::Acquire)
+    }
+
+    /// Records that shard `id` has reached `revision`.
+    pub fn observe(&self, id: ShardId, revision: i64) {
+        self.known[id.index()].fetch_max(revision, Ordering::AcqRel);
+        self.floor.fetch_max(revision, Ordering::AcqRel);
+    }
+
+    /// A revision shard `id` is known to have reached.
+    pub fn known(&self, id: ShardId) -> i64 {
+        self.known[id.index()].load(Ordering::Acquire)
+    }
+
+    /// Reads every shard's counter (other routers may have moved them) and
+    /// returns the floor after that: the revision of the whole store.
+    pub async fn refresh(&self) -> Result<i64, ShardError> {
+        let reads = self
+            .all()
+            .map(|(id, shard)| async move { (id, shard.store.revisions().await) });
+        for (id, revs) in join_all(reads).await {
+            self.observe(id, revs?.current);
+        }
+        Ok(self.floor())
+    }
+
+    /// Makes shard `id`'s counter at least `target`, so that every later
+    /// write of it gets a revision above `target`. Costs nothing when the
+    /// shard is known to be there already.
+    pub async fn raise(&self, id: ShardId, target: i64) -> Result<i64, ShardError> {
+        let known = self.known(id);
+        if known >= target {
+            return Ok(known);
+        }
+        let response = self
+            .get(id)
+            .writer
+            .write(WriteRequest::Bump { floor: target })
+            .await?;
+        let revision = response.revision();
+        self.observe(id, revision);
+        Ok(revision)
+    }
+
+    /// [`Shards::raise`] for several shards at once.
+    pub async fn raise_all(&self, ids: &[ShardId], target: i64) -> Result<(), ShardError> {
+        let raises = ids.iter().map(|id| self.raise(*id, target));
+        for raised in join_all(raises).await {
+            raised?;
+        }
+        Ok(())
+    }
+
+    /// Starts raising shard `id` to `target` in the background, unless that
+    /// is known or already under way; its watch hub then publishes up to
+    /// `target`. Used by merged watches waiting for an idle shard.
+    pub fn advance(self: &Arc<Self>, id: ShardId, target: i64) {
+        if self.known(id) >= target || self.get(id).hub.closed() >= target {
+            return;
+        }
+        let previous = self.advancing[id.index()].fetch_max(target, Ordering::AcqRel);
+        if previous >= target {
+            return;
+        }
+        let shards = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = shards.raise(id, target).await {
+                debug!(shard = %shards.get(id).name, target, error = %e, "advance failed");
+            }
+            // Let a later request for the same target try again.
+            shards.advancing[id.index()].fetch_min(shards.known(id), Ordering::AcqRel);
+        });
+    }
+
+    /// A write on shard `id` with a revision above the floor as it was when
+    /// the write arrived (causality through this router).
+    pub async fn write(
+        &self,
+        id: ShardId,
+        request: WriteRequest,
+    ) -> Result<WriteResponse, ShardError> {
+        let floor = self.floor();
+        let shard = self.get(id);
+        // The writer applies its mailbox in order, so the Bump lands before
+        // the write, usually in the same transaction.
+        let bump = if self.known(id) < floor {
+            Some(shard.writer.submit(WriteRequest::Bump { floor })?)
+        } else {
+            None
+        };
+        let response = shard.writer.write(request).await;
+        if let Some(bump) = bump
+            && let Ok(Ok(bumped)) = bump.await
+        {
+            self.observe(id, bumped.revision());
+        }
+        let response = response?;
+        self.observe(id, response.revision());
+        Ok(response)
+    }
+
+    /// The names of some shards, for messages.
+    pub fn names(&self, ids: &BTreeSet<ShardId>) -> String {
+        ids.iter()
+            .map(|id| self.get(*id).name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Stops every shard's writer and poller.
+    pub fn stop(&self) {
+        for shard in &self.shards {
+            shard.stop();
+        }
+    }
+}
