@@ -269,10 +269,21 @@ pub struct KubeshardServer {
     child: Child,
     port: u16,
     backend: Backend,
-    endpoint_url: String,
+    /// What the server was started with (`--endpoint URL` or `--config FILE`).
+    args: String,
+    /// Every database the server uses (dropped on drop).
+    endpoint_urls: Vec<String>,
     log: PathBuf,
     _dir: TempDir,
 }
+
+/// The shards of the sharded differential runs (issue 3): pods on one
+/// shard, events on another, everything else on the default shard.
+pub const SHARDED_TOPOLOGY: [(&str, Option<&str>); 3] = [
+    ("core", None),
+    ("pods", Some("/registry/pods/")),
+    ("events", Some("/registry/events/")),
+];
 
 impl KubeshardServer {
     /// Starts kubeshard on `backend` with a fresh database. Returns `None` (after
@@ -293,6 +304,54 @@ impl KubeshardServer {
                 );
             }
         };
+        let args = vec!["--endpoint".to_string(), endpoint_url.clone()];
+        Some(Self::spawn(backend, args, vec![endpoint_url], dir).await)
+    }
+
+    /// Starts kubeshard with `--config` on [`SHARDED_TOPOLOGY`], shard i on
+    /// a fresh database of `backends[i]`. Returns `None` like
+    /// [`KubeshardServer::start`].
+    pub async fn start_sharded(test: &str, backends: [Backend; 3]) -> Option<KubeshardServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("kubeshard-server-")
+            .tempdir()
+            .expect("create a temporary directory for kubeshard");
+        let mut toml = String::from("default_shard = \"core\"\n");
+        let mut urls = Vec::new();
+        for ((name, _), backend) in SHARDED_TOPOLOGY.iter().zip(backends) {
+            let url = match backend.fresh_endpoint(&dir.path().join(name)) {
+                Ok(u) => u,
+                Err(why) => {
+                    return skip(
+                        test,
+                        &format!("backend {} unavailable: {why}", backend.name()),
+                    );
+                }
+            };
+            toml.push_str(&format!(
+                "\n[[shards]]\nname = \"{name}\"\nendpoint = \"{url}\"\n"
+            ));
+            urls.push(url);
+        }
+        for (name, prefix) in SHARDED_TOPOLOGY {
+            if let Some(prefix) = prefix {
+                toml.push_str(&format!(
+                    "\n[[routes]]\nprefix = \"{prefix}\"\nshard = \"{name}\"\n"
+                ));
+            }
+        }
+        let config = dir.path().join("topology.toml");
+        std::fs::write(&config, toml).expect("write the topology file");
+        let args = vec!["--config".to_string(), config.display().to_string()];
+        Some(Self::spawn(backends[0], args, urls, dir).await)
+    }
+
+    async fn spawn(
+        backend: Backend,
+        args: Vec<String>,
+        endpoint_urls: Vec<String>,
+        dir: TempDir,
+    ) -> KubeshardServer {
         let bin = kubeshard_binary().await;
         let log = dir.path().join("kubeshard.log");
         let mut failures = Vec::new();
@@ -302,8 +361,7 @@ impl KubeshardServer {
             let mut child = Command::new(&bin)
                 .arg("--listen-address")
                 .arg(&listen)
-                .arg("--endpoint")
-                .arg(&endpoint_url)
+                .args(&args)
                 // Several servers run at once: each gets its own metrics port.
                 .arg("--metrics-bind-address")
                 .arg("127.0.0.1:0")
@@ -317,14 +375,15 @@ impl KubeshardServer {
             let endpoint = format!("http://{listen}");
             match wait_ready(&endpoint, &mut child).await {
                 Ok(()) => {
-                    return Some(KubeshardServer {
+                    return KubeshardServer {
                         child,
                         port,
                         backend,
-                        endpoint_url,
+                        args: args.join(" "),
+                        endpoint_urls,
                         log,
                         _dir: dir,
-                    });
+                    };
                 }
                 Err(e) => {
                     kill(&mut child);
@@ -341,8 +400,9 @@ impl KubeshardServer {
             }
         }
         panic!(
-            "cannot start kubeshard ({} --listen-address 127.0.0.1:PORT --endpoint {endpoint_url}):\n{}\n{}",
+            "cannot start kubeshard ({} --listen-address 127.0.0.1:PORT {}):\n{}\n{}",
             bin.display(),
+            args.join(" "),
             failures.join("\n"),
             log_tail(&log, 60)
         );
@@ -352,8 +412,9 @@ impl KubeshardServer {
         self.backend
     }
 
-    pub fn endpoint_url(&self) -> &str {
-        &self.endpoint_url
+    /// The databases the server uses (one per shard).
+    pub fn endpoint_urls(&self) -> &[String] {
+        &self.endpoint_urls
     }
 }
 
@@ -363,10 +424,10 @@ impl Server for KubeshardServer {
     }
     fn describe(&self) -> String {
         format!(
-            "kubeshard on 127.0.0.1:{} ({} backend, --endpoint {})",
+            "kubeshard on 127.0.0.1:{} ({} backend, {})",
             self.port,
             self.backend.name(),
-            self.endpoint_url
+            self.args
         )
     }
     fn log_tail(&self) -> String {
@@ -379,7 +440,9 @@ impl Drop for KubeshardServer {
         kill(&mut self.child);
         // Each run creates a fresh database: remove it so runs do not pile up
         // databases on the shared PostgreSQL and MariaDB (best effort).
-        drop_database(&self.endpoint_url);
+        for url in &self.endpoint_urls {
+            drop_database(url);
+        }
     }
 }
 

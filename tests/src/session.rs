@@ -655,19 +655,19 @@ impl Session {
             ("lease != 0", Compare::lease(a, CompareOp::NotEqual, 0)),
             (
                 "missing key: value == \"\"",
-                Compare::value("/nope", CompareOp::Equal, ""),
+                Compare::value("/registry/pods/nope", CompareOp::Equal, ""),
             ),
             (
                 "missing key: version == 0",
-                Compare::version("/nope", CompareOp::Equal, 0),
+                Compare::version("/registry/pods/nope", CompareOp::Equal, 0),
             ),
             (
                 "missing key: create_revision == 0",
-                Compare::create_revision("/nope", CompareOp::Equal, 0),
+                Compare::create_revision("/registry/pods/nope", CompareOp::Equal, 0),
             ),
             (
                 "missing key: lease == 0",
-                Compare::lease("/nope", CompareOp::Equal, 0),
+                Compare::lease("/registry/pods/nope", CompareOp::Equal, 0),
             ),
             (
                 "prefix /registry/pods/: version > 0",
@@ -687,16 +687,18 @@ impl Session {
                     .with_range("/registry/pods/ns1/c"),
             ),
             (
-                "empty prefix /nope/: version == 7",
-                Compare::version("/nope/", CompareOp::Equal, 7).with_prefix(),
+                "empty prefix /registry/pods/nope/: version == 7",
+                Compare::version("/registry/pods/nope/", CompareOp::Equal, 7).with_prefix(),
             ),
         ];
+        // Every key of these txns lives under /registry/pods/, so they stay
+        // inside one shard of the sharded runs' topology too.
         for (name, cmp) in compares {
             self.txn(
                 &format!("3 compare {name}"),
                 Txn::new()
                     .when([cmp])
-                    .and_then([TxnOp::get("/other/x", None)])
+                    .and_then([TxnOp::get("/registry/pods/ns2/c", None)])
                     .or_else([TxnOp::get(a, Some(GetOptions::new().with_keys_only()))]),
             )
             .await;
@@ -710,6 +712,17 @@ impl Session {
                 ])
                 .and_then([TxnOp::put("/txn/never", "x", None)])
                 .or_else([TxnOp::get("/txn/never", None)]),
+        )
+        .await;
+
+        // Keys of two shards in the sharded runs (pods and the default
+        // shard): etcd answers, a sharded kubeshard refuses it by name.
+        self.txn(
+            "3 cross-shard txn reading pods and /other/x",
+            Txn::new()
+                .when([Compare::version(a, CompareOp::Greater, 0)])
+                .and_then([TxnOp::get("/other/x", None)])
+                .or_else([TxnOp::get(a, None)]),
         )
         .await;
 
@@ -1208,6 +1221,19 @@ impl Session {
         let single = w
             .create(t, "/watch/k1", WatchOptions::new().with_prev_key(), true)
             .await;
+        // The whole registry from the first puts on: pods, events and
+        // other keys, which live on three shards in the sharded runs.
+        let registry = w
+            .create(
+                t,
+                "/registry/",
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(self.revs.initial)
+                    .with_prev_key(),
+                false,
+            )
+            .await;
         // kube-apiserver style: list, then watch from the list's revision + 1.
         let list = self
             .get(
@@ -1235,18 +1261,20 @@ impl Session {
             ("nodelete", &nodelete),
             ("single", &single),
             ("after_list", &after_list),
+            ("registry", &registry),
         ];
         for (name, id) in ids {
             if let Err(e) = id {
                 self.t.push(step, format!("create {name}: {e}"));
             }
         }
-        let (live, noput, nodelete, single, after_list) = (
+        let (live, noput, nodelete, single, after_list, registry) = (
             live.unwrap_or(-100),
             noput.unwrap_or(-101),
             nodelete.unwrap_or(-102),
             single.unwrap_or(-103),
             after_list.unwrap_or(-104),
+            registry.unwrap_or(-105),
         );
         // Not flushed yet: the history watch's replay may arrive at any point
         // while the other watches are created; everything up to the
@@ -1292,6 +1320,7 @@ impl Session {
             .pump_until(&mut self.t, format::RPC_TIMEOUT, |w| {
                 w.saw(history, EventType::Put, pods_sentinel)
                     && w.saw(after_list, EventType::Put, pods_sentinel)
+                    && w.saw(registry, EventType::Put, pods_sentinel)
                     && w.saw(live, EventType::Delete, sentinel_del)
                     && w.saw(noput, EventType::Delete, sentinel_del)
                     && w.saw(nodelete, EventType::Put, sentinel_put)

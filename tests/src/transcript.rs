@@ -108,6 +108,15 @@ impl Transcript {
         self.inner().lines.is_empty()
     }
 
+    /// Replaces line `index` (its step name is kept).
+    pub fn replace(&mut self, index: usize, line: impl AsRef<str>) {
+        let mut inner = self.inner();
+        if let Some(old) = inner.lines.get_mut(index) {
+            let step = old.split(" | ").next().unwrap_or_default().to_string();
+            *old = format!("{step} | {}", line.as_ref());
+        }
+    }
+
     /// The lines with every revision replaced by its rank among all distinct
     /// revision values of this transcript (`r1` is the smallest).
     pub fn normalized(&self) -> Vec<String> {

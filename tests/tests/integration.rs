@@ -11,9 +11,9 @@
 
 use std::path::Path;
 
-use kubeshard_tests::assert_differential;
 use kubeshard_tests::env::EtcdTools;
 use kubeshard_tests::server::{Backend, EtcdServer, KubeshardServer};
+use kubeshard_tests::{assert_differential, assert_differential_with};
 
 fn out_dir() -> &'static Path {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -43,6 +43,37 @@ async fn differential_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn differential_mysql() {
     differential("differential_mysql", Backend::Mysql).await;
+}
+
+/// The steps of the session whose Txn spans the pods shard and the default
+/// shard of the sharded topology.
+const CROSS_SHARD_TXNS: usize = 3;
+
+async fn differential_sharded(test: &str, backends: [Backend; 3]) {
+    let Some(tools) = EtcdTools::find(test) else {
+        return;
+    };
+    let Some(kubeshard) = KubeshardServer::start_sharded(test, backends).await else {
+        return;
+    };
+    let etcd = EtcdServer::start(&tools).await;
+    assert_differential_with(test, &etcd, &kubeshard, &tools, out_dir(), CROSS_SHARD_TXNS).await;
+}
+
+/// Three SQLite shards: pods, events, the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_sharded_sqlite() {
+    differential_sharded("differential_sharded_sqlite", [Backend::Sqlite; 3]).await;
+}
+
+/// The default shard and events on PostgreSQL, pods on MariaDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_sharded_postgres_mariadb() {
+    differential_sharded(
+        "differential_sharded_postgres_mariadb",
+        [Backend::Postgres, Backend::Mysql, Backend::Postgres],
+    )
+    .await;
 }
 
 /// Two independent real etcds must give identical transcripts: this proves
