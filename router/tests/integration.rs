@@ -13,6 +13,8 @@
 mod errors;
 #[path = "integration/lifecycle.rs"]
 mod lifecycle;
+#[path = "integration/sharded.rs"]
+mod sharded;
 #[path = "integration/support.rs"]
 mod support;
 #[path = "integration/watch.rs"]
@@ -27,6 +29,7 @@ on_all_backends!(
     lifecycle::lease_expiry_deletes_keys_and_emits_delete_events,
     lifecycle::restart_keeps_data_and_lease_deadlines,
     errors::errors_match_etcd,
+    sharded::writers_ranges_and_watches_across_shards,
 );
 
 on_postgres!(lifecycle::database_outage_is_unavailable_then_recovers);

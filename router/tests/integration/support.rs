@@ -100,7 +100,7 @@ impl Ctx {
 }
 
 /// `scheme://authority/anything` becomes `scheme://authority/database`.
-fn with_database(url: &str, database: &str) -> String {
+pub fn with_database(url: &str, database: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("database URL with a scheme");
     let authority = rest.split('/').next().unwrap_or_default();
     format!("{scheme}://{authority}/{database}")
@@ -155,7 +155,7 @@ where
 }
 
 /// Best effort: the databases are uniquely named, a leftover harms nothing.
-fn drop_database(backend: Backend, url: &str, database: &str) {
+pub fn drop_database(backend: Backend, url: &str, database: &str) {
     let output = match backend {
         Backend::Sqlite => return,
         Backend::Postgres => Command::new("psql")
