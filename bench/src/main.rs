@@ -42,6 +42,11 @@ enum Workload {
         value_size: usize,
         #[arg(long, default_value = "/kubeshard-bench/")]
         prefix: String,
+        /// Spread the clients over this many resource prefixes,
+        /// `<prefix>res<j>/` (client i writes to j = i mod N), as writes to
+        /// several Kubernetes resource types would be.
+        #[arg(long, default_value_t = 1)]
+        resources: usize,
     },
 }
 
@@ -67,7 +72,14 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot connect to {}", cli.endpoint))?,
         );
     }
-    let Workload::Put { value_size, prefix } = &cli.workload;
+    let Workload::Put {
+        value_size,
+        prefix,
+        resources,
+    } = &cli.workload;
+    if *resources == 0 {
+        bail!("--resources must be at least 1");
+    }
     let value = vec![b'x'; *value_size];
     let deadline = Instant::now() + Duration::from_secs(cli.seconds);
     let started = Instant::now();
@@ -75,7 +87,11 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..cli.clients {
         let mut client = connections[i % cli.conns].clone();
         let value = value.clone();
-        let prefix = prefix.clone();
+        let prefix = if *resources > 1 {
+            format!("{prefix}res{}/", i % resources)
+        } else {
+            prefix.clone()
+        };
         tasks.push(tokio::spawn(async move {
             let mut result = ClientResult::default();
             let mut n: u64 = 0;
@@ -120,19 +136,21 @@ async fn main() -> anyhow::Result<()> {
     let rate = ok as f64 / elapsed;
     if cli.json {
         println!(
-            "{{\"workload\":\"put\",\"endpoint\":\"{}\",\"clients\":{},\"conns\":{},\"ok\":{ok},\"errors\":{errors},\"per_second\":{rate:.0},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p99_ms\":{:.2}}}",
+            "{{\"workload\":\"put\",\"endpoint\":\"{}\",\"clients\":{},\"conns\":{},\"ok\":{ok},\"errors\":{errors},\"per_second\":{rate:.0},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p95_ms\":{:.2},\"p99_ms\":{:.2}}}",
             cli.endpoint,
             cli.clients,
             cli.conns,
             pct(0.5),
             pct(0.9),
+            pct(0.95),
             pct(0.99)
         );
     } else {
         println!(
-            "put  ok {ok}  errors {errors}  {rate:.0}/s  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",
+            "put  ok {ok}  errors {errors}  {rate:.0}/s  p50 {:.2} ms  p90 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms",
             pct(0.5),
             pct(0.9),
+            pct(0.95),
             pct(0.99)
         );
     }
