@@ -164,9 +164,15 @@ impl Shards {
     /// Reads every shard's counter (other routers may have moved them) and
     /// returns the floor after that: the revision of the whole store.
     pub async fn refresh(&self) -> Result<i64, ShardError> {
-        let reads = self
-            .all()
-            .map(|(id, shard)| async move { (id, shard.store.revisions().await) });
+        self.refresh_some(&self.ids()).await
+    }
+
+    /// [`Shards::refresh`] for some shards: afterwards the floor is at least
+    /// every revision any router has acknowledged on them.
+    pub async fn refresh_some(&self, ids: &[ShardId]) -> Result<i64, ShardError> {
+        let reads = ids
+            .iter()
+            .map(|id| async move { (*id, self.get(*id).store.revisions().await) });
         for (id, revs) in join_all(reads).await {
             self.observe(id, revs?.current);
         }

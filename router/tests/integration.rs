@@ -30,6 +30,8 @@ on_all_backends!(
     lifecycle::restart_keeps_data_and_lease_deadlines,
     errors::errors_match_etcd,
     sharded::writers_ranges_and_watches_across_shards,
+    sharded::leases_compaction_and_idle_shards,
+    sharded::two_routers_over_the_same_shards,
 );
 
 on_postgres!(lifecycle::database_outage_is_unavailable_then_recovers);

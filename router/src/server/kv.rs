@@ -68,8 +68,9 @@ impl KvService {
     }
 
     /// A range over several shards: every shard is read at one revision R
-    /// (the floor, or the revision asked for) after lagging shards were
-    /// raised to it, and the answers are merged as one etcd would give them.
+    /// (the revision asked for, or else the floor after reading the shards'
+    /// counters) after lagging shards were raised to it, and the answers are
+    /// merged as one etcd would give them.
     async fn range_many(
         &self,
         ids: &[ShardId],
@@ -82,6 +83,10 @@ impl KvService {
             if request.revision > floor {
                 return Err(EtcdError::FutureRevision.into());
             }
+        } else if request.revision <= 0 && !request.serializable {
+            // A linearizable read must show every write acknowledged before
+            // it, by any router: read at no less than the shards' counters.
+            floor = shards.refresh_some(ids).await.map_err(shard_status)?;
         }
         let at = if request.revision > 0 {
             request.revision

@@ -7,12 +7,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, LeaseTimeToLiveOptions, PutOptions, Txn,
+    TxnOp, WatchOptions, WatchResponseStream as WatchStream,
+};
+use kubeshard::RunningServer;
 use kubeshard_config::{Endpoint, ServerOptions, Topology};
 use tokio::time::Instant;
+use tonic::Code;
 
 use crate::support::{
-    Ctx, Ev, Kind, collect, connect, drop_database, expect_created, header_revision, with_database,
+    Ctx, Ev, Kind, assert_status, collect, connect, drop_database, expect_created, header_revision,
+    is_progress, next_response, with_database,
 };
 
 const WRITERS: usize = 6;
@@ -70,16 +76,36 @@ fn shard_database(database: &str, i: usize) -> String {
     format!("{database}_s{i}")
 }
 
+/// A router over the test's three shards.
+async fn start_router(ctx: &Ctx, endpoints: &[String; 3]) -> RunningServer {
+    let mut options = ServerOptions::for_endpoint(ctx.endpoint.clone(), "127.0.0.1:0");
+    options.topology = topology(endpoints);
+    kubeshard::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("sharded server did not start: {e}"))
+}
+
+async fn stop_router(server: RunningServer) {
+    tokio::time::timeout(Duration::from_secs(20), server.shutdown())
+        .await
+        .expect("server shutdown hung")
+        .expect("server shutdown failed");
+}
+
+fn drop_shard_databases(ctx: &Ctx) {
+    if let (Some(url), Some(database)) = (&ctx.admin_url, &ctx.database) {
+        for i in 0..3 {
+            drop_database(ctx.backend, url, &shard_database(database, i));
+        }
+    }
+}
+
 /// One acknowledged write: its revision, key and kind.
 type Write = (i64, String, Kind);
 
 pub async fn writers_ranges_and_watches_across_shards(ctx: Ctx) {
     let endpoints = shard_endpoints(&ctx);
-    let mut options = ServerOptions::for_endpoint(ctx.endpoint.clone(), "127.0.0.1:0");
-    options.topology = topology(&endpoints);
-    let server = kubeshard::start(options)
-        .await
-        .unwrap_or_else(|e| panic!("sharded server did not start: {e}"));
+    let server = start_router(&ctx, &endpoints).await;
     let mut client = connect(&server).await;
     let deadline = Instant::now() + Duration::from_secs(120);
 
@@ -248,15 +274,294 @@ pub async fn writers_ranges_and_watches_across_shards(ctx: Ctx) {
     );
     // Open watch streams would hold the graceful shutdown.
     drop((client, lister, watcher, replay_watcher));
-    tokio::time::timeout(Duration::from_secs(20), server.shutdown())
+    stop_router(server).await;
+    drop_shard_databases(&ctx);
+}
+
+/// The keys of one name on the three shards.
+fn on_every_shard(name: &str) -> [String; 3] {
+    std::array::from_fn(|i| format!("/k/{i}/{name}"))
+}
+
+/// Leases with keys on every shard (TimeToLive, revoke, expiry), idle
+/// shards under a merged watch and a progress request, Compact on every
+/// shard, and the answer to a Txn that spans shards.
+pub async fn leases_compaction_and_idle_shards(ctx: Ctx) {
+    let endpoints = shard_endpoints(&ctx);
+    let server = start_router(&ctx, &endpoints).await;
+    let mut client = connect(&server).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut watch_tx, mut watch_rx) = client
+        .watch("/k/", Some(WatchOptions::new().with_prefix()))
         .await
-        .expect("server shutdown hung")
-        .expect("server shutdown failed");
-    if let (Some(url), Some(database)) = (&ctx.admin_url, &ctx.database) {
-        for i in 0..3 {
-            drop_database(ctx.backend, url, &shard_database(database, i));
+        .expect("watch /k/")
+        .split();
+    expect_created(&mut watch_rx, deadline).await;
+
+    // A lease with a key on each shard.
+    let lease = client.lease_grant(600, None).await.expect("grant").id();
+    let keys = on_every_shard("leased");
+    for key in &keys {
+        client
+            .put(key.as_str(), "v", Some(PutOptions::new().with_lease(lease)))
+            .await
+            .unwrap_or_else(|e| panic!("put {key} with the lease: {e}"));
+    }
+    let ttl = client
+        .lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .expect("time to live");
+    let mut want: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+    want.sort();
+    assert_eq!(ttl.keys(), want, "the lease's keys on all shards");
+    let (mut keeper, mut kept) = client.lease_keep_alive(lease).await.expect("keep alive");
+    keeper.keep_alive().await.expect("send keep alive");
+    let answer = kept
+        .message()
+        .await
+        .expect("keep-alive answer")
+        .expect("an answer");
+    assert_eq!(
+        (answer.id(), answer.ttl()),
+        (lease, 600),
+        "keep-alive answer"
+    );
+    drop((keeper, kept));
+
+    // Revoke: the keys go on every shard, and the merged watch sees them go.
+    client.lease_revoke(lease).await.expect("revoke");
+    let left = client
+        .get(
+            "/k/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("count after revoke");
+    assert_eq!(left.count(), 0, "keys left after the revoke");
+    let seen = deletes_until(&mut watch_rx, &keys, deadline, "revoked lease").await;
+    assert_eq!(seen, 3, "DELETE events of the revoked lease's keys");
+
+    // Expiry (TTL 2 s): the same, done by the router's expirer.
+    let short = client.lease_grant(2, None).await.expect("grant").id();
+    let keys = on_every_shard("expiring");
+    for key in &keys {
+        client
+            .put(key.as_str(), "v", Some(PutOptions::new().with_lease(short)))
+            .await
+            .unwrap_or_else(|e| panic!("put {key} with the short lease: {e}"));
+    }
+    let seen = deletes_until(
+        &mut watch_rx,
+        &keys,
+        Instant::now() + Duration::from_secs(20),
+        "expired lease",
+    )
+    .await;
+    assert_eq!(seen, 3, "DELETE events of the expired lease's keys");
+    let ttl = client
+        .lease_time_to_live(short, None)
+        .await
+        .expect("time to live of the expired lease");
+    assert_eq!(ttl.ttl(), -1, "the expired lease is gone");
+    let leases = client.leases().await.expect("leases");
+    assert!(
+        leases.leases().is_empty(),
+        "leases left: {:?}",
+        leases.leases()
+    );
+
+    // Idle shards: a write on shard 1 only reaches the merged watch (which
+    // waits for shards 0 and 2 to pass its revision) without other writes.
+    let put = client.put("/k/1/alone", "v", None).await.expect("put");
+    let revision = header_revision(put.header());
+    let r = tokio::time::timeout(Duration::from_secs(5), watch_rx.message())
+        .await
+        .expect("the merged watch stalled on idle shards")
+        .expect("watch stream")
+        .expect("a response");
+    let got: Vec<i64> = r
+        .events()
+        .iter()
+        .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+        .collect();
+    assert_eq!(got, [revision], "the event of the lone write");
+    watch_tx.request_progress().await.expect("progress request");
+    let r = tokio::time::timeout(Duration::from_secs(5), watch_rx.message())
+        .await
+        .expect("the progress answer stalled on idle shards")
+        .expect("watch stream")
+        .expect("a response");
+    assert!(is_progress(&r), "expected a progress answer, got {r:?}");
+    assert!(
+        header_revision(r.header()) >= revision,
+        "progress {} below the last write {revision}",
+        header_revision(r.header())
+    );
+
+    // Compact reaches every shard.
+    let keys = on_every_shard("compacted");
+    let mut first = Vec::new();
+    for key in &keys {
+        let r = client.put(key.as_str(), "v1", None).await.expect("put v1");
+        first.push(header_revision(r.header()));
+    }
+    let mut at = 0;
+    for key in &keys {
+        let r = client.put(key.as_str(), "v2", None).await.expect("put v2");
+        at = header_revision(r.header());
+    }
+    client.compact(at, None).await.expect("compact");
+    for (key, old) in keys.iter().zip(&first) {
+        let below = client
+            .get(key.as_str(), Some(GetOptions::new().with_revision(*old)))
+            .await;
+        assert_status(
+            &format!("get {key} below the compaction"),
+            below,
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted",
+        );
+        let kept = client
+            .get(key.as_str(), Some(GetOptions::new().with_revision(at)))
+            .await
+            .expect("get at the compaction revision");
+        assert_eq!(kept.kvs().len(), 1, "{key} at the compaction revision");
+    }
+    let again = client.compact(at, None).await;
+    assert_status(
+        "compact again at the same revision",
+        again,
+        Code::OutOfRange,
+        "etcdserver: mvcc: required revision has been compacted",
+    );
+
+    // A Txn over two shards is refused, naming them; one inside a shard runs.
+    let across = client
+        .txn(
+            Txn::new()
+                .when([Compare::version("/k/0/x", CompareOp::Equal, 0)])
+                .and_then([TxnOp::put("/k/1/x", "v", None)]),
+        )
+        .await;
+    assert_status(
+        "txn across shards",
+        across,
+        Code::InvalidArgument,
+        "kubeshard: a transaction may not span shards; its keys live on shards zero, one",
+    );
+    let inside = client
+        .txn(
+            Txn::new()
+                .when([Compare::version("/k/2/x", CompareOp::Equal, 0)])
+                .and_then([TxnOp::put("/k/2/x", "v", None)]),
+        )
+        .await
+        .expect("txn inside one shard");
+    assert!(inside.succeeded(), "the txn inside one shard");
+
+    drop((client, watch_tx, watch_rx));
+    stop_router(server).await;
+    drop_shard_databases(&ctx);
+}
+
+/// Reads watch responses until a DELETE of each of `keys` arrived; returns
+/// how many of them did.
+async fn deletes_until(
+    stream: &mut WatchStream,
+    keys: &[String],
+    deadline: Instant,
+    what: &str,
+) -> usize {
+    let mut gone = BTreeSet::new();
+    while gone.len() < keys.len() {
+        let r = next_response(stream, deadline, what).await;
+        for e in r.events() {
+            if e.event_type() == EventType::Delete
+                && let Some(kv) = e.kv()
+            {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                if keys.contains(&key) {
+                    gone.insert(key);
+                }
+            }
         }
     }
+    gone.len()
+}
+
+/// Two routers over the same three shards, as behind a load balancer:
+/// unique revisions, a write acknowledged by one is in the next list of the
+/// other, and a watch on one sees the other's writes in order.
+pub async fn two_routers_over_the_same_shards(ctx: Ctx) {
+    let endpoints = shard_endpoints(&ctx);
+    let a = start_router(&ctx, &endpoints).await;
+    let b = start_router(&ctx, &endpoints).await;
+    let mut client_a = connect(&a).await;
+    let mut client_b = connect(&b).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let listed = client_b
+        .get("/k/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("list");
+    let start = header_revision(listed.header());
+    let (mut watch_b, mut stream) = client_b
+        .watch(
+            "/k/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(start + 1),
+            ),
+        )
+        .await
+        .expect("watch on router b")
+        .split();
+    expect_created(&mut stream, deadline).await;
+    let live = collect(stream, deadline, "watch on router b");
+
+    let mut writes: Vec<Write> = Vec::new();
+    for n in 0..45 {
+        let (writer, reader) = if n % 2 == 0 {
+            (&mut client_a, &mut client_b)
+        } else {
+            (&mut client_b, &mut client_a)
+        };
+        let key = format!("/k/{}/two-{n}", n % 3);
+        let put = writer.put(key.as_str(), "v", None).await.expect("put");
+        let revision = header_revision(put.header());
+        writes.push((revision, key.clone(), Kind::Put));
+        // The other router's next linearizable list shows it.
+        let list = reader
+            .get(
+                "/k/",
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .expect("list on the other router");
+        assert!(
+            header_revision(list.header()) >= revision,
+            "list at {} after a write at {revision} on the other router",
+            header_revision(list.header())
+        );
+        assert!(
+            list.kvs().iter().any(|kv| kv.key() == key.as_bytes()),
+            "{key} (written at {revision}) missing from the other router's list"
+        );
+    }
+    let revisions: BTreeSet<i64> = writes.iter().map(|w| w.0).collect();
+    assert_eq!(revisions.len(), writes.len(), "a revision was given twice");
+    writes.sort_by_key(|w| w.0);
+    watch_b.request_progress().await.expect("progress request");
+    let got = live.await.expect("watch task");
+    let seen = events_of(&got.events.values().flatten().cloned().collect::<Vec<_>>());
+    assert_eq!(
+        seen, writes,
+        "router b's watch vs the writes of both routers"
+    );
+    drop((client_a, client_b, watch_b));
+    stop_router(a).await;
+    stop_router(b).await;
+    drop_shard_databases(&ctx);
 }
 
 fn events_of(events: &[Ev]) -> Vec<Write> {
