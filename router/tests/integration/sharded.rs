@@ -613,3 +613,37 @@ async fn paginated_list(client: &mut Client, prefix: &str) -> (i64, BTreeMap<Str
     );
     (at, out)
 }
+
+/// A shard that cannot be reached stops the start-up with an error naming
+/// the topology file's line of that shard; nothing is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_shard_names_its_line() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let toml = format!(
+        r#"default_shard = "zero"
+
+[[shards]]
+name = "zero"
+endpoint = "sqlite://{}/zero.db"
+
+[[shards]]
+name = "down"
+endpoint = "postgres://nobody:secret@127.0.0.1:1/nothing"
+"#,
+        dir.path().display()
+    );
+    let mut options = ServerOptions::for_endpoint(
+        Endpoint::parse("sqlite:///unused.db").expect("endpoint"),
+        "127.0.0.1:0",
+    );
+    options.topology = Topology::from_toml_str(&toml, "down.toml").expect("valid topology");
+    let error = match kubeshard::start(options).await {
+        Ok(_) => panic!("a topology with an unreachable shard started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.starts_with("down.toml:8:8: shard down (postgres://nobody:"),
+        "{error}"
+    );
+    assert!(!error.contains("secret"), "the password leaked: {error}");
+}
