@@ -10,6 +10,7 @@
 #   scripts/test.sh -- --nocapture   anything after our options goes to `cargo test`
 #   scripts/test.sh --no-setup       skip the apt/PostgreSQL/MariaDB set-up (servers
 #                                    assumed to be running already)
+#   scripts/test.sh --no-kubernetes  skip step 6 (for quick runs while developing)
 #   eval "$(scripts/test.sh --setup-only)"
 #                                    do the set-up only and print the test
 #                                    environment as `export` lines (progress goes
@@ -28,6 +29,10 @@
 #      ETCDCTL_BIN and KUBESHARD_TEST_REQUIRE_ALL=1 (a missing backend makes
 #      the tests fail instead of skip).
 #   5. cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test.
+#   6. Kubernetes' own code against kubeshard (needs Go; binaries are cached in
+#      ${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}): the apiserver storage
+#      suite (scripts/kube-storage.sh), then kube-apiserver end to end
+#      (scripts/kube-e2e.sh).
 #
 # Servers started by this script are deliberately LEFT RUNNING when it exits:
 # the machine is throwaway, a second run (or a developer's `cargo test`) reuses
@@ -77,11 +82,13 @@ usage() {
 
 do_setup=1
 setup_only=0
+kubernetes=1
 cargo_test_args=()
 while (($#)); do
     case "$1" in
         --no-setup) do_setup=0 ;;
         --setup-only) setup_only=1 ;;
+        --no-kubernetes) kubernetes=0 ;;
         -h | --help) usage; exit 0 ;;
         --) cargo_test_args+=("$@"); break ;; # keep "--" for cargo test
         *) cargo_test_args+=("$1") ;;
@@ -357,5 +364,13 @@ cargo build --workspace --bins "${locked[@]}"
 
 phase "cargo test --workspace ${locked[*]} ${cargo_test_args[*]}"
 cargo test --workspace "${locked[@]}" "${cargo_test_args[@]}"
+
+if ((kubernetes)); then
+    command -v go >/dev/null || die "go not found in PATH (the Kubernetes tests build Kubernetes' own code)"
+    phase "Kubernetes: the apiserver storage suite on etcd and kubeshard"
+    scripts/kube-storage.sh
+    phase "Kubernetes: kube-apiserver end to end on kubeshard"
+    scripts/kube-e2e.sh
+fi
 
 phase "all tests passed"

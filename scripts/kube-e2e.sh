@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# kube-apiserver and kube-controller-manager (built by scripts/kube-build.sh)
+# on kubeshard, driven with kubectl by tests/kubernetes/e2e.py, on:
+#   1. one SQLite shard, watch cache on;
+#   2. one SQLite shard, watch cache off;
+#   3. pods, events, leases and custom resources each on their own shard
+#      (PostgreSQL and MariaDB) next to a default shard, watch cache on;
+#   4. the same topology, watch cache off.
+# Needs: go, python3, openssl, target/debug/kubeshard (or KUBESHARD_BIN), and
+# the database URLs scripts/test.sh exports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+kube_bin=$(scripts/kube-build.sh)
+kubeshard=${KUBESHARD_BIN:-$root/target/debug/kubeshard}
+[[ -x $kubeshard ]] || { echo "kube-e2e: $kubeshard is missing (cargo build -p kubeshard)" >&2; exit 1; }
+: "${KUBESHARD_TEST_POSTGRES_URL:?set by scripts/test.sh}"
+: "${KUBESHARD_TEST_MYSQL_URL:?set by scripts/test.sh}"
+work=$root/target/kube-e2e
+rm -rf "$work" && mkdir -p "$work"
+
+dbs=()
+# db BASE NAME: sets $db_url to BASE with its database replaced by NAME and
+# remembers it for dropping (no subshell, so the list survives).
+db() { dbs+=("$1 $2"); db_url="${1%/*}/$2"; }
+drop_all() {
+  for entry in "${dbs[@]}"; do
+    base=${entry% *} db=${entry#* }
+    case $base in
+      postgres*) psql "$base" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true ;;
+      mysql*) mysql -h 127.0.0.1 -P 3306 -u kubeshard -pkubeshard -e "DROP DATABASE IF EXISTS \`$db\`" >/dev/null 2>&1 || true ;;
+    esac
+  done
+}
+trap drop_all EXIT
+
+sharded_topology() { # FILE
+  local stamp pg=$KUBESHARD_TEST_POSTGRES_URL my=$KUBESHARD_TEST_MYSQL_URL
+  stamp=$(date +%s)_$RANDOM
+  local core pods events leases custom
+  db "$pg" "ks_e2e_${stamp}_core"; core=$db_url
+  db "$my" "ks_e2e_${stamp}_pods"; pods=$db_url
+  db "$pg" "ks_e2e_${stamp}_events"; events=$db_url
+  db "$my" "ks_e2e_${stamp}_leases"; leases=$db_url
+  db "$pg" "ks_e2e_${stamp}_custom"; custom=$db_url
+  cat >"$1" <<TOML
+# Kubernetes' busiest kinds of objects each on their own database.
+default_shard = "core"
+
+[[shards]]
+name = "core"
+endpoint = "$core"
+
+[[shards]]
+name = "pods"
+endpoint = "$pods"
+
+[[shards]]
+name = "events"
+endpoint = "$events"
+
+[[shards]]
+name = "leases"
+endpoint = "$leases"
+
+[[shards]]
+name = "custom"
+endpoint = "$custom"
+
+[[routes]]
+resource = "pods"
+shard = "pods"
+
+[[routes]]
+resource = "events"
+shard = "events"
+
+[[routes]]
+resource = "leases"
+shard = "leases"
+
+[[routes]]
+group = "kubeshard.e2e.io"
+resource = "widgets"
+shard = "custom"
+TOML
+}
+
+status=0
+e2e() { # NAME ARGS...
+  local name=$1
+  shift
+  echo "==> kube-apiserver end to end: $name" >&2
+  if python3 tests/kubernetes/e2e.py --kube-bin "$kube_bin" --kubeshard "$kubeshard" \
+    --work "$work/$name" "$@"; then
+    echo "    $name: passed" >&2
+  else
+    echo "    $name: FAILED (logs in $work/$name)" >&2
+    status=1
+  fi
+}
+e2e sqlite-watch-cache-on --endpoint "sqlite://$work/sqlite-on.db" --watch-cache on
+e2e sqlite-watch-cache-off --endpoint "sqlite://$work/sqlite-off.db" --watch-cache off
+sharded_topology "$work/sharded-on.toml"
+e2e sharded-watch-cache-on --config "$work/sharded-on.toml" --watch-cache on
+sharded_topology "$work/sharded-off.toml"
+e2e sharded-watch-cache-off --config "$work/sharded-off.toml" --watch-cache off
+exit $status
