@@ -43,6 +43,15 @@ sharded_topology() { # FILE
   db "$pg" "ks_e2e_${stamp}_events"; events=$db_url
   db "$my" "ks_e2e_${stamp}_leases"; leases=$db_url
   db "$pg" "ks_e2e_${stamp}_custom"; custom=$db_url
+  # Where the objects must be (checked while they exist).
+  placement=(
+    --expect-keys "$pods=/registry/pods/" --expect-no-keys "$core=/registry/pods/"
+    --expect-keys "$events=/registry/events/" --expect-no-keys "$core=/registry/events/"
+    --expect-keys "$leases=/registry/leases/" --expect-no-keys "$core=/registry/leases/"
+    --expect-keys "$custom=/registry/kubeshard.e2e.io/widgets/"
+    --expect-no-keys "$core=/registry/kubeshard.e2e.io/widgets/"
+    --expect-keys "$core=/registry/configmaps/" --expect-no-keys "$pods=/registry/configmaps/"
+  )
   cat >"$1" <<TOML
 # Kubernetes' busiest kinds of objects each on their own database.
 default_shard = "core"
@@ -102,7 +111,7 @@ e2e() { # NAME ARGS...
 e2e sqlite-watch-cache-on --endpoint "sqlite://$work/sqlite-on.db" --watch-cache on
 e2e sqlite-watch-cache-off --endpoint "sqlite://$work/sqlite-off.db" --watch-cache off
 sharded_topology "$work/sharded-on.toml"
-e2e sharded-watch-cache-on --config "$work/sharded-on.toml" --watch-cache on
+e2e sharded-watch-cache-on --config "$work/sharded-on.toml" --watch-cache on "${placement[@]}"
 sharded_topology "$work/sharded-off.toml"
-e2e sharded-watch-cache-off --config "$work/sharded-off.toml" --watch-cache off
+e2e sharded-watch-cache-off --config "$work/sharded-off.toml" --watch-cache off "${placement[@]}"
 exit $status

@@ -359,6 +359,11 @@ def run(cluster):
     k.wait_for("web-2's pods to go", lambda: len(
         k.kubectl_json("get", "pods", "-n", NS, "-l", "app=web-2")["items"]) == 0, timeout=120)
 
+    if k.args.expect_keys or k.args.expect_no_keys:
+        step("objects live on the shards the topology names")
+        check_placement([(u, p, True) for u, p in (e.split("=", 1) for e in k.args.expect_keys)] +
+                        [(u, p, False) for u, p in (e.split("=", 1) for e in k.args.expect_no_keys)])
+
     step("Events expire through their lease")
     events = k.kubectl_json("get", "events", "-n", NS)
     check(len(events["items"]) > 0, "the controllers recorded no events")
@@ -384,6 +389,38 @@ def run(cluster):
     left = k.kubectl_raw("get", "--raw", f"/apis/{GROUP}/v1/widgets")
     check(json.loads(left)["items"] == [], "widgets left after the namespace was deleted")
     return results
+
+
+def live_keys(database_url, prefix):
+    """Keys under `prefix` in a shard database's table of live keys, read
+    with the database's own client: where kubeshard put them."""
+    from urllib.parse import urlparse
+    u = urlparse(database_url)
+    if u.scheme.startswith("postgres"):
+        sql = f"SELECT COUNT(*) FROM ks_live WHERE key_bytes LIKE '{prefix}%'::bytea"
+        p = subprocess.run(["psql", database_url, "-Atc", sql], capture_output=True, text=True)
+    elif u.scheme == "mysql":
+        sql = f"SELECT COUNT(*) FROM ks_live WHERE key_bytes LIKE '{prefix}%'"
+        p = subprocess.run(["mysql", "-h", u.hostname, "-P", str(u.port or 3306), "-u", u.username,
+                            "-N", "-B", "-e", sql, u.path.lstrip("/")],
+                           capture_output=True, text=True, env={**os.environ, "MYSQL_PWD": u.password or ""})
+    else:
+        raise Failure(f"cannot read keys of {database_url}")
+    if p.returncode != 0:
+        raise Failure(f"counting {prefix} keys in {u.path}: {p.stderr.strip()}")
+    return int(p.stdout.strip())
+
+
+def check_placement(expectations):
+    """Each expectation is (database URL, key prefix, whether keys must be there)."""
+    for url, prefix, present in expectations:
+        n = live_keys(url, prefix)
+        where = url.rsplit("/", 1)[-1]
+        if present:
+            check(n > 0, f"no {prefix} keys in shard database {where}")
+        else:
+            check(n == 0, f"{n} {prefix} keys in shard database {where}, which should hold none")
+        print(f"    {where}: {n} keys under {prefix}", flush=True)
 
 
 def watch_counts(path):
@@ -412,6 +449,10 @@ def main():
     parser.add_argument("--config")
     parser.add_argument("--watch-cache", choices=["on", "off"], default="on")
     parser.add_argument("--work")
+    parser.add_argument("--expect-keys", action="append", default=[], metavar="DB_URL=PREFIX",
+                        help="after the Deployments step, the shard database must hold keys under PREFIX")
+    parser.add_argument("--expect-no-keys", action="append", default=[], metavar="DB_URL=PREFIX",
+                        help="... must hold no key under PREFIX")
     args = parser.parse_args()
     if bool(args.endpoint) == bool(args.config):
         parser.error("give exactly one of --endpoint and --config")
