@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The apiserver storage suite (tests/kubernetes/storage: Kubernetes' own
 # RunTest* functions over kube-apiserver's etcd3 store) against a real etcd
-# and against kubeshard: one SQLite shard, three SQLite shards, and three
-# shards on PostgreSQL + MariaDB. Every test that passes on etcd must pass on
+# and against kubeshard: one SQLite shard; three SQLite shards (pods hashed
+# over two by namespace); six shards on PostgreSQL + MariaDB (the same, plus
+# events, leases and custom resources on their own shards). Every test that passes on etcd must pass on
 # each kubeshard target. Prints a table of pass counts (also written to
 # $KUBE_RESULTS, default target/kube-storage.md).
 #
@@ -46,8 +47,8 @@ run kubeshard-sqlite kubeshard ""
 run kubeshard-3-sqlite kubeshard-sharded sqlite
 targets=(kubeshard-sqlite kubeshard-3-sqlite)
 if [[ -n ${KUBESHARD_TEST_POSTGRES_URL:-} && -n ${KUBESHARD_TEST_MYSQL_URL:-} ]]; then
-  run kubeshard-3-postgres-mariadb kubeshard-sharded postgres-mariadb
-  targets+=(kubeshard-3-postgres-mariadb)
+  run kubeshard-6-postgres-mariadb kubeshard-sharded postgres-mariadb
+  targets+=(kubeshard-6-postgres-mariadb)
 fi
 
 status=0

@@ -173,19 +173,21 @@ func tail(s string, lines int) string {
 	return strings.Join(all, "\n")
 }
 
-// shardedTopology writes a topology for the sharded target: pods spread
-// over two shards by namespace (so lists across namespaces are merged),
-// everything else (the compaction key, increaseRV's key) on a third.
-// Returns its path and a function dropping its databases.
+// shardedTopology writes a topology for the sharded target, on SQLite: a
+// default shard and pods spread over two shards by namespace (so lists
+// across namespaces are merged); on PostgreSQL + MariaDB the same plus
+// events, leases and custom resources each on a shard of their own, as in
+// the end-to-end run. The compaction key and increaseRV's key live on the
+// default shard. Returns its path and a function dropping its databases.
 func shardedTopology(t testing.TB, dir string) (string, func()) {
 	t.Helper()
-	names := []string{"core", "pods-a", "pods-b"}
-	endpoints := make([]string, len(names))
+	type shard struct{ name, base string }
+	var shards []shard
 	var drops []func()
 	switch os.Getenv("STORAGE_SHARDS") {
 	case "", "sqlite":
-		for i, name := range names {
-			endpoints[i] = "sqlite://" + filepath.Join(dir, name+".db")
+		for _, name := range []string{"core", "pods-a", "pods-b"} {
+			shards = append(shards, shard{name, "sqlite://" + filepath.Join(dir, name+".db")})
 		}
 	case "postgres-mariadb":
 		pg := os.Getenv("KUBESHARD_TEST_POSTGRES_URL")
@@ -193,28 +195,34 @@ func shardedTopology(t testing.TB, dir string) (string, func()) {
 		if pg == "" || my == "" {
 			t.Fatal("STORAGE_SHARDS=postgres-mariadb needs KUBESHARD_TEST_POSTGRES_URL and KUBESHARD_TEST_MYSQL_URL")
 		}
-		// The default shard and one pods shard on PostgreSQL, the other on MariaDB.
-		bases := []string{pg, my, pg}
-		for i := range names {
-			u, err := url.Parse(bases[i])
+		for _, s := range []shard{{"core", pg}, {"pods-a", my}, {"pods-b", pg},
+			{"events", pg}, {"leases", my}, {"custom", pg}} {
+			u, err := url.Parse(s.base)
 			if err != nil {
-				t.Fatalf("database URL %q: %v", bases[i], err)
+				t.Fatalf("database URL %q: %v", s.base, err)
 			}
 			database := "ks_st_" + randomHex(8)
 			u.Path = "/" + database
-			endpoints[i] = u.String()
-			base := bases[i]
+			base := s.base
 			drops = append(drops, func() { dropDatabase(base, database) })
+			shards = append(shards, shard{s.name, u.String()})
 		}
 	default:
 		t.Fatalf("unknown STORAGE_SHARDS %q", os.Getenv("STORAGE_SHARDS"))
 	}
 	var b strings.Builder
 	b.WriteString("default_shard = \"core\"\n")
-	for i, name := range names {
-		fmt.Fprintf(&b, "\n[[shards]]\nname = %q\nendpoint = %q\n", name, endpoints[i])
+	names := map[string]bool{}
+	for _, s := range shards {
+		names[s.name] = true
+		fmt.Fprintf(&b, "\n[[shards]]\nname = %q\nendpoint = %q\n", s.name, s.base)
 	}
 	b.WriteString("\n[[routes]]\nresource = \"pods\"\nshards = [\"pods-a\", \"pods-b\"]\nhash = \"resource-namespace\"\n")
+	if names["events"] {
+		b.WriteString("\n[[routes]]\nresource = \"events\"\nshard = \"events\"\n")
+		b.WriteString("\n[[routes]]\nresource = \"leases\"\nshard = \"leases\"\n")
+		b.WriteString("\n[[routes]]\ngroup = \"example.apiserver.k8s.io\"\nresource = \"widgets\"\nshard = \"custom\"\n")
+	}
 	path := filepath.Join(dir, "topology.toml")
 	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
 		t.Fatal(err)
