@@ -5,9 +5,18 @@
 //! previous one is answered, so the figure is the server's throughput at
 //! saturation. Run it against each system in turn, in one session, and
 //! compare ratios only.
+//!
+//! Workloads (`workloads.rs`): put, range (linearizable or serializable),
+//! k8s-style txn (create, then updates guarded by mod_revision), paginated
+//! list over N keys, and watch fan-out (event latency). Output
+//! (`report.rs`): throughput, p50/p90/p95/p99, errors and the server's peak
+//! RSS, as a table line or one JSON line.
 #![forbid(unsafe_code)]
 
-use std::time::{Duration, Instant};
+mod report;
+mod workloads;
+
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -27,7 +36,10 @@ struct Cli {
     /// How long to send, in seconds.
     #[arg(long, default_value_t = 15)]
     seconds: u64,
-    /// Print one JSON line instead of a table.
+    /// The server's process id: its peak RSS (VmHWM) is reported.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print one JSON line instead of a table line.
     #[arg(long)]
     json: bool,
     #[command(subcommand)]
@@ -35,7 +47,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Workload {
+pub enum Workload {
     /// Puts of distinct keys under a prefix.
     Put {
         #[arg(long, default_value_t = 1024)]
@@ -48,14 +60,55 @@ enum Workload {
         #[arg(long, default_value_t = 1)]
         resources: usize,
     },
-}
-
-/// What one client measured.
-#[derive(Debug, Default)]
-struct ClientResult {
-    latencies_us: Vec<u32>,
-    errors: u64,
-    first_error: Option<String>,
+    /// Gets of random keys among `keys` written first.
+    Range {
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
+        #[arg(long, default_value_t = 1024)]
+        value_size: usize,
+        /// Serializable reads (etcd may answer from a follower's state).
+        #[arg(long)]
+        serializable: bool,
+        #[arg(long, default_value = "/kubeshard-bench/range/")]
+        prefix: String,
+    },
+    /// kube-apiserver's writes: each client creates its own keys with a
+    /// Txn guarded by mod_revision == 0, then updates them with Txns
+    /// guarded by the mod_revision it last saw.
+    Txn {
+        #[arg(long, default_value_t = 1024)]
+        value_size: usize,
+        /// Keys per client, updated in turn.
+        #[arg(long, default_value_t = 10)]
+        keys_per_client: usize,
+        #[arg(long, default_value = "/kubeshard-bench/txn/")]
+        prefix: String,
+    },
+    /// Whole lists of `keys` keys (written first, then each updated
+    /// `updates` times) in pages of `page`, all pages at the first page's
+    /// revision, as kube-apiserver lists.
+    List {
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        #[arg(long, default_value_t = 500)]
+        page: i64,
+        #[arg(long, default_value_t = 0)]
+        updates: usize,
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        #[arg(long, default_value = "/kubeshard-bench/list/")]
+        prefix: String,
+    },
+    /// `watchers` watches over a prefix while `clients` writers put into
+    /// it; reports event latency (put sent to event received).
+    Watch {
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        #[arg(long, default_value = "/kubeshard-bench/watch/")]
+        prefix: String,
+    },
 }
 
 #[tokio::main]
@@ -72,89 +125,20 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot connect to {}", cli.endpoint))?,
         );
     }
-    let Workload::Put {
-        value_size,
-        prefix,
-        resources,
-    } = &cli.workload;
-    if *resources == 0 {
-        bail!("--resources must be at least 1");
-    }
-    let value = vec![b'x'; *value_size];
-    let deadline = Instant::now() + Duration::from_secs(cli.seconds);
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(cli.clients);
-    for i in 0..cli.clients {
-        let mut client = connections[i % cli.conns].clone();
-        let value = value.clone();
-        let prefix = if *resources > 1 {
-            format!("{prefix}res{}/", i % resources)
-        } else {
-            prefix.clone()
-        };
-        tasks.push(tokio::spawn(async move {
-            let mut result = ClientResult::default();
-            let mut n: u64 = 0;
-            while Instant::now() < deadline {
-                let key = format!("{prefix}{i}/{n}");
-                let sent = Instant::now();
-                match client.put(key, value.clone(), None).await {
-                    Ok(_) => result
-                        .latencies_us
-                        .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX)),
-                    Err(e) => {
-                        result.errors += 1;
-                        result.first_error.get_or_insert_with(|| e.to_string());
-                    }
-                }
-                n += 1;
-            }
-            result
-        }));
-    }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for task in tasks {
-        let r = task.await.context("a client task failed")?;
-        latencies.extend(r.latencies_us);
-        errors += r.errors;
-        if first_error.is_none() {
-            first_error = r.first_error;
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(latencies[i.min(latencies.len() - 1)]) / 1000.0
+    let run = workloads::Run {
+        connections,
+        clients: cli.clients,
+        duration: Duration::from_secs(cli.seconds),
     };
-    let ok = latencies.len();
-    let rate = ok as f64 / elapsed;
-    if cli.json {
-        println!(
-            "{{\"workload\":\"put\",\"endpoint\":\"{}\",\"clients\":{},\"conns\":{},\"ok\":{ok},\"errors\":{errors},\"per_second\":{rate:.0},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p95_ms\":{:.2},\"p99_ms\":{:.2}}}",
-            cli.endpoint,
-            cli.clients,
-            cli.conns,
-            pct(0.5),
-            pct(0.9),
-            pct(0.95),
-            pct(0.99)
-        );
+    let measured = workloads::run(&run, &cli.workload).await?;
+    let rss = cli.server_pid.and_then(report::peak_rss_mib);
+    let line = if cli.json {
+        measured.json(&cli.endpoint, cli.clients, cli.conns, rss)
     } else {
-        println!(
-            "put  ok {ok}  errors {errors}  {rate:.0}/s  p50 {:.2} ms  p90 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms",
-            pct(0.5),
-            pct(0.9),
-            pct(0.95),
-            pct(0.99)
-        );
-    }
-    if let Some(e) = first_error {
+        measured.table(rss)
+    };
+    println!("{line}");
+    if let Some(e) = &measured.first_error {
         eprintln!("first error: {e}");
     }
     Ok(())

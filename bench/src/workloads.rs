@@ -1,0 +1,467 @@
+//! The workloads. Each spreads its clients over the shared connections and
+//! runs until the deadline, every client with one request in flight.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use tokio::task::JoinSet;
+
+use crate::Workload;
+use crate::report::{ClientResult, Measured};
+
+/// Connections, clients and how long to run.
+pub struct Run {
+    pub connections: Vec<Client>,
+    pub clients: usize,
+    pub duration: Duration,
+}
+
+impl Run {
+    fn connection(&self, i: usize) -> Client {
+        self.connections[i % self.connections.len()].clone()
+    }
+}
+
+pub async fn run(run: &Run, workload: &Workload) -> anyhow::Result<Measured> {
+    match workload {
+        Workload::Put {
+            value_size,
+            prefix,
+            resources,
+        } => put(run, *value_size, prefix, *resources).await,
+        Workload::Range {
+            keys,
+            value_size,
+            serializable,
+            prefix,
+        } => range(run, *keys, *value_size, *serializable, prefix).await,
+        Workload::Txn {
+            value_size,
+            keys_per_client,
+            prefix,
+        } => txn(run, *value_size, *keys_per_client, prefix).await,
+        Workload::List {
+            keys,
+            page,
+            updates,
+            value_size,
+            prefix,
+        } => list(run, *keys, *page, *updates, *value_size, prefix).await,
+        Workload::Watch {
+            watchers,
+            value_size,
+            prefix,
+        } => watch(run, *watchers, *value_size, prefix).await,
+    }
+}
+
+/// Runs `client(i, deadline)` for every client and gathers the results.
+async fn closed_loop<F, Fut>(
+    run: &Run,
+    workload: &'static str,
+    unit: String,
+    client: F,
+) -> anyhow::Result<Measured>
+where
+    F: Fn(usize, Client, Instant) -> Fut,
+    Fut: std::future::Future<Output = ClientResult> + Send + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + run.duration;
+    let mut tasks = JoinSet::new();
+    for i in 0..run.clients {
+        tasks.spawn(client(i, run.connection(i), deadline));
+    }
+    let mut measured = Measured {
+        workload,
+        unit,
+        ..Default::default()
+    };
+    while let Some(result) = tasks.join_next().await {
+        measured.absorb(result.context("a client task failed")?);
+    }
+    measured.elapsed = started.elapsed();
+    Ok(measured)
+}
+
+/// Writes `keys` keys `<prefix><n>` with `value_size` bytes, `rounds`
+/// times each, over all connections; used to fill the store first.
+async fn preload(
+    run: &Run,
+    prefix: &str,
+    keys: usize,
+    value_size: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let value = vec![b'v'; value_size];
+    let workers = run.connections.len().max(1) * 4;
+    for _ in 0..rounds.max(1) {
+        let mut tasks = JoinSet::new();
+        for w in 0..workers {
+            let mut c = run.connection(w);
+            let prefix = prefix.to_string();
+            let value = value.clone();
+            tasks.spawn(async move {
+                let mut n = w;
+                while n < keys {
+                    c.put(format!("{prefix}{n:08}"), value.clone(), None)
+                        .await
+                        .with_context(|| format!("preload put {prefix}{n:08}"))?;
+                    n += workers;
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.context("a preload task failed")??;
+        }
+    }
+    Ok(())
+}
+
+async fn put(
+    run: &Run,
+    value_size: usize,
+    prefix: &str,
+    resources: usize,
+) -> anyhow::Result<Measured> {
+    if resources == 0 {
+        bail!("--resources must be at least 1");
+    }
+    let value = Arc::new(vec![b'x'; value_size]);
+    let prefix = prefix.to_string();
+    closed_loop(
+        run,
+        "put",
+        format!("{value_size} B values"),
+        |i, mut c, deadline| {
+            let value = value.clone();
+            let prefix = if resources > 1 {
+                format!("{prefix}res{}/", i % resources)
+            } else {
+                prefix.clone()
+            };
+            async move {
+                let mut r = ClientResult::default();
+                let mut n: u64 = 0;
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    match c
+                        .put(format!("{prefix}{i}/{n}"), value.to_vec(), None)
+                        .await
+                    {
+                        Ok(_) => r.ok(sent.elapsed()),
+                        Err(e) => r.failed(e),
+                    }
+                    n += 1;
+                }
+                r
+            }
+        },
+    )
+    .await
+}
+
+async fn range(
+    run: &Run,
+    keys: usize,
+    value_size: usize,
+    serializable: bool,
+    prefix: &str,
+) -> anyhow::Result<Measured> {
+    if keys == 0 {
+        bail!("--keys must be at least 1");
+    }
+    preload(run, prefix, keys, value_size, 1).await?;
+    let prefix = prefix.to_string();
+    let kind = if serializable {
+        "serializable"
+    } else {
+        "linearizable"
+    };
+    let workload = if serializable {
+        "range-serializable"
+    } else {
+        "range"
+    };
+    closed_loop(
+        run,
+        workload,
+        format!("{kind} get of 1 of {keys} keys"),
+        |i, mut c, deadline| {
+            let prefix = prefix.clone();
+            async move {
+                let mut r = ClientResult::default();
+                // A cheap, well-spread sequence per client (no RNG state shared).
+                let mut n = i.wrapping_mul(2_654_435_761) % keys;
+                while Instant::now() < deadline {
+                    let options = serializable.then(|| GetOptions::new().with_serializable());
+                    let sent = Instant::now();
+                    match c.get(format!("{prefix}{n:08}"), options).await {
+                        Ok(resp) if resp.kvs().len() == 1 => r.ok(sent.elapsed()),
+                        Ok(resp) => r.failed(format!("{} keys for one get", resp.kvs().len())),
+                        Err(e) => r.failed(e),
+                    }
+                    n = (n + 7919) % keys;
+                }
+                r
+            }
+        },
+    )
+    .await
+}
+
+async fn txn(
+    run: &Run,
+    value_size: usize,
+    keys_per_client: usize,
+    prefix: &str,
+) -> anyhow::Result<Measured> {
+    let keys_per_client = keys_per_client.max(1);
+    let value = Arc::new(vec![b't'; value_size]);
+    let prefix = format!("{prefix}{}/", unique_suffix());
+    closed_loop(
+        run,
+        "txn",
+        "create or update guarded by mod_revision".into(),
+        |i, mut c, deadline| {
+            let value = value.clone();
+            let prefix = prefix.clone();
+            async move {
+                let mut r = ClientResult::default();
+                // The mod_revision this client last wrote to each key (0: none).
+                let mut revisions = vec![0i64; keys_per_client];
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let slot = n % keys_per_client;
+                    let key = format!("{prefix}{i}/{slot}");
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(
+                            key.as_str(),
+                            CompareOp::Equal,
+                            revisions[slot],
+                        )])
+                        .and_then([TxnOp::put(key.as_str(), value.to_vec(), None)])
+                        .or_else([TxnOp::get(key.as_str(), None)]);
+                    let sent = Instant::now();
+                    match c.txn(txn).await {
+                        Ok(resp) if resp.succeeded() => {
+                            r.ok(sent.elapsed());
+                            revisions[slot] = resp.header().map_or(0, |h| h.revision());
+                        }
+                        Ok(_) => r.failed(format!("{key}: conflict (mod_revision moved)")),
+                        Err(e) => r.failed(e),
+                    }
+                    n += 1;
+                }
+                r
+            }
+        },
+    )
+    .await
+}
+
+async fn list(
+    run: &Run,
+    keys: usize,
+    page: i64,
+    updates: usize,
+    value_size: usize,
+    prefix: &str,
+) -> anyhow::Result<Measured> {
+    if page < 1 {
+        bail!("--page must be at least 1");
+    }
+    preload(run, prefix, keys, value_size, 1 + updates).await?;
+    let prefix = prefix.to_string();
+    let end = prefix_end(&prefix);
+    closed_loop(
+        run,
+        "list",
+        format!("list of {keys} keys in pages of {page}, {updates} updates per key"),
+        |_, mut c, deadline| {
+            let prefix = prefix.clone();
+            let end = end.clone();
+            async move {
+                let mut r = ClientResult::default();
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    match list_once(&mut c, &prefix, &end, page).await {
+                        Ok(n) if n == keys => r.ok(sent.elapsed()),
+                        Ok(n) => r.failed(format!("listed {n} keys of {keys}")),
+                        Err(e) => r.failed(e),
+                    }
+                }
+                r
+            }
+        },
+    )
+    .await
+}
+
+/// Lists `[prefix, end)` page by page at the first page's revision; returns
+/// how many keys it saw.
+async fn list_once(
+    c: &mut Client,
+    prefix: &str,
+    end: &[u8],
+    page: i64,
+) -> Result<usize, etcd_client::Error> {
+    let mut key = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut seen = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.to_vec()).with_limit(page);
+        if revision != 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = c.get(key.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        seen += resp.kvs().len();
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                key = last.key().to_vec();
+                key.push(0);
+            }
+            _ => return Ok(seen),
+        }
+    }
+}
+
+/// The end of the range of keys starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn unique_suffix() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+async fn watch(
+    run: &Run,
+    watchers: usize,
+    value_size: usize,
+    prefix: &str,
+) -> anyhow::Result<Measured> {
+    let prefix = format!("{prefix}{}/", unique_suffix());
+    // Watchers first; each measures every event's latency from the send
+    // time the writer put at the start of the value.
+    let mut watching = JoinSet::new();
+    let stop = Instant::now() + run.duration + Duration::from_secs(5);
+    for w in 0..watchers {
+        let mut c = run.connection(w);
+        let (sender, mut stream) = c
+            .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix()))
+            .await
+            .context("create a watch")?
+            .split();
+        watching.spawn(async move {
+            // The watch lives as long as its sending half.
+            let _sender = sender;
+            let mut r = ClientResult::default();
+            while let Ok(Ok(Some(resp))) =
+                tokio::time::timeout_at(tokio::time::Instant::from_std(stop), stream.message())
+                    .await
+            {
+                let now = now_us();
+                for e in resp.events() {
+                    let sent = e
+                        .kv()
+                        .and_then(|kv| kv.value().get(..20))
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    match sent {
+                        Some(sent) => r.ok(Duration::from_micros(now.saturating_sub(sent))),
+                        None => r.failed("an event without a send time"),
+                    }
+                }
+            }
+            r
+        });
+    }
+    let pad = value_size.saturating_sub(20);
+    let writers = closed_loop(run, "watch-writes", String::new(), |i, mut c, deadline| {
+        let prefix = prefix.clone();
+        async move {
+            let mut r = ClientResult::default();
+            let mut n: u64 = 0;
+            while Instant::now() < deadline {
+                let mut value = format!("{:>20}", now_us()).into_bytes();
+                value.resize(20 + pad, b'w');
+                let sent = Instant::now();
+                match c
+                    .put(format!("{prefix}{i}/{n}"), value, Some(PutOptions::new()))
+                    .await
+                {
+                    Ok(_) => r.ok(sent.elapsed()),
+                    Err(e) => r.failed(e),
+                }
+                n += 1;
+            }
+            r
+        }
+    })
+    .await?;
+    let mut measured = Measured {
+        workload: "watch",
+        unit: format!(
+            "event latency, {watchers} watchers, {} puts/s by {} writers",
+            (writers.latencies_us.len() as f64 / writers.elapsed.as_secs_f64().max(1e-9)) as u64,
+            run.clients
+        ),
+        ..Default::default()
+    };
+    while let Some(result) = watching.join_next().await {
+        measured.absorb(result.context("a watcher task failed")?);
+    }
+    let expected = writers.latencies_us.len() * watchers;
+    if measured.latencies_us.len() != expected {
+        measured.failed_delivery(expected);
+    }
+    // Events per second delivered over the writing time.
+    measured.elapsed = writers.elapsed;
+    Ok(measured)
+}
+
+impl Measured {
+    /// Counts events that never arrived as errors.
+    fn failed_delivery(&mut self, expected: usize) {
+        let got = self.latencies_us.len();
+        if got < expected {
+            self.errors += (expected - got) as u64;
+            self.first_error.get_or_insert_with(|| {
+                format!("{} of {expected} events not delivered", expected - got)
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+    }
+}
