@@ -95,6 +95,16 @@ async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
     if core.shards.len() > 1 {
         let pending: Vec<i64> = orphans.iter().copied().collect();
         for id in pending {
+            // Granted again meanwhile (a client chose the id): its copies
+            // are the new lease's now, not orphans.
+            match store.lease_get(id).await {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    orphans.remove(&id);
+                    continue;
+                }
+                Err(_) => continue,
+            }
             match expire_copies(core, id).await {
                 Ok(()) => {
                     orphans.remove(&id);
@@ -142,8 +152,10 @@ async fn find_orphan_copies(core: &Core, owner: &str, orphans: &mut BTreeSet<i64
     orphans.extend(copies.into_iter().filter(|lease| !live.contains(lease)));
 }
 
-/// Brings every shard to the highest compaction mark among them (a Compact
-/// that failed on some shard) and removes compacted history.
+/// Brings every other shard to the default shard's compaction mark (a
+/// Compact that failed on some shard) and removes compacted history. The
+/// default shard's mark is the one Compact answers by, so this never moves
+/// it (a client's Compact in progress keeps its answer).
 async fn finish_compactions(core: &Core, purged_to: &mut [i64]) {
     let shards = &core.shards;
     let mut marks = Vec::with_capacity(shards.len());
@@ -153,7 +165,10 @@ async fn finish_compactions(core: &Core, purged_to: &mut [i64]) {
             Err(_) => return,
         }
     }
-    let highest = marks.iter().map(|(_, c)| *c).max().unwrap_or(0);
+    let highest = marks
+        .iter()
+        .find(|(id, _)| *id == shards.default_id())
+        .map_or(0, |(_, c)| *c);
     for (id, compacted) in &marks {
         if *compacted < highest {
             let repaired = async {
@@ -168,17 +183,18 @@ async fn finish_compactions(core: &Core, purged_to: &mut [i64]) {
                 continue;
             }
         }
+        let upto = highest.max(*compacted);
         let done = &mut purged_to[id.index()];
-        if highest <= *done {
+        if upto <= *done {
             continue;
         }
         match shards
             .get(*id)
             .store
-            .purge_compacted(highest, core.options.compaction_batch_revisions)
+            .purge_compacted(upto, core.options.compaction_batch_revisions)
             .await
         {
-            Ok(_) => *done = highest,
+            Ok(_) => *done = upto,
             Err(e) => {
                 warn!(shard = %shards.get(*id).name, error = %e, "compaction: history purge failed; will retry")
             }

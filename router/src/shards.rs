@@ -235,21 +235,10 @@ impl Shards {
         request: WriteRequest,
     ) -> Result<WriteResponse, ShardError> {
         let floor = self.floor();
-        let shard = self.get(id);
-        // The writer applies its mailbox in order, so the Bump lands before
-        // the write, usually in the same transaction.
-        let bump = if self.known(id) < floor {
-            Some(shard.writer.submit(WriteRequest::Bump { floor })?)
-        } else {
-            None
-        };
-        let response = shard.writer.write(request).await;
-        if let Some(bump) = bump
-            && let Ok(Ok(bumped)) = bump.await
-        {
-            self.observe(id, bumped.revision());
-        }
-        let response = response?;
+        // The floor rides in the write's own transaction: the write cannot
+        // commit below it.
+        let floor = if self.known(id) < floor { floor } else { 0 };
+        let response = self.get(id).writer.write_above(floor, request).await?;
         self.observe(id, response.revision());
         Ok(response)
     }

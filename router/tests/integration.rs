@@ -32,6 +32,7 @@ on_all_backends!(
     sharded::writers_ranges_and_watches_across_shards,
     sharded::leases_compaction_and_idle_shards,
     sharded::two_routers_over_the_same_shards,
+    sharded::long_history_beside_idle_shards,
 );
 
 on_postgres!(lifecycle::database_outage_is_unavailable_then_recovers);

@@ -25,6 +25,8 @@ type Reply = oneshot::Sender<Result<WriteResponse>>;
 pub enum WriterMessage {
     Write {
         request: WriteRequest,
+        /// The write must get a revision above this one (0: no floor).
+        floor: i64,
         reply: Reply,
     },
     /// The batch in flight has finished.
@@ -33,10 +35,17 @@ pub enum WriterMessage {
 
 struct WriterActor;
 
+/// A queued write: the request, its floor and where its answer goes.
+struct Queued {
+    request: WriteRequest,
+    floor: i64,
+    reply: Reply,
+}
+
 struct WriterState {
     store: Arc<dyn ShardStore>,
     hub: Arc<WatchHub>,
-    pending: Vec<(WriteRequest, Reply)>,
+    pending: Vec<Queued>,
     in_flight: bool,
 }
 
@@ -65,7 +74,15 @@ impl Actor for WriterActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            WriterMessage::Write { request, reply } => state.pending.push((request, reply)),
+            WriterMessage::Write {
+                request,
+                floor,
+                reply,
+            } => state.pending.push(Queued {
+                request,
+                floor,
+                reply,
+            }),
             WriterMessage::Committed => state.in_flight = false,
         }
         if !state.in_flight && !state.pending.is_empty() {
@@ -84,22 +101,44 @@ impl Actor for WriterActor {
     }
 }
 
-/// Commits a batch, hands its events to the watch hub, then answers.
+/// Commits a batch, hands its events to the watch hub, then answers. A
+/// batch whose writes carry floors starts with a Bump to the highest of
+/// them, in the same transaction: either all of it commits, every write
+/// above its floor, or none.
 async fn commit(
     store: &dyn ShardStore,
     hub: &WatchHub,
     requests: &[WriteRequest],
+    floor: i64,
 ) -> Result<Vec<Result<WriteResponse>>> {
+    let bumped;
+    let requests = if floor > 0 {
+        bumped = std::iter::once(WriteRequest::Bump { floor })
+            .chain(requests.iter().cloned())
+            .collect::<Vec<_>>();
+        &bumped[..]
+    } else {
+        requests
+    };
     // Events are only assembled when someone watches.
     let committed = store.commit_batch(requests, hub.has_subscribers()).await?;
     hub.publish_committed(committed.before, committed.last, committed.events);
-    Ok(committed.responses)
+    let mut responses = committed.responses;
+    if floor > 0 && !responses.is_empty() {
+        // The Bump answers nothing a client asked.
+        let _bump = responses.remove(0);
+    }
+    Ok(responses)
 }
 
-async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<(WriteRequest, Reply)>) {
-    let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<Queued>) {
+    let floor = batch.iter().map(|q| q.floor).max().unwrap_or(0);
+    let (requests, rest): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|q| (q.request, (q.floor, q.reply)))
+        .unzip();
     let started = std::time::Instant::now();
-    let committed = commit(store, hub, &requests).await;
+    let committed = commit(store, hub, &requests, floor).await;
     tracing::debug!(
         size = requests.len(),
         micros = started.elapsed().as_micros() as u64,
@@ -107,7 +146,7 @@ async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<(WriteRequ
     );
     match committed {
         Ok(results) => {
-            for (reply, result) in replies.into_iter().zip(results) {
+            for ((_, reply), result) in rest.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
         }
@@ -115,8 +154,8 @@ async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<(WriteRequ
             // One request may have tripped the database (e.g. a value over
             // a server limit): run each alone so only that one fails.
             warn!(error = %e, size = requests.len(), "write batch failed; retrying its requests one by one");
-            for (request, reply) in requests.into_iter().zip(replies) {
-                let result = match commit(store, hub, std::slice::from_ref(&request)).await {
+            for (request, (floor, reply)) in requests.into_iter().zip(rest) {
+                let result = match commit(store, hub, std::slice::from_ref(&request), floor).await {
                     Ok(mut results) => results
                         .pop()
                         .unwrap_or_else(|| Err(ShardError::Corrupt("empty batch result".into()))),
@@ -128,7 +167,7 @@ async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<(WriteRequ
         Err(e) => {
             warn!(error = %e, size = requests.len(), "write batch failed");
             let message = e.to_string();
-            let mut replies = replies.into_iter();
+            let mut replies = rest.into_iter().map(|(_, reply)| reply);
             if let Some(first) = replies.next() {
                 let _ = first.send(Err(e));
             }
@@ -164,23 +203,24 @@ impl ShardWriter {
 
     /// Queues a write and waits for its commit.
     pub async fn write(&self, request: WriteRequest) -> Result<WriteResponse> {
-        let answer = self.submit(request)?;
+        self.write_above(0, request).await
+    }
+
+    /// Queues a write that must get a revision above `floor` (the shard's
+    /// counter is raised to it in the write's own transaction) and waits
+    /// for its commit.
+    pub async fn write_above(&self, floor: i64, request: WriteRequest) -> Result<WriteResponse> {
+        let (reply, answer) = oneshot::channel();
+        self.actor
+            .send_message(WriterMessage::Write {
+                request,
+                floor,
+                reply,
+            })
+            .map_err(|_| ShardError::Stopped(self.shard.to_string()))?;
         answer
             .await
             .map_err(|_| ShardError::Stopped(self.shard.to_string()))?
-    }
-
-    /// Queues a write without waiting: writes submitted one after the other
-    /// are applied in that order. The receiver gets the answer after commit.
-    pub fn submit(
-        &self,
-        request: WriteRequest,
-    ) -> Result<oneshot::Receiver<Result<WriteResponse>>> {
-        let (reply, answer) = oneshot::channel();
-        self.actor
-            .send_message(WriterMessage::Write { request, reply })
-            .map_err(|_| ShardError::Stopped(self.shard.to_string()))?;
-        Ok(answer)
     }
 
     /// Stops the actor after the requests already queued.

@@ -60,6 +60,29 @@ pub async fn revoke_everywhere(core: &Core, id: i64) -> Result<i64, ShardError> 
     Ok(revision.max(revoked.revision()).max(shards.floor()))
 }
 
+/// Writes the copy of a lease just granted on the default shard to shard
+/// `other`. A copy already there is left over from an earlier lease with
+/// this id (its removal failed or is pending): it goes first, with its keys,
+/// so the new lease does not adopt them.
+async fn copy_lease(
+    shards: &crate::shards::Shards,
+    other: kubeshard_config::ShardId,
+    grant: &WriteRequest,
+    id: i64,
+) -> Result<(), ShardError> {
+    match shards.write(other, grant.clone()).await {
+        Ok(_) => Ok(()),
+        Err(ShardError::LeaseExists) => {
+            match shards.write(other, WriteRequest::LeaseRevoke { id }).await {
+                Ok(_) | Err(ShardError::LeaseNotFound) => {}
+                Err(e) => return Err(e),
+            }
+            shards.write(other, grant.clone()).await.map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes the copies of an expired lease (already gone from the default
 /// shard) and their keys from the other shards.
 pub async fn expire_copies(core: &Core, id: i64) -> Result<(), ShardError> {
@@ -124,15 +147,17 @@ impl Lease for LeaseService {
             .collect();
         let copies = others
             .iter()
-            .map(|other| shards.write(*other, grant.clone()));
+            .map(|other| copy_lease(shards, *other, &grant, id));
         for copied in futures::future::join_all(copies).await {
-            match copied {
-                Ok(_) | Err(ShardError::LeaseExists) => {}
-                Err(e) => {
-                    // Undo what was granted; the lease never existed.
-                    let _ = revoke_everywhere(&self.core, id).await;
-                    return Err(shard_status(e));
-                }
+            if let Err(e) = copied {
+                // Undo what was granted: the lease first, so that it is not
+                // alive while the client was told it does not exist; copies
+                // left behind are orphans the expirer removes.
+                let _ = shards
+                    .write(shards.default_id(), WriteRequest::LeaseRevoke { id })
+                    .await;
+                let _ = expire_copies(&self.core, id).await;
+                return Err(shard_status(e));
             }
         }
         Ok(Response::new(LeaseGrantResponse {

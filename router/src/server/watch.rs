@@ -36,6 +36,9 @@ use crate::shards::Shards;
 
 /// Events read from history per page while a watch catches up.
 const HISTORY_PAGE: usize = 1000;
+/// How often waiting watches and progress requests ask again for lagging
+/// shards to be raised.
+const ADVANCE_RETRY: Duration = Duration::from_secs(1);
 /// How long a progress request may wait for the shards' events to be published.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -189,6 +192,10 @@ impl Session {
         let (progress_tx, mut progress_rx) = mpsc::channel::<i64>(16);
         let period = self.core.options.progress_notify_interval;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // Asks again for lagging shards to be raised while events wait for
+        // them (an earlier raise may have failed, e.g. its database was down).
+        let mut retry = tokio::time::interval(ADVANCE_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let step = tokio::select! {
                 message = inbound.next() => match message {
@@ -206,6 +213,10 @@ impl Session {
                     self.answer_progress().await
                 }
                 _ = tick.tick() => self.periodic_progress().await,
+                _ = retry.tick() => {
+                    self.advance_waiting();
+                    Ok(())
+                }
             };
             if step.is_err() {
                 break;
@@ -369,17 +380,28 @@ impl Session {
             return Ok(());
         };
         let range = w.range.clone();
+        let start = w.next;
         let shards = w.shards.clone();
         let marks: Vec<i64> = shards.iter().map(|s| self.marks[s.index()]).collect();
-        let mut cursors = vec![w.next; shards.len()];
+        let mut cursors = vec![start; shards.len()];
         loop {
-            for (pos, shard) in shards.iter().enumerate() {
-                let Some(w) = self.watchers.get(&id) else {
-                    return Ok(());
-                };
-                if cursors[pos] > marks[pos] || !w.queues[pos].is_empty() {
-                    continue;
-                }
+            // A shard is read when all it had read so far went out. If none
+            // is (the shards holding the bound back are read to their marks),
+            // the others are read on: what they hold beyond the bound waits
+            // in the queues like events of the live batches.
+            let Some(w) = self.watchers.get(&id) else {
+                return Ok(());
+            };
+            let mut read: Vec<usize> = (0..shards.len())
+                .filter(|pos| cursors[*pos] <= marks[*pos] && w.queues[*pos].is_empty())
+                .collect();
+            if read.is_empty() {
+                read = (0..shards.len())
+                    .filter(|pos| cursors[*pos] <= marks[*pos])
+                    .collect();
+            }
+            for pos in read {
+                let shard = &shards[pos];
                 let store = &self.shards.get(*shard).store;
                 match store
                     .history(&range, cursors[pos], marks[pos], HISTORY_PAGE)
@@ -526,6 +548,28 @@ impl Session {
         Ok(())
     }
 
+    /// Asks for every shard that queued events or progress requests wait
+    /// for to be raised (cheap when it is already under way or done).
+    fn advance_waiting(&self) {
+        for w in self.watchers.values() {
+            if let Some(waiting_for) = w.highest_queued() {
+                for shard in &w.shards {
+                    if self.marks[shard.index()] < waiting_for {
+                        self.shards.advance(*shard, waiting_for);
+                    }
+                }
+            }
+        }
+        if let Some(target) = self.progress_waiting.iter().max() {
+            let needed = (*target).max(self.last_progress);
+            for shard in self.covered_shards() {
+                if self.marks[shard.index()] < needed {
+                    self.shards.advance(shard, needed);
+                }
+            }
+        }
+    }
+
     /// Sends watch `id` its queued events at or below `bound` and moves it
     /// past `bound`.
     async fn flush(&mut self, id: i64, bound: i64) -> Result<(), Gone> {
@@ -596,14 +640,16 @@ impl Session {
             let Some(w) = self.watchers.get(&id) else {
                 continue;
             };
-            // Nothing below `next` is wanted, so the watch is complete up to
-            // there even before its shards are.
-            let complete = self.complete_to(w).max(w.next - 1);
+            let complete = self.complete_to(w);
             // Idle shards move on for the next notification.
             for shard in &w.shards {
                 self.shards.advance(*shard, floor);
             }
-            self.send(self.response(complete, id)).await?;
+            // Like etcd (3.6.2 on), no notification for a watch that starts
+            // beyond what its shards have reached.
+            if complete >= w.next - 1 {
+                self.send(self.response(complete, id)).await?;
+            }
         }
         Ok(())
     }

@@ -614,6 +614,60 @@ async fn paginated_list(client: &mut Client, prefix: &str) -> (i64, BTreeMap<Str
     (at, out)
 }
 
+/// A watch over three shards from an old revision, where one shard has more
+/// history than a page (1000 events) and the other two are idle: the
+/// catch-up reads the busy shard to its end, waits for the idle ones to be
+/// raised, and delivers everything in order (it once spun forever here).
+pub async fn long_history_beside_idle_shards(ctx: Ctx) {
+    let endpoints = shard_endpoints(&ctx);
+    let server = start_router(&ctx, &endpoints).await;
+    let mut client = connect(&server).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let start = header_revision(
+        client
+            .get("/k/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("list")
+            .header(),
+    );
+    let mut writes: Vec<Write> = Vec::new();
+    for n in 0..1500 {
+        let key = format!("/k/1/busy-{n:04}");
+        let put = client.put(key.as_str(), "v", None).await.expect("put");
+        writes.push((header_revision(put.header()), key, Kind::Put));
+    }
+    // A fresh router: its hubs start at each shard's counter, so the idle
+    // shards' marks are far below the busy one's.
+    drop(client);
+    stop_router(server).await;
+    let server = start_router(&ctx, &endpoints).await;
+    let mut client = connect(&server).await;
+    let (mut watcher, mut stream) = client
+        .watch(
+            "/k/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(start + 1),
+            ),
+        )
+        .await
+        .expect("watch /k/")
+        .split();
+    expect_created(&mut stream, deadline).await;
+    let replay = collect(stream, deadline, "catch-up beside idle shards");
+    watcher.request_progress().await.expect("progress request");
+    let got = tokio::time::timeout(Duration::from_secs(60), replay)
+        .await
+        .expect("the catch-up never finished")
+        .expect("watch task");
+    let seen = events_of(&got.events.values().flatten().cloned().collect::<Vec<_>>());
+    assert_eq!(seen, writes, "the replayed history");
+    drop((client, watcher));
+    stop_router(server).await;
+    drop_shard_databases(&ctx);
+}
+
 /// A shard that cannot be reached stops the start-up with an error naming
 /// the topology file's line of that shard; nothing is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
