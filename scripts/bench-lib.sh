@@ -27,24 +27,42 @@ wait_ready() {
   return 1
 }
 
-# start_etcd CLIENT_PORT PEER_PORT: etcd on a fresh data dir; sets server_pid.
-start_etcd() {
-  "$ETCD_BIN" --name bench --data-dir "$work/etcd-$1" \
-    --listen-client-urls "http://127.0.0.1:$1" --advertise-client-urls "http://127.0.0.1:$1" \
-    --listen-peer-urls "http://127.0.0.1:$2" --initial-advertise-peer-urls "http://127.0.0.1:$2" \
-    --initial-cluster "bench=http://127.0.0.1:$2" >"$work/etcd-$1.log" 2>&1 &
+# launch PORT LOG COMMAND...: runs a server in the background with its
+# output in $work/LOG, waits until it answers on PORT; sets server_pid.
+launch() {
+  local port=$1 log=$2
+  shift 2
+  "$@" >"$work/$log" 2>&1 &
   server_pid=$!
   pids+=("$server_pid")
-  wait_ready "127.0.0.1:$1"
+  wait_ready "127.0.0.1:$port"
 }
 
-# start_kubeshard PORT ENDPOINT: the release build, metrics off; sets server_pid.
+# start_etcd CLIENT_PORT PEER_PORT [BINARY]: etcd (default $ETCD_BIN) on a
+# fresh data dir.
+start_etcd() {
+  launch "$1" "etcd-$1.log" "${3:-$ETCD_BIN}" --name bench --data-dir "$work/etcd-$1" \
+    --listen-client-urls "http://127.0.0.1:$1" --advertise-client-urls "http://127.0.0.1:$1" \
+    --listen-peer-urls "http://127.0.0.1:$2" --initial-advertise-peer-urls "http://127.0.0.1:$2" \
+    --initial-cluster "bench=http://127.0.0.1:$2"
+}
+
+# start_kine PORT ENDPOINT BINARY: kine, metrics on the next port.
+start_kine() {
+  launch "$1" "kine-$1.log" "$3" --listen-address "127.0.0.1:$1" --endpoint "$2" \
+    --metrics-bind-address "127.0.0.1:$(($1 + 1))"
+}
+
+# start_kubeshard PORT ENDPOINT: the release build, metrics off.
 start_kubeshard() {
-  target/release/kubeshard --listen-address "127.0.0.1:$1" --metrics-bind-address '' \
-    --endpoint "$2" >"$work/kubeshard-$1.log" 2>&1 &
-  server_pid=$!
-  pids+=("$server_pid")
-  wait_ready "127.0.0.1:$1"
+  launch "$1" "kubeshard-$1.log" target/release/kubeshard --listen-address "127.0.0.1:$1" \
+    --metrics-bind-address '' --endpoint "$2"
+}
+
+# start_kubeshard_config PORT FILE: the same with a topology file.
+start_kubeshard_config() {
+  launch "$1" "kubeshard-$1.log" target/release/kubeshard --listen-address "127.0.0.1:$1" \
+    --metrics-bind-address '' --config "$2"
 }
 
 stop_server() {

@@ -46,14 +46,6 @@ topology() {
   done
 }
 
-start_kubeshard_config() { # PORT FILE
-  target/release/kubeshard --listen-address "127.0.0.1:$1" --metrics-bind-address '' \
-    --config "$2" >"$work/kubeshard-$1.log" 2>&1 &
-  server_pid=$!
-  pids+=("$server_pid")
-  wait_ready "127.0.0.1:$1"
-}
-
 start_etcd 23960 23961
 measure "etcd-$(etcd_version)" 127.0.0.1:23960 "$server_pid"
 stop_server
