@@ -12,7 +12,7 @@ use rand::Rng;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::server::lease::expire_copies;
+use crate::server::lease::revoke_copies;
 use crate::server::{Core, now_ms};
 
 /// How long the lease-expiry lock is held before it must be renewed.
@@ -105,8 +105,8 @@ async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
                 }
                 Err(_) => continue,
             }
-            match expire_copies(core, id).await {
-                Ok(()) => {
+            match revoke_copies(core, id).await {
+                Ok(_) => {
                     orphans.remove(&id);
                 }
                 Err(e) => {

@@ -39,25 +39,12 @@ impl LeaseService {
 /// fails half-way leaves the lease alive and can simply be retried. Returns
 /// the revision after the revoke; LeaseNotFound if the lease does not exist.
 pub async fn revoke_everywhere(core: &Core, id: i64) -> Result<i64, ShardError> {
+    let copies = revoke_copies(core, id).await?;
     let shards = &core.shards;
-    let default = shards.default_id();
-    let copies = shards
-        .ids()
-        .into_iter()
-        .filter(|other| *other != default)
-        .map(|other| shards.write(other, WriteRequest::LeaseRevoke { id }));
-    let mut revision = 0;
-    for revoked in futures::future::join_all(copies).await {
-        match revoked {
-            Ok(r) => revision = revision.max(r.revision()),
-            Err(ShardError::LeaseNotFound) => {}
-            Err(e) => return Err(e),
-        }
-    }
     let revoked = shards
-        .write(default, WriteRequest::LeaseRevoke { id })
+        .write(shards.default_id(), WriteRequest::LeaseRevoke { id })
         .await?;
-    Ok(revision.max(revoked.revision()).max(shards.floor()))
+    Ok(copies.max(revoked.revision()).max(shards.floor()))
 }
 
 /// Writes the copy of a lease just granted on the default shard to shard
@@ -83,9 +70,10 @@ async fn copy_lease(
     }
 }
 
-/// Removes the copies of an expired lease (already gone from the default
-/// shard) and their keys from the other shards.
-pub async fn expire_copies(core: &Core, id: i64) -> Result<(), ShardError> {
+/// Removes the copies of lease `id` and their keys from every shard but the
+/// default one (a copy already gone is fine). Returns the highest revision
+/// they answered.
+pub async fn revoke_copies(core: &Core, id: i64) -> Result<i64, ShardError> {
     let shards = &core.shards;
     let default = shards.default_id();
     let copies = shards
@@ -93,13 +81,15 @@ pub async fn expire_copies(core: &Core, id: i64) -> Result<(), ShardError> {
         .into_iter()
         .filter(|other| *other != default)
         .map(|other| shards.write(other, WriteRequest::LeaseRevoke { id }));
+    let mut revision = 0;
     for revoked in futures::future::join_all(copies).await {
         match revoked {
-            Ok(_) | Err(ShardError::LeaseNotFound) => {}
+            Ok(r) => revision = revision.max(r.revision()),
+            Err(ShardError::LeaseNotFound) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(revision)
 }
 
 fn unexpected() -> Status {
@@ -156,7 +146,7 @@ impl Lease for LeaseService {
                 let _ = shards
                     .write(shards.default_id(), WriteRequest::LeaseRevoke { id })
                     .await;
-                let _ = expire_copies(&self.core, id).await;
+                let _ = revoke_copies(&self.core, id).await;
                 return Err(shard_status(e));
             }
         }

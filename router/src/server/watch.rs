@@ -493,13 +493,7 @@ impl Session {
                     self.release_covering(shard).await?;
                 }
                 Err(ShardError::Compacted { compact_revision }) => {
-                    let ids: Vec<i64> = self
-                        .watchers
-                        .iter()
-                        .filter(|(_, w)| w.shards.contains(&shard))
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in ids {
+                    for id in self.covering(shard) {
                         if self.watchers.remove(&id).is_some() {
                             self.core.metrics.watches.dec();
                         }
@@ -513,15 +507,18 @@ impl Session {
         Ok(())
     }
 
-    /// Sends what every watch covering `shard` can have now.
-    async fn release_covering(&mut self, shard: ShardId) -> Result<(), Gone> {
-        let ids: Vec<i64> = self
-            .watchers
+    /// The watches covering `shard`.
+    fn covering(&self, shard: ShardId) -> Vec<i64> {
+        self.watchers
             .iter()
             .filter(|(_, w)| w.shards.contains(&shard))
             .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
+            .collect()
+    }
+
+    /// Sends what every watch covering `shard` can have now.
+    async fn release_covering(&mut self, shard: ShardId) -> Result<(), Gone> {
+        for id in self.covering(shard) {
             self.release(id).await?;
         }
         Ok(())
@@ -535,9 +532,15 @@ impl Session {
         };
         let bound = self.complete_to(w);
         self.flush(id, bound).await?;
-        let Some(w) = self.watchers.get(&id) else {
-            return Ok(());
-        };
+        if let Some(w) = self.watchers.get(&id) {
+            self.advance_for(w);
+        }
+        Ok(())
+    }
+
+    /// Asks for the shards that watch `w`'s queued events wait for to be
+    /// raised past them.
+    fn advance_for(&self, w: &Watcher) {
         if let Some(waiting_for) = w.highest_queued() {
             for shard in &w.shards {
                 if self.marks[shard.index()] < waiting_for {
@@ -545,20 +548,13 @@ impl Session {
                 }
             }
         }
-        Ok(())
     }
 
     /// Asks for every shard that queued events or progress requests wait
     /// for to be raised (cheap when it is already under way or done).
     fn advance_waiting(&self) {
         for w in self.watchers.values() {
-            if let Some(waiting_for) = w.highest_queued() {
-                for shard in &w.shards {
-                    if self.marks[shard.index()] < waiting_for {
-                        self.shards.advance(*shard, waiting_for);
-                    }
-                }
-            }
+            self.advance_for(w);
         }
         if let Some(target) = self.progress_waiting.iter().max() {
             let needed = (*target).max(self.last_progress);
