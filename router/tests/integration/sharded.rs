@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, LeaseTimeToLiveOptions, PutOptions, Txn,
-    TxnOp, WatchOptions, WatchResponseStream as WatchStream,
+    TxnOp, WatchOptions, WatchRequestSender, WatchResponseStream as WatchStream,
 };
 use kubeshard::RunningServer;
 use kubeshard_config::{Endpoint, ServerOptions, Topology};
@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::support::{
-    Ctx, Ev, Kind, assert_status, collect, connect, drop_database, expect_created, header_revision,
-    is_progress, next_response, with_database,
+    Collected, Ctx, Ev, Kind, assert_status, collect, connect, drop_database, expect_created,
+    header_revision, is_progress, next_response, with_database,
 };
 
 const WRITERS: usize = 6;
@@ -110,25 +110,9 @@ pub async fn writers_ranges_and_watches_across_shards(ctx: Ctx) {
     let deadline = Instant::now() + Duration::from_secs(120);
 
     // kube-apiserver's pattern: list, then watch from the list's revision + 1.
-    let listed = client
-        .get("/k/", Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("initial list");
-    let start = header_revision(listed.header());
-    let (mut watcher, mut stream) = client
-        .watch(
-            "/k/",
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(start + 1),
-            ),
-        )
-        .await
-        .expect("watch /k/")
-        .split();
-    expect_created(&mut stream, deadline).await;
-    let live = collect(stream, deadline, "live merged watch");
+    let start = list_revision(&mut client).await;
+    let (mut watcher, live) =
+        watch_from(&mut client, start + 1, deadline, "live merged watch").await;
 
     // Writers: puts and deletes on their shard; each checks that its own
     // revisions only go up (causality through one router).
@@ -204,7 +188,7 @@ pub async fn writers_ranges_and_watches_across_shards(ctx: Ctx) {
         "progress at {} below the last write {last}",
         got.progress
     );
-    let seen: Vec<Write> = events_of(&got.events.values().flatten().cloned().collect::<Vec<_>>());
+    let seen = writes_seen(&got);
     assert_eq!(
         seen.len(),
         writes.len(),
@@ -216,20 +200,8 @@ pub async fn writers_ranges_and_watches_across_shards(ctx: Ctx) {
 
     // A watch from the start replays the same history, merged from all
     // three shards' databases.
-    let (mut replay_watcher, mut replay_stream) = client
-        .watch(
-            "/k/",
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(start + 1),
-            ),
-        )
-        .await
-        .expect("replay watch")
-        .split();
-    expect_created(&mut replay_stream, deadline).await;
-    let replay = collect(replay_stream, deadline, "replayed merged watch");
+    let (mut replay_watcher, replay) =
+        watch_from(&mut client, start + 1, deadline, "replayed merged watch").await;
     replay_watcher
         .request_progress()
         .await
@@ -499,25 +471,9 @@ pub async fn two_routers_over_the_same_shards(ctx: Ctx) {
     let mut client_a = connect(&a).await;
     let mut client_b = connect(&b).await;
     let deadline = Instant::now() + Duration::from_secs(120);
-    let listed = client_b
-        .get("/k/", Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("list");
-    let start = header_revision(listed.header());
-    let (mut watch_b, mut stream) = client_b
-        .watch(
-            "/k/",
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(start + 1),
-            ),
-        )
-        .await
-        .expect("watch on router b")
-        .split();
-    expect_created(&mut stream, deadline).await;
-    let live = collect(stream, deadline, "watch on router b");
+    let start = list_revision(&mut client_b).await;
+    let (mut watch_b, live) =
+        watch_from(&mut client_b, start + 1, deadline, "watch on router b").await;
 
     let mut writes: Vec<Write> = Vec::new();
     for n in 0..45 {
@@ -553,7 +509,7 @@ pub async fn two_routers_over_the_same_shards(ctx: Ctx) {
     writes.sort_by_key(|w| w.0);
     watch_b.request_progress().await.expect("progress request");
     let got = live.await.expect("watch task");
-    let seen = events_of(&got.events.values().flatten().cloned().collect::<Vec<_>>());
+    let seen = writes_seen(&got);
     assert_eq!(
         seen, writes,
         "router b's watch vs the writes of both routers"
@@ -569,6 +525,42 @@ fn events_of(events: &[Ev]) -> Vec<Write> {
         .iter()
         .map(|e| (e.kv.modified, e.kv.key.clone(), e.kind))
         .collect()
+}
+
+/// Every event a stream collected, as writes.
+fn writes_seen(got: &Collected) -> Vec<Write> {
+    events_of(&got.events.values().flatten().cloned().collect::<Vec<_>>())
+}
+
+/// The revision of a list of /k/ (kube-apiserver lists, then watches from
+/// the list's revision + 1).
+async fn list_revision(client: &mut Client) -> i64 {
+    let listed = client
+        .get("/k/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("list /k/");
+    header_revision(listed.header())
+}
+
+/// Watches /k/ from `from`, waits for the watch's creation and drains the
+/// stream in a task until the answer to a progress request the caller
+/// sends through the returned sender.
+async fn watch_from(
+    client: &mut Client,
+    from: i64,
+    deadline: Instant,
+    what: &str,
+) -> (WatchRequestSender, tokio::task::JoinHandle<Collected>) {
+    let (sender, mut stream) = client
+        .watch(
+            "/k/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{what}: watch /k/: {e}"))
+        .split();
+    expect_created(&mut stream, deadline).await;
+    (sender, collect(stream, deadline, what))
 }
 
 /// Lists `prefix` in pages of [`PAGE`], all at the revision of the first
@@ -623,13 +615,7 @@ pub async fn long_history_beside_idle_shards(ctx: Ctx) {
     let server = start_router(&ctx, &endpoints).await;
     let mut client = connect(&server).await;
     let deadline = Instant::now() + Duration::from_secs(120);
-    let start = header_revision(
-        client
-            .get("/k/", Some(GetOptions::new().with_prefix()))
-            .await
-            .expect("list")
-            .header(),
-    );
+    let start = list_revision(&mut client).await;
     let mut writes: Vec<Write> = Vec::new();
     for n in 0..1500 {
         let key = format!("/k/1/busy-{n:04}");
@@ -642,26 +628,19 @@ pub async fn long_history_beside_idle_shards(ctx: Ctx) {
     stop_router(server).await;
     let server = start_router(&ctx, &endpoints).await;
     let mut client = connect(&server).await;
-    let (mut watcher, mut stream) = client
-        .watch(
-            "/k/",
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(start + 1),
-            ),
-        )
-        .await
-        .expect("watch /k/")
-        .split();
-    expect_created(&mut stream, deadline).await;
-    let replay = collect(stream, deadline, "catch-up beside idle shards");
+    let (mut watcher, replay) = watch_from(
+        &mut client,
+        start + 1,
+        deadline,
+        "catch-up beside idle shards",
+    )
+    .await;
     watcher.request_progress().await.expect("progress request");
     let got = tokio::time::timeout(Duration::from_secs(60), replay)
         .await
         .expect("the catch-up never finished")
         .expect("watch task");
-    let seen = events_of(&got.events.values().flatten().cloned().collect::<Vec<_>>());
+    let seen = writes_seen(&got);
     assert_eq!(seen, writes, "the replayed history");
     drop((client, watcher));
     stop_router(server).await;
