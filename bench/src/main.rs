@@ -13,6 +13,7 @@
 //! RSS, as a table line or one JSON line.
 #![forbid(unsafe_code)]
 
+mod kube;
 mod report;
 mod workloads;
 
@@ -109,11 +110,17 @@ pub enum Workload {
         #[arg(long, default_value = "/kubeshard-bench/watch/")]
         prefix: String,
     },
+    /// The Kubernetes custom-resource workload through kube-apiserver
+    /// (HTTPS, not etcd): `--endpoint` and `--conns` do not apply.
+    Kube(kube::KubeArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Workload::Kube(args) = &cli.workload {
+        return kube::run(args, cli.seconds, cli.server_pid, cli.json).await;
+    }
     if cli.conns == 0 || cli.clients == 0 {
         bail!("--conns and --clients must be at least 1");
     }

@@ -54,6 +54,7 @@ pub async fn run(run: &Run, workload: &Workload) -> anyhow::Result<Measured> {
             value_size,
             prefix,
         } => watch(run, *watchers, *value_size, prefix).await,
+        Workload::Kube(_) => bail!("the kube workload speaks to kube-apiserver, not etcd"),
     }
 }
 

@@ -18,14 +18,13 @@ check, printing the tails of the server logs.
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from kube_cluster import Cluster, Failure, check, free_port
 
 CUSTOM_RESOURCES = 300
 CONFIGMAPS = 60
@@ -35,104 +34,13 @@ EVENT_TTL_SECONDS = 10
 COMPACTION_INTERVAL = "5s"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class E2ECluster(Cluster):
+    """kubeshard, then kube-apiserver (its compactor every few seconds,
+    events with a short TTL) and kube-controller-manager over it."""
 
-
-class Failure(Exception):
-    pass
-
-
-def check(condition, message):
-    if not condition:
-        raise Failure(message)
-
-
-class Cluster:
     def __init__(self, args, work):
+        super().__init__(args.kube_bin, work)
         self.args = args
-        self.work = work
-        self.procs = []
-        self.logs = {}
-        self.kubeconfig = work / "admin.kubeconfig"
-
-    # ---- processes --------------------------------------------------------
-
-    def spawn(self, name, argv):
-        log = open(self.work / f"{name}.log", "w")
-        self.logs[name] = self.work / f"{name}.log"
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
-    def stop(self):
-        for _, proc in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    def log_tails(self, lines=40):
-        out = []
-        for name, path in self.logs.items():
-            text = path.read_text(errors="replace").splitlines()
-            out.append(f"---- {name} ({path}), last {lines} lines ----")
-            out.extend(text[-lines:])
-        return "\n".join(out)
-
-    def wait_for(self, what, predicate, timeout=120, interval=0.5):
-        deadline = time.time() + timeout
-        last = None
-        while time.time() < deadline:
-            try:
-                result = predicate()
-                if result:
-                    return result
-            except (Failure, subprocess.CalledProcessError, ValueError) as e:
-                last = e
-            for name, proc in self.procs:
-                if proc.poll() is not None:
-                    raise Failure(f"{name} exited with {proc.returncode} while waiting for {what}")
-            time.sleep(interval)
-        raise Failure(f"timed out after {timeout}s waiting for {what} (last: {last})")
-
-    # ---- certificates -----------------------------------------------------
-
-    def openssl(self, *argv):
-        subprocess.run(["openssl", *argv], cwd=self.work, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def make_certs(self):
-        self.openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-                     "-out", "ca.crt", "-days", "2", "-subj", "/CN=kubeshard-e2e-ca")
-        self.openssl("genrsa", "-out", "sa.key", "2048")
-        self.openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "admin.key",
-                     "-out", "admin.csr", "-subj", "/O=system:masters/CN=kubeshard-e2e-admin")
-        self.openssl("x509", "-req", "-in", "admin.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                     "-CAcreateserial", "-out", "admin.crt", "-days", "2")
-
-    def write_kubeconfig(self, port):
-        self.server = f"https://127.0.0.1:{port}"
-        self.kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "e2e", "cluster": {
-                "server": self.server, "insecure-skip-tls-verify": True}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate": str(self.work / "admin.crt"),
-                "client-key": str(self.work / "admin.key")}}],
-            "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "admin"}}],
-            "current-context": "e2e",
-        }))
-
-    # ---- start ------------------------------------------------------------
 
     def start(self):
         self.make_certs()
@@ -144,59 +52,11 @@ class Cluster:
         else:
             ks += ["--endpoint", self.args.endpoint]
         self.spawn("kubeshard", ks)
-        api_port = free_port()
-        self.write_kubeconfig(api_port)
-        bin_dir = Path(self.args.kube_bin)
-        self.spawn("kube-apiserver", [
-            str(bin_dir / "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            f"--etcd-compaction-interval={COMPACTION_INTERVAL}",
-            f"--event-ttl={EVENT_TTL_SECONDS}s",
-            f"--watch-cache={'true' if self.args.watch_cache == 'on' else 'false'}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={api_port}", f"--cert-dir={self.work / 'serving'}",
-            f"--client-ca-file={self.work / 'ca.crt'}",
-            "--authorization-mode=Node,RBAC",
-            f"--service-account-key-file={self.work / 'sa.key'}",
-            f"--service-account-signing-key-file={self.work / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--enable-priority-and-fairness=false",
-            "--v=1",
-        ])
-        self.wait_for("kube-apiserver /readyz",
-                      lambda: self.kubectl_raw("get", "--raw", "/readyz").strip() == "ok",
-                      timeout=180)
-        self.spawn("kube-controller-manager", [
-            str(bin_dir / "kube-controller-manager"),
-            f"--kubeconfig={self.kubeconfig}",
-            "--leader-elect=false",
-            f"--service-account-private-key-file={self.work / 'sa.key'}",
-            f"--root-ca-file={self.work / 'ca.crt'}",
-            "--use-service-account-credentials=false",
-            "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-            "--v=1",
-        ])
-
-    # ---- kubectl ----------------------------------------------------------
-
-    def kubectl_raw(self, *argv, stdin=None, check_ok=True):
-        argv = [str(Path(self.args.kube_bin) / "kubectl"), f"--kubeconfig={self.kubeconfig}", *argv]
-        p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
-        if check_ok and p.returncode != 0:
-            raise Failure(f"kubectl {' '.join(argv[2:])} failed ({p.returncode}): {p.stderr.strip()}")
-        return p.stdout if check_ok else p
-
-    def kubectl_json(self, *argv):
-        return json.loads(self.kubectl_raw(*argv, "-o", "json"))
-
-    def apply(self, obj):
-        return self.kubectl_raw("apply", "-f", "-", stdin=json.dumps(obj))
-
-    def create(self, objs):
-        """Creates many objects in one kubectl call (a List)."""
-        return self.kubectl_raw("create", "-f", "-",
-                                stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+        self.start_apiserver(f"http://127.0.0.1:{etcd_port}",
+                             watch_cache=self.args.watch_cache == "on",
+                             extra_args=[f"--etcd-compaction-interval={COMPACTION_INTERVAL}",
+                                         f"--event-ttl={EVENT_TTL_SECONDS}s"])
+        self.start_controller_manager()
 
 
 NS = "e2e"
@@ -458,7 +318,7 @@ def main():
         parser.error("give exactly one of --endpoint and --config")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kubeshard-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(args, work)
+    cluster = E2ECluster(args, work)
     started = time.time()
     try:
         cluster.start()
