@@ -10,6 +10,7 @@
 //!   transaction, so reads at the current revision cost O(keys in range);
 //! - `ks_lease`: leases with absolute deadlines (they survive restarts).
 
+mod page_counts;
 mod range;
 mod sql;
 mod write;

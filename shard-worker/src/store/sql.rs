@@ -10,6 +10,7 @@ use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader}
 use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
+use super::page_counts::{PageCounts, is_page};
 use super::range::{RangePlan, build_range};
 use super::write::{self, HistoryRow, TxOps};
 use super::{
@@ -93,6 +94,8 @@ pub struct SqlShard<DB: Database> {
     dialect: &'static dyn Dialect,
     /// The revisions this shard hands out.
     class: RevisionClass,
+    /// Counts of list continuations, learnt from the pages before them.
+    page_counts: PageCounts,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -134,6 +137,7 @@ where
             write_pool,
             dialect,
             class,
+            page_counts: PageCounts::default(),
         }
     }
 
@@ -238,11 +242,14 @@ where
     }
 
     /// Range inside an open transaction, against the given revisions.
+    /// `page_counts` (reads only, not inside a write's transaction) may
+    /// supply and learn the counts of list continuations.
     async fn range_in(
         &self,
         conn: &mut DB::Connection,
         request: &RangeRequest,
         revs: Revisions,
+        page_counts: Option<&PageCounts>,
     ) -> Result<RangeResponse> {
         let range = KeyRange::new(&request.key, &request.range_end);
         let plan = build_range(self.dialect, request, revs, &range)?;
@@ -250,6 +257,15 @@ where
             RangePlan::Empty { .. } => (None, None),
             RangePlan::Query { count, rows, .. } => (count.as_ref(), rows.as_ref()),
         };
+        // The revision read: build_range accepted it, so it is at or below
+        // the current one and not compacted.
+        let revision = if request.revision <= 0 {
+            revs.current
+        } else {
+            request.revision
+        };
+        let page_counts = page_counts.filter(|_| is_page(request, &range));
+        let known_count = page_counts.and_then(|p| p.get(&range, revision));
         let mut kvs = Vec::new();
         if let Some(st) = rows_st {
             for row in Self::fetch_all_in(conn, st).await? {
@@ -257,7 +273,9 @@ where
             }
         }
         let mut count = kvs.len() as i64;
-        if let Some(st) = count_st {
+        if let Some(known) = known_count {
+            count = known;
+        } else if let Some(st) = count_st {
             let rows = Self::fetch_all_in(conn, st).await?;
             if let Some(row) = rows.first() {
                 count = row.try_get(0)?;
@@ -271,6 +289,9 @@ where
         if limit > 0 && kvs.len() as i64 > limit {
             kvs.truncate(limit as usize);
             more = true;
+            if let (Some(p), Some(last)) = (page_counts, kvs.last()) {
+                p.learn(&range, revision, &last.key, limit, count);
+            }
         }
         Ok(RangeResponse {
             header: Some(ResponseHeader {
@@ -589,7 +610,7 @@ where
     }
 
     async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse> {
-        self.shard.range_in(&mut self.tx, request, revs).await
+        self.shard.range_in(&mut self.tx, request, revs, None).await
     }
 
     async fn write_history(&mut self, rows: &[HistoryRow]) -> Result<()> {
@@ -744,7 +765,9 @@ where
         }
         let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
         let revs = Self::read_revisions(&mut tx).await?;
-        let response = self.range_in(&mut tx, request, revs).await?;
+        let response = self
+            .range_in(&mut tx, request, revs, Some(&self.page_counts))
+            .await?;
         tx.commit().await?;
         Ok(response)
     }
