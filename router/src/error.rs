@@ -77,9 +77,10 @@ pub fn shard_status(e: ShardError) -> Status {
         ShardError::KeyNotFound => EtcdError::KeyNotFound.into(),
         ShardError::KeyTooLong { .. } => Status::invalid_argument(format!("etcdserver: {e}")),
         // Unavailable is what etcd clients retry on.
-        ShardError::Database(_) | ShardError::BatchFailed(_) | ShardError::Stopped(_) => {
-            Status::unavailable(format!("kubeshard: {e}"))
-        }
+        ShardError::Database(_)
+        | ShardError::Sqlite(_)
+        | ShardError::BatchFailed(_)
+        | ShardError::Stopped(_) => Status::unavailable(format!("kubeshard: {e}")),
         ShardError::Corrupt(_) => Status::internal(format!("kubeshard: {e}")),
     }
 }

@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::dialect;
 use crate::error::{Result, ShardError};
-use crate::store::{RevisionClass, ShardStore, SqlShard};
+use crate::store::{RevisionClass, ShardStore, SqlShard, SqliteReads};
 
 /// Connections per shard pool (reads share them; the writer actor uses one).
 const POOL_SIZE: u32 = 16;
@@ -60,7 +60,8 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
                 .connect_with(write_options)
                 .await?;
             spawn_sqlite_checkpointer(pool.clone());
-            let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, class);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, class)
+                .with_direct_reads(SqliteReads::new(path.clone()));
             let version = shard.migrate().await?;
             info!(backend = "sqlite", path = %path.display(), schema_version = version, "shard database ready");
             Ok(Arc::new(shard))

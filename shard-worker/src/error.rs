@@ -29,6 +29,9 @@ pub enum ShardError {
     /// (Not a `source`: the text already says it, and logs would repeat it.)
     #[error("database error: {0}")]
     Database(sqlx::Error),
+    /// The same from the SQLite read path, which does not go through sqlx.
+    #[error("database error: {0}")]
+    Sqlite(rusqlite::Error),
     /// The database transaction of a whole write batch failed; this copy of
     /// the error goes to each request of the batch.
     #[error("write batch failed: {0}")]
@@ -57,6 +60,12 @@ impl ShardError {
             ShardError::Stopped(_) | ShardError::BatchFailed(_) => true,
             _ => false,
         }
+    }
+}
+
+impl From<rusqlite::Error> for ShardError {
+    fn from(e: rusqlite::Error) -> Self {
+        ShardError::Sqlite(e)
     }
 }
 

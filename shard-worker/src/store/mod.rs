@@ -13,6 +13,7 @@
 mod page_counts;
 mod range;
 mod sql;
+mod sqlite_reads;
 mod write;
 
 use async_trait::async_trait;
@@ -26,6 +27,7 @@ use crate::error::Result;
 use crate::keys::KeyRange;
 
 pub use sql::SqlShard;
+pub(crate) use sqlite_reads::SqliteReads;
 pub use write::CommittedBatch;
 
 /// The revision counter and compaction mark of a shard, read together.

@@ -1,10 +1,12 @@
 //! Turns an etcd RangeRequest into SQL, following etcd's own rules for
 //! revisions, sorting, filters, limit and count.
 
-use kubeshard_proto::etcdserverpb::RangeRequest;
 use kubeshard_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use kubeshard_proto::mvccpb::KeyValue;
 
 use super::Revisions;
+use super::page_counts::{PageCounts, is_page};
 use super::sql::Statement;
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
@@ -30,6 +32,99 @@ impl RangePlan<'_> {
     pub(crate) fn header_revision(&self) -> i64 {
         match self {
             RangePlan::Empty { header } | RangePlan::Query { header, .. } => *header,
+        }
+    }
+}
+
+/// A Range ready to run on any driver: the statements to execute, and what
+/// the answer needs besides their results.
+#[derive(Debug)]
+pub(crate) struct PreparedRange<'a> {
+    plan: RangePlan<'a>,
+    /// The revision read (the current one for revision 0).
+    revision: i64,
+    /// The count, already known from the list page before this one.
+    known_count: Option<i64>,
+}
+
+impl<'a> PreparedRange<'a> {
+    /// Plans `request` over `range` at `revs`. `page_counts` (reads only,
+    /// never inside a write's transaction) may already know the count.
+    pub(crate) fn new(
+        dialect: &'static dyn Dialect,
+        request: &'a RangeRequest,
+        revs: Revisions,
+        range: &'a KeyRange,
+        page_counts: Option<&PageCounts>,
+    ) -> Result<Self> {
+        let plan = build_range(dialect, request, revs, range)?;
+        // build_range accepted it: at or below the current revision and
+        // not compacted.
+        let revision = if request.revision <= 0 {
+            revs.current
+        } else {
+            request.revision
+        };
+        let known_count = page_counts
+            .filter(|_| is_page(request, range))
+            .and_then(|p| p.get(range, revision));
+        Ok(PreparedRange {
+            plan,
+            revision,
+            known_count,
+        })
+    }
+
+    /// The statement returning the key-values (limit + 1 rows at most).
+    pub(crate) fn rows(&self) -> Option<&Statement<'a>> {
+        match &self.plan {
+            RangePlan::Query { rows, .. } => rows.as_ref(),
+            RangePlan::Empty { .. } => None,
+        }
+    }
+
+    /// The COUNT statement, unless the count is known without it.
+    pub(crate) fn count(&self) -> Option<&Statement<'a>> {
+        match &self.plan {
+            RangePlan::Query { count, .. } if self.known_count.is_none() => count.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// etcd's answer from the rows and the COUNT's result (None: no COUNT
+    /// ran, or it returned no row). A full list page teaches `page_counts`
+    /// the count of the rest.
+    pub(crate) fn answer(
+        &self,
+        request: &RangeRequest,
+        range: &KeyRange,
+        mut kvs: Vec<KeyValue>,
+        counted: Option<i64>,
+        page_counts: Option<&PageCounts>,
+    ) -> RangeResponse {
+        let count = self.known_count.or(counted).unwrap_or(kvs.len() as i64);
+        if request.count_only {
+            kvs.clear();
+        }
+        let limit = request.limit;
+        let mut more = false;
+        if limit > 0 && kvs.len() as i64 > limit {
+            kvs.truncate(limit as usize);
+            more = true;
+            if let (Some(p), Some(last)) =
+                (page_counts.filter(|_| is_page(request, range)), kvs.last())
+            {
+                p.learn(range, self.revision, &last.key, limit, count);
+            }
+        }
+        RangeResponse {
+            header: Some(ResponseHeader {
+                revision: self.plan.header_revision(),
+                ..Default::default()
+            }),
+            kvs,
+            more,
+            count,
         }
     }
 }

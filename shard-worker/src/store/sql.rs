@@ -10,8 +10,9 @@ use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader}
 use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
-use super::page_counts::{PageCounts, is_page};
-use super::range::{RangePlan, build_range};
+use super::page_counts::PageCounts;
+use super::range::PreparedRange;
+use super::sqlite_reads::SqliteReads;
 use super::write::{self, HistoryRow, TxOps};
 use super::{
     CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WriteRequest,
@@ -96,6 +97,8 @@ pub struct SqlShard<DB: Database> {
     class: RevisionClass,
     /// Counts of list continuations, learnt from the pages before them.
     page_counts: PageCounts,
+    /// SQLite only: ranges run on the calling thread (`sqlite_reads.rs`).
+    direct_reads: Option<SqliteReads>,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -138,7 +141,15 @@ where
             dialect,
             class,
             page_counts: PageCounts::default(),
+            direct_reads: None,
         }
+    }
+
+    /// Runs ranges through `reads` instead of the pool (SQLite: no thread
+    /// hand-off per statement and per row).
+    pub(crate) fn with_direct_reads(mut self, reads: SqliteReads) -> Self {
+        self.direct_reads = Some(reads);
+        self
     }
 
     /// Creates the schema when missing and checks its version.
@@ -202,19 +213,7 @@ where
     /// snapshot the row comes from, as in a transaction, in one round trip
     /// instead of four (BEGIN, counter, row, COMMIT).
     async fn plain_get(&self, request: &RangeRequest) -> Result<RangeResponse> {
-        let value = if request.keys_only || request.count_only {
-            self.dialect.empty_bytes()
-        } else {
-            "l.value_bytes"
-        };
-        let mut st = self.statement(
-            "SELECT m.revision, l.key_bytes, l.create_revision, l.mod_revision, l.version, \
-             l.lease, ",
-        );
-        st.sql(value)
-            .sql(" FROM ks_meta m LEFT JOIN ks_live l ON l.key_bytes = ")
-            .bytes(&request.key)
-            .sql(" WHERE m.id = 1");
+        let st = plain_get_statement(self.dialect, request);
         let mut conn = self.pool.acquire().await?;
         let rows = Self::fetch_all_in(&mut conn, &st).await?;
         let row = rows
@@ -222,23 +221,11 @@ where
             .ok_or_else(|| ShardError::Corrupt("ks_meta has no row".into()))?;
         let revision: i64 = row.try_get(0)?;
         let key: Option<Vec<u8>> = row.try_get(1)?;
-        let mut kvs = Vec::new();
-        if key.is_some() {
-            kvs.push(kv_from_row::<DB>(row, 1)?);
-        }
-        let count = kvs.len() as i64;
-        if request.count_only {
-            kvs.clear();
-        }
-        Ok(RangeResponse {
-            header: Some(ResponseHeader {
-                revision,
-                ..Default::default()
-            }),
-            kvs,
-            more: false,
-            count,
-        })
+        let kv = match key {
+            Some(_) => Some(kv_from_row::<DB>(row, 1)?),
+            None => None,
+        };
+        Ok(plain_get_answer(request, revision, kv))
     }
 
     /// Range inside an open transaction, against the given revisions.
@@ -252,56 +239,21 @@ where
         page_counts: Option<&PageCounts>,
     ) -> Result<RangeResponse> {
         let range = KeyRange::new(&request.key, &request.range_end);
-        let plan = build_range(self.dialect, request, revs, &range)?;
-        let (count_st, rows_st) = match &plan {
-            RangePlan::Empty { .. } => (None, None),
-            RangePlan::Query { count, rows, .. } => (count.as_ref(), rows.as_ref()),
-        };
-        // The revision read: build_range accepted it, so it is at or below
-        // the current one and not compacted.
-        let revision = if request.revision <= 0 {
-            revs.current
-        } else {
-            request.revision
-        };
-        let page_counts = page_counts.filter(|_| is_page(request, &range));
-        let known_count = page_counts.and_then(|p| p.get(&range, revision));
+        let prepared = PreparedRange::new(self.dialect, request, revs, &range, page_counts)?;
         let mut kvs = Vec::new();
-        if let Some(st) = rows_st {
+        if let Some(st) = prepared.rows() {
             for row in Self::fetch_all_in(conn, st).await? {
                 kvs.push(kv_from_row::<DB>(&row, 0)?);
             }
         }
-        let mut count = kvs.len() as i64;
-        if let Some(known) = known_count {
-            count = known;
-        } else if let Some(st) = count_st {
+        let mut counted = None;
+        if let Some(st) = prepared.count() {
             let rows = Self::fetch_all_in(conn, st).await?;
             if let Some(row) = rows.first() {
-                count = row.try_get(0)?;
+                counted = Some(row.try_get(0)?);
             }
         }
-        if request.count_only {
-            kvs.clear();
-        }
-        let limit = request.limit;
-        let mut more = false;
-        if limit > 0 && kvs.len() as i64 > limit {
-            kvs.truncate(limit as usize);
-            more = true;
-            if let (Some(p), Some(last)) = (page_counts, kvs.last()) {
-                p.learn(&range, revision, &last.key, limit, count);
-            }
-        }
-        Ok(RangeResponse {
-            header: Some(ResponseHeader {
-                revision: plan.header_revision(),
-                ..Default::default()
-            }),
-            kvs,
-            more,
-            count,
-        })
+        Ok(prepared.answer(request, &range, kvs, counted, page_counts))
     }
 
     async fn events_in(
@@ -464,9 +416,53 @@ where
     })
 }
 
+/// The statement of [`SqlShard::plain_get`]: the counter, then the key's
+/// live row (NULLs when the key does not exist) from column 1 on.
+pub(crate) fn plain_get_statement<'a>(
+    dialect: &'static dyn Dialect,
+    request: &'a RangeRequest,
+) -> Statement<'a> {
+    let value = if request.keys_only || request.count_only {
+        dialect.empty_bytes()
+    } else {
+        "l.value_bytes"
+    };
+    let mut st = Statement::new(
+        dialect,
+        "SELECT m.revision, l.key_bytes, l.create_revision, l.mod_revision, l.version, l.lease, ",
+    );
+    st.sql(value)
+        .sql(" FROM ks_meta m LEFT JOIN ks_live l ON l.key_bytes = ")
+        .bytes(&request.key)
+        .sql(" WHERE m.id = 1");
+    st
+}
+
+/// etcd's answer to a plain Get from the counter and the key's row.
+pub(crate) fn plain_get_answer(
+    request: &RangeRequest,
+    revision: i64,
+    kv: Option<KeyValue>,
+) -> RangeResponse {
+    let mut kvs: Vec<KeyValue> = kv.into_iter().collect();
+    let count = kvs.len() as i64;
+    if request.count_only {
+        kvs.clear();
+    }
+    RangeResponse {
+        header: Some(ResponseHeader {
+            revision,
+            ..Default::default()
+        }),
+        kvs,
+        more: false,
+        count,
+    }
+}
+
 /// A Range that [`SqlShard::plain_get`] answers: one key, the current
 /// revision, no revision filters (sort and limit change nothing for one key).
-fn is_plain_get(request: &RangeRequest) -> bool {
+pub(crate) fn is_plain_get(request: &RangeRequest) -> bool {
     request.range_end.is_empty()
         && request.revision <= 0
         && request.min_mod_revision == 0
@@ -760,6 +756,9 @@ where
     }
 
     async fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
+        if let Some(reads) = &self.direct_reads {
+            return reads.range(request, &self.page_counts);
+        }
         if is_plain_get(request) {
             return self.plain_get(request).await;
         }

@@ -1,0 +1,214 @@
+//! Ranges of an SQLite shard, run on the calling thread.
+//!
+//! sqlx drives every SQLite connection from a worker thread of its own and
+//! passes each statement, each row and each pool check across threads. For
+//! a Get answered from SQLite's page cache in microseconds, those hand-offs
+//! cost more than the read: perf on a server doing linearizable gets put
+//! 42% of its time in context switches. Ranges (the path every Get and list
+//! takes) therefore run here, synchronously, on connections of our own;
+//! writes, the watch poller, leases and maintenance stay on sqlx.
+//!
+//! The SQL is the same as on the sqlx path (`range.rs` plans it for both),
+//! so both paths answer alike. Ranges that may read many rows (no limit or a
+//! large one) run under `block_in_place` on a multi-threaded runtime, so a
+//! long read does not hold up the other tasks of its worker thread.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
+use kubeshard_proto::mvccpb::KeyValue;
+use rusqlite::types::{ToSql, ToSqlOutput, Value, ValueRef};
+use rusqlite::{Connection, OpenFlags, Row, params_from_iter};
+
+use super::Revisions;
+use super::page_counts::PageCounts;
+use super::range::PreparedRange;
+use super::sql::{Arg, Statement, plain_get_answer, plain_get_statement};
+use crate::dialect;
+use crate::error::{Result, ShardError};
+use crate::keys::KeyRange;
+
+/// Idle read connections kept per shard; more are opened on demand.
+const MAX_IDLE: usize = 16;
+/// Ranges with no limit, or a limit above this, run under block_in_place.
+const INLINE_LIMIT: i64 = 1000;
+/// Prepared statements kept per connection (the range shapes are few).
+const STATEMENT_CACHE: usize = 64;
+
+/// Read connections to one SQLite shard file.
+pub(crate) struct SqliteReads {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteReads")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// A statement parameter, bound without copying.
+struct Param<'a>(Arg<'a>);
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Arg::Int(v) => ToSqlOutput::Owned(Value::Integer(v)),
+            Arg::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Arg::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+        })
+    }
+}
+
+fn params<'s, 'a>(st: &'s Statement<'a>) -> impl Iterator<Item = Param<'a>> + 's {
+    st.args.iter().map(|a| Param(*a))
+}
+
+/// (key, create, mod, version, lease, value) from column `at` on.
+fn kv_at(row: &Row<'_>, at: usize) -> rusqlite::Result<KeyValue> {
+    Ok(KeyValue {
+        key: row.get(at)?,
+        create_revision: row.get(at + 1)?,
+        mod_revision: row.get(at + 2)?,
+        version: row.get(at + 3)?,
+        lease: row.get(at + 4)?,
+        value: row.get(at + 5)?,
+    })
+}
+
+fn kvs(conn: &Connection, st: &Statement<'_>) -> Result<Vec<KeyValue>> {
+    let mut prepared = conn.prepare_cached(&st.text)?;
+    let rows = prepared.query_map(params_from_iter(params(st)), |row| kv_at(row, 0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+fn revisions(conn: &Connection) -> Result<Revisions> {
+    let mut st =
+        conn.prepare_cached("SELECT revision, compact_revision FROM ks_meta WHERE id = 1")?;
+    Ok(st.query_row([], |row| {
+        Ok(Revisions {
+            current: row.get(0)?,
+            compacted: row.get(1)?,
+        })
+    })?)
+}
+
+impl SqliteReads {
+    /// Reads of the database file at `path`, which the sqlx pool has
+    /// already created, migrated and put in WAL mode.
+    pub(crate) fn new(path: PathBuf) -> Self {
+        SqliteReads {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn open(&self) -> Result<Connection> {
+        // Read-write flags because a WAL reader updates the shared-memory
+        // index; query_only keeps this connection from writing anything.
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "cache_size", -16384)?;
+        conn.pragma_update(None, "query_only", true)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(conn)
+    }
+
+    /// Runs `read` on an idle connection (or a new one). A connection on
+    /// which SQLite failed is dropped, so a broken one is never reused.
+    fn with_connection<T>(&self, read: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let conn = match idle {
+            Some(conn) => conn,
+            None => self.open()?,
+        };
+        let result = read(&conn);
+        if !matches!(result, Err(ShardError::Sqlite(_)))
+            && let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE
+        {
+            idle.push(conn);
+        }
+        result
+    }
+
+    /// Answers a Range, as `SqlShard::range` does on the sqlx path.
+    pub(crate) fn range(
+        &self,
+        request: &RangeRequest,
+        page_counts: &PageCounts,
+    ) -> Result<RangeResponse> {
+        let small =
+            request.range_end.is_empty() || (request.limit > 0 && request.limit <= INLINE_LIMIT);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if small || !multi_thread {
+            self.range_now(request, page_counts)
+        } else {
+            tokio::task::block_in_place(|| self.range_now(request, page_counts))
+        }
+    }
+
+    fn range_now(&self, request: &RangeRequest, page_counts: &PageCounts) -> Result<RangeResponse> {
+        if super::sql::is_plain_get(request) {
+            return self.plain_get(request);
+        }
+        self.with_connection(|conn| {
+            // One deferred read transaction: one WAL snapshot for the
+            // counter and every statement.
+            let tx = conn.unchecked_transaction()?;
+            let revs = revisions(&tx)?;
+            let range = KeyRange::new(&request.key, &request.range_end);
+            let prepared =
+                PreparedRange::new(&dialect::Sqlite, request, revs, &range, Some(page_counts))?;
+            let rows = match prepared.rows() {
+                Some(st) => kvs(&tx, st)?,
+                None => Vec::new(),
+            };
+            let counted = match prepared.count() {
+                Some(st) => {
+                    let mut count = tx.prepare_cached(&st.text)?;
+                    Some(
+                        count
+                            .query_row(params_from_iter(params(st)), |row| row.get::<_, i64>(0))?,
+                    )
+                }
+                None => None,
+            };
+            tx.commit()?;
+            Ok(prepared.answer(request, &range, rows, counted, Some(page_counts)))
+        })
+    }
+
+    /// A Get of one key at the current revision: one statement.
+    fn plain_get(&self, request: &RangeRequest) -> Result<RangeResponse> {
+        let st = plain_get_statement(&dialect::Sqlite, request);
+        self.with_connection(|conn| {
+            let mut prepared = conn.prepare_cached(&st.text)?;
+            let (revision, kv) = prepared
+                .query_row(params_from_iter(params(&st)), |row| {
+                    let revision: i64 = row.get(0)?;
+                    let key: Option<Vec<u8>> = row.get(1)?;
+                    let kv = match key {
+                        Some(_) => Some(kv_at(row, 1)?),
+                        None => None,
+                    };
+                    Ok((revision, kv))
+                })
+                .map_err(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => {
+                        ShardError::Corrupt("ks_meta has no row".into())
+                    }
+                    other => other.into(),
+                })?;
+            Ok(plain_get_answer(request, revision, kv))
+        })
+    }
+}
