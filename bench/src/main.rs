@@ -22,6 +22,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+/// The longest any one request may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Parser)]
 #[command(name = "kubeshard-bench", about)]
 struct Cli {
@@ -37,6 +40,13 @@ struct Cli {
     /// How long to send, in seconds.
     #[arg(long, default_value_t = 15)]
     seconds: u64,
+    /// Stop after this many operations in all (or after --seconds, if
+    /// that comes first).
+    #[arg(long)]
+    total: Option<u64>,
+    /// Pad every key to at least this many bytes (0: keys as they come).
+    #[arg(long, default_value_t = 0)]
+    key_size: usize,
     /// The server's process id: its peak RSS (VmHWM) is reported.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -127,15 +137,23 @@ async fn main() -> anyhow::Result<()> {
     let mut connections = Vec::with_capacity(cli.conns);
     for _ in 0..cli.conns {
         connections.push(
-            etcd_client::Client::connect([cli.endpoint.clone()], None)
-                .await
-                .with_context(|| format!("cannot connect to {}", cli.endpoint))?,
+            // A request timeout: a server that stops answering (kine's pool
+            // deadlocked under 1000 clients) must end the run with errors,
+            // not hang it.
+            etcd_client::Client::connect(
+                [cli.endpoint.clone()],
+                Some(etcd_client::ConnectOptions::new().with_timeout(REQUEST_TIMEOUT)),
+            )
+            .await
+            .with_context(|| format!("cannot connect to {}", cli.endpoint))?,
         );
     }
     let run = workloads::Run {
         connections,
         clients: cli.clients,
         duration: Duration::from_secs(cli.seconds),
+        total: cli.total,
+        key_size: cli.key_size,
     };
     let measured = workloads::run(&run, &cli.workload).await?;
     let rss = cli.server_pid.and_then(report::peak_rss_mib);

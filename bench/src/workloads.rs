@@ -1,7 +1,9 @@
 //! The workloads. Each spreads its clients over the shared connections and
-//! runs until the deadline, every client with one request in flight.
+//! runs until the deadline (or the total number of operations), every
+//! client with one request in flight.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -11,16 +13,60 @@ use tokio::task::JoinSet;
 use crate::Workload;
 use crate::report::{ClientResult, Measured};
 
-/// Connections, clients and how long to run.
+/// Connections, clients, how long to run and how keys look.
 pub struct Run {
     pub connections: Vec<Client>,
     pub clients: usize,
     pub duration: Duration,
+    /// Stop after this many operations in all (or at the deadline, if first).
+    pub total: Option<u64>,
+    /// Pad every key to at least this many bytes (0: no padding).
+    pub key_size: usize,
 }
 
 impl Run {
     fn connection(&self, i: usize) -> Client {
         self.connections[i % self.connections.len()].clone()
+    }
+}
+
+/// The key `base`, padded with `_` to `size` bytes. Padding at the end
+/// keeps every key under its prefix and, for equal-length bases, in the
+/// same order.
+fn pad_key(mut base: String, size: usize) -> String {
+    while base.len() < size {
+        base.push('_');
+    }
+    base
+}
+
+/// What is left to send: time until the deadline and, with a total, a
+/// count shared by all clients.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    deadline: Instant,
+    left: Option<Arc<AtomicU64>>,
+}
+
+impl Budget {
+    fn new(run: &Run, started: Instant) -> Self {
+        Budget {
+            deadline: started + run.duration,
+            left: run.total.map(|t| Arc::new(AtomicU64::new(t))),
+        }
+    }
+
+    /// Takes one operation from the budget; false once it is spent.
+    fn more(&self) -> bool {
+        if Instant::now() >= self.deadline {
+            return false;
+        }
+        match &self.left {
+            None => true,
+            Some(left) => left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok(),
+        }
     }
 }
 
@@ -58,7 +104,7 @@ pub async fn run(run: &Run, workload: &Workload) -> anyhow::Result<Measured> {
     }
 }
 
-/// Runs `client(i, deadline)` for every client and gathers the results.
+/// Runs `client(i, connection, budget)` for every client and gathers the results.
 async fn closed_loop<F, Fut>(
     run: &Run,
     workload: &'static str,
@@ -66,14 +112,14 @@ async fn closed_loop<F, Fut>(
     client: F,
 ) -> anyhow::Result<Measured>
 where
-    F: Fn(usize, Client, Instant) -> Fut,
+    F: Fn(usize, Client, Budget) -> Fut,
     Fut: std::future::Future<Output = ClientResult> + Send + 'static,
 {
     let started = Instant::now();
-    let deadline = started + run.duration;
+    let budget = Budget::new(run, started);
     let mut tasks = JoinSet::new();
     for i in 0..run.clients {
-        tasks.spawn(client(i, run.connection(i), deadline));
+        tasks.spawn(client(i, run.connection(i), budget.clone()));
     }
     let mut measured = Measured {
         workload,
@@ -104,12 +150,14 @@ async fn preload(
             let mut c = run.connection(w);
             let prefix = prefix.to_string();
             let value = value.clone();
+            let key_size = run.key_size;
             tasks.spawn(async move {
                 let mut n = w;
                 while n < keys {
-                    c.put(format!("{prefix}{n:08}"), value.clone(), None)
+                    let key = pad_key(format!("{prefix}{n:08}"), key_size);
+                    c.put(key.clone(), value.clone(), None)
                         .await
-                        .with_context(|| format!("preload put {prefix}{n:08}"))?;
+                        .with_context(|| format!("preload put {key}"))?;
                     n += workers;
                 }
                 anyhow::Ok(())
@@ -133,11 +181,12 @@ async fn put(
     }
     let value = Arc::new(vec![b'x'; value_size]);
     let prefix = prefix.to_string();
+    let key_size = run.key_size;
     closed_loop(
         run,
         "put",
         format!("{value_size} B values"),
-        |i, mut c, deadline| {
+        |i, mut c, budget| {
             let value = value.clone();
             let prefix = if resources > 1 {
                 format!("{prefix}res{}/", i % resources)
@@ -147,10 +196,14 @@ async fn put(
             async move {
                 let mut r = ClientResult::default();
                 let mut n: u64 = 0;
-                while Instant::now() < deadline {
+                while budget.more() {
                     let sent = Instant::now();
                     match c
-                        .put(format!("{prefix}{i}/{n}"), value.to_vec(), None)
+                        .put(
+                            pad_key(format!("{prefix}{i}/{n}"), key_size),
+                            value.to_vec(),
+                            None,
+                        )
                         .await
                     {
                         Ok(_) => r.ok(sent.elapsed()),
@@ -177,6 +230,7 @@ async fn range(
     }
     preload(run, prefix, keys, value_size, 1).await?;
     let prefix = prefix.to_string();
+    let key_size = run.key_size;
     let kind = if serializable {
         "serializable"
     } else {
@@ -191,16 +245,19 @@ async fn range(
         run,
         workload,
         format!("{kind} get of 1 of {keys} keys"),
-        |i, mut c, deadline| {
+        |i, mut c, budget| {
             let prefix = prefix.clone();
             async move {
                 let mut r = ClientResult::default();
                 // A cheap, well-spread sequence per client (no RNG state shared).
                 let mut n = i.wrapping_mul(2_654_435_761) % keys;
-                while Instant::now() < deadline {
+                while budget.more() {
                     let options = serializable.then(|| GetOptions::new().with_serializable());
                     let sent = Instant::now();
-                    match c.get(format!("{prefix}{n:08}"), options).await {
+                    match c
+                        .get(pad_key(format!("{prefix}{n:08}"), key_size), options)
+                        .await
+                    {
                         Ok(resp) if resp.kvs().len() == 1 => r.ok(sent.elapsed()),
                         Ok(resp) => r.failed(format!("{} keys for one get", resp.kvs().len())),
                         Err(e) => r.failed(e),
@@ -223,11 +280,12 @@ async fn txn(
     let keys_per_client = keys_per_client.max(1);
     let value = Arc::new(vec![b't'; value_size]);
     let prefix = format!("{prefix}{}/", unique_suffix());
+    let key_size = run.key_size;
     closed_loop(
         run,
         "txn",
         "create or update guarded by mod_revision".into(),
-        |i, mut c, deadline| {
+        |i, mut c, budget| {
             let value = value.clone();
             let prefix = prefix.clone();
             async move {
@@ -235,9 +293,9 @@ async fn txn(
                 // The mod_revision this client last wrote to each key (0: none).
                 let mut revisions = vec![0i64; keys_per_client];
                 let mut n = 0;
-                while Instant::now() < deadline {
+                while budget.more() {
                     let slot = n % keys_per_client;
-                    let key = format!("{prefix}{i}/{slot}");
+                    let key = pad_key(format!("{prefix}{i}/{slot}"), key_size);
                     let txn = Txn::new()
                         .when([Compare::mod_revision(
                             key.as_str(),
@@ -282,12 +340,12 @@ async fn list(
         run,
         "list",
         format!("list of {keys} keys in pages of {page}, {updates} updates per key"),
-        |_, mut c, deadline| {
+        |_, mut c, budget| {
             let prefix = prefix.clone();
             let end = end.clone();
             async move {
                 let mut r = ClientResult::default();
-                while Instant::now() < deadline {
+                while budget.more() {
                     let sent = Instant::now();
                     match list_once(&mut c, &prefix, &end, page).await {
                         Ok(n) if n == keys => r.ok(sent.elapsed()),
@@ -400,17 +458,22 @@ async fn watch(
         });
     }
     let pad = value_size.saturating_sub(20);
-    let writers = closed_loop(run, "watch-writes", String::new(), |i, mut c, deadline| {
+    let key_size = run.key_size;
+    let writers = closed_loop(run, "watch-writes", String::new(), |i, mut c, budget| {
         let prefix = prefix.clone();
         async move {
             let mut r = ClientResult::default();
             let mut n: u64 = 0;
-            while Instant::now() < deadline {
+            while budget.more() {
                 let mut value = format!("{:>20}", now_us()).into_bytes();
                 value.resize(20 + pad, b'w');
                 let sent = Instant::now();
                 match c
-                    .put(format!("{prefix}{i}/{n}"), value, Some(PutOptions::new()))
+                    .put(
+                        pad_key(format!("{prefix}{i}/{n}"), key_size),
+                        value,
+                        Some(PutOptions::new()),
+                    )
                     .await
                 {
                     Ok(_) => r.ok(sent.elapsed()),
@@ -458,7 +521,15 @@ impl Measured {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{pad_key, prefix_end};
+
+    #[test]
+    fn keys_are_padded_at_the_end() {
+        assert_eq!(pad_key("/p/1".into(), 0), "/p/1");
+        assert_eq!(pad_key("/p/1".into(), 7), "/p/1___");
+        assert_eq!(pad_key("/p/12345".into(), 4), "/p/12345");
+        assert!(pad_key("/p/00000001".into(), 64) < pad_key("/p/00000002".into(), 64));
+    }
 
     #[test]
     fn prefix_ends() {
