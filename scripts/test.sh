@@ -21,7 +21,8 @@
 #      protobuf-compiler, libprotobuf-dev (apt-get update only if something is
 #      missing).
 #   2. Start PostgreSQL (Debian cluster "15 main") on 127.0.0.1:5432 with
-#      max_connections=300 and a SUPERUSER role kubeshard/kubeshard.
+#      max_connections=1200 (room for kine in the benchmarks) and a SUPERUSER
+#      role kubeshard/kubeshard.
 #   3. Start MariaDB on 127.0.0.1:3306 with max_connections=300 and a user
 #      kubeshard/kubeshard (@'%', @'localhost', @'127.0.0.1') with ALL
 #      PRIVILEGES ON *.*.
@@ -60,6 +61,11 @@ MYSQL_RUNDIR=/run/mysqld
 MYSQL_SOCKET="$MYSQL_RUNDIR/mysqld.sock"
 MYSQL_LOG=/var/log/mysql/error.log
 MAX_CONNECTIONS=300
+# PostgreSQL also serves the benchmark peers: kine opens one connection per
+# concurrent request (1000 in scripts/bench-suite.sh), and capping its pool
+# instead deadlocks it (kine 0.17.5 with 100: every connection idle in a
+# transaction waiting for another).
+PG_MAX_CONNECTIONS=1200
 WAIT_SECONDS="${KUBESHARD_SETUP_WAIT_SECONDS:-90}"
 
 APT_PACKAGES=(postgresql mariadb-server etcd-server etcd-client protobuf-compiler libprotobuf-dev)
@@ -188,7 +194,7 @@ setup_postgres() {
 # Written by kubeshard scripts/test.sh
 listen_addresses = 'localhost'
 port = $PG_PORT
-max_connections = $MAX_CONNECTIONS
+max_connections = $PG_MAX_CONNECTIONS
 EOF
         install -d -o postgres -g postgres -m 2775 /run/postgresql
         info "starting cluster (log: /var/log/postgresql/postgresql-$PG_VERSION-$PG_CLUSTER.log)"
@@ -224,8 +230,8 @@ ALTER ROLE kubeshard WITH LOGIN SUPERUSER CREATEDB PASSWORD 'kubeshard';
 EOF
     local mc
     mc="$(pg_psql_admin -At -c 'SHOW max_connections')"
-    if ((mc < MAX_CONNECTIONS)); then
-        info "WARNING: max_connections is $mc (< $MAX_CONNECTIONS); the server was already running before this script configured it; restart it with: pg_ctlcluster $PG_VERSION $PG_CLUSTER restart"
+    if ((mc < PG_MAX_CONNECTIONS)); then
+        info "WARNING: max_connections is $mc (< $PG_MAX_CONNECTIONS); the server was already running before this script configured it; restart it with: pg_ctlcluster $PG_VERSION $PG_CLUSTER restart"
     fi
 }
 
