@@ -21,6 +21,9 @@ use crate::keys::KeyRange;
 
 /// Continuations remembered per shard; older ones are forgotten first.
 const CAPACITY: usize = 1024;
+/// Keys longer than this (start plus end) are not remembered, so the cache
+/// stays small whatever keys clients send (SQLite keys have no length limit).
+const MAX_KEY_BYTES: usize = 4096;
 
 /// `[start, end)` at a revision.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -89,6 +92,9 @@ impl PageCounts {
         let KeyRange::Span { end, .. } = range else {
             return;
         };
+        if last_key.len() + end.as_ref().map_or(0, Vec::len) >= MAX_KEY_BYTES {
+            return;
+        }
         let mut start = last_key.to_vec();
         start.push(0);
         let key = Continuation {
@@ -169,6 +175,18 @@ mod tests {
         ] {
             assert!(!is_page(&other, &range), "{other:?}");
         }
+    }
+
+    #[test]
+    fn long_keys_are_not_remembered() {
+        let counts = PageCounts::default();
+        let range = span(b"a", b"b");
+        let long = vec![b'a'; MAX_KEY_BYTES];
+        counts.learn(&range, 7, &long, 1, 2);
+        let mut next = long.clone();
+        next.push(0);
+        assert_eq!(counts.get(&KeyRange::new(&next, b"b"), 7), None);
+        assert_eq!(counts.inner.lock().map(|i| i.counts.len()).ok(), Some(0));
     }
 
     #[test]

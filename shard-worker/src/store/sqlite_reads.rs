@@ -9,9 +9,10 @@
 //! writes, the watch poller, leases and maintenance stay on sqlx.
 //!
 //! The SQL is the same as on the sqlx path (`range.rs` plans it for both),
-//! so both paths answer alike. Ranges that may read many rows (no limit or a
-//! large one) run under `block_in_place` on a multi-threaded runtime, so a
-//! long read does not hold up the other tasks of its worker thread.
+//! so both paths answer alike. Only reads bounded by their limit run inline
+//! (one key; a list page whose count is already known); the rest run under
+//! `block_in_place` on a multi-threaded runtime, so a long read does not
+//! hold up the other tasks of its worker thread.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -23,7 +24,7 @@ use rusqlite::types::{ToSql, ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, Row, params_from_iter};
 
 use super::Revisions;
-use super::page_counts::PageCounts;
+use super::page_counts::{PageCounts, is_page};
 use super::range::PreparedRange;
 use super::sql::{Arg, Statement, plain_get_answer, plain_get_statement};
 use crate::dialect;
@@ -32,7 +33,7 @@ use crate::keys::KeyRange;
 
 /// Idle read connections kept per shard; more are opened on demand.
 const MAX_IDLE: usize = 16;
-/// Ranges with no limit, or a limit above this, run under block_in_place.
+/// Largest list page that may run inline when its count is known.
 const INLINE_LIMIT: i64 = 1000;
 /// Prepared statements kept per connection (the range shapes are few).
 const STATEMENT_CACHE: usize = 64;
@@ -122,7 +123,9 @@ impl SqliteReads {
     }
 
     /// Runs `read` on an idle connection (or a new one). A connection on
-    /// which SQLite failed is dropped, so a broken one is never reused.
+    /// which SQLite failed, or that is still inside a transaction (a
+    /// rollback on drop that failed), is dropped: a reused one must never
+    /// read an old snapshot.
     fn with_connection<T>(&self, read: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let conn = match idle {
@@ -131,6 +134,7 @@ impl SqliteReads {
         };
         let result = read(&conn);
         if !matches!(result, Err(ShardError::Sqlite(_)))
+            && conn.is_autocommit()
             && let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE
         {
@@ -145,8 +149,16 @@ impl SqliteReads {
         request: &RangeRequest,
         page_counts: &PageCounts,
     ) -> Result<RangeResponse> {
-        let small =
-            request.range_end.is_empty() || (request.limit > 0 && request.limit <= INLINE_LIMIT);
+        // Inline only what is bounded by its limit: one key, or a list page
+        // whose count is already known (no COUNT over the rest). A first
+        // page's COUNT, other sort orders, filters and unlimited ranges may
+        // scan the whole range.
+        let range = KeyRange::new(&request.key, &request.range_end);
+        let small = matches!(range, KeyRange::Single(_))
+            || (is_page(request, &range)
+                && request.limit <= INLINE_LIMIT
+                && request.revision > 0
+                && page_counts.get(&range, request.revision).is_some());
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if small || !multi_thread {
