@@ -35,8 +35,6 @@ results=$out/results.jsonl
 : >"$results"
 
 stamp=$(date +%s)
-dbs=()
-newdb() { dbs+=("$1"); db_url=$(pg_url "$1"); }
 
 start_system() { # NAME PORT
   case $1 in
@@ -78,14 +76,10 @@ for cache in $watch_caches; do
     port=$((port + 10))
   done
 done
-for db in "${dbs[@]}"; do pg_drop "$db"; done
+drop_dbs
 
-venv=${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}/venv-plots
-if [[ ! -x $venv/bin/python ]]; then
-  python3 -m venv "$venv" >&2
-  "$venv/bin/pip" install -q matplotlib==3.9.2 >&2
-fi
+python=$(plots_python)
 machine="$(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
-"$venv/bin/python" scripts/bench-kube.py report "$results" docs/benchmarks-kube.md docs/img \
+"$python" scripts/bench-kube.py report "$results" docs/benchmarks-kube.md docs/img \
   --vus "$vus" --seconds "$seconds" --machine "$machine" --commit "$(git rev-parse --short HEAD)"
 cat docs/benchmarks-kube.md

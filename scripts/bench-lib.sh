@@ -84,6 +84,22 @@ pg_url() {
   echo "${KUBESHARD_TEST_POSTGRES_URL%/*}/$1"
 }
 
+# newdb NAME: a PostgreSQL database for one system under test; sets db_url
+# and remembers NAME in dbs for drop_dbs.
+dbs=()
+newdb() { dbs+=("$1"); db_url=$(pg_url "$1"); }
+drop_dbs() { for db in "${dbs[@]}"; do pg_drop "$db"; done; }
+
+# plots_python: a Python with matplotlib, from a venv cached outside the repo.
+plots_python() {
+  local venv=${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}/venv-plots
+  if [[ ! -x $venv/bin/python ]]; then
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q matplotlib==3.9.2 >&2
+  fi
+  echo "$venv/bin/python"
+}
+
 pg_drop() {
   psql "$KUBESHARD_TEST_POSTGRES_URL" -qc "DROP DATABASE IF EXISTS \"$1\" WITH (FORCE)" >/dev/null 2>&1 || true
 }

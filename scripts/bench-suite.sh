@@ -31,8 +31,6 @@ results=$out/results.jsonl
 : >"$results"
 
 stamp=$(date +%s)
-dbs=()
-newdb() { dbs+=("$1"); db_url=$(pg_url "$1"); }
 
 start_system() { # NAME PORT
   case $1 in
@@ -93,15 +91,10 @@ for system in $systems; do
     port=$((port + 10))
   done
 done
-for db in "${dbs[@]}"; do pg_drop "$db"; done
+drop_dbs
 
-# Plots, from a cached venv.
-venv=${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}/venv-plots
-if [[ ! -x $venv/bin/python ]]; then
-  python3 -m venv "$venv" >&2
-  "$venv/bin/pip" install -q matplotlib==3.9.2 >&2
-fi
-"$venv/bin/python" scripts/bench-report.py "$results" docs/benchmarks-suite.md docs/img \
+python=$(plots_python)
+"$python" scripts/bench-report.py "$results" docs/benchmarks-suite.md docs/img \
   --seconds "$seconds" --clients "$clients" --conns "$conns" --list-keys "$list_keys" \
   --list-updates "$list_updates" --watchers "$watchers" --commit "$(git rev-parse --short HEAD)"
 cat docs/benchmarks-suite.md
