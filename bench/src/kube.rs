@@ -17,7 +17,7 @@ use clap::Args;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use crate::report::peak_rss_mib;
+use crate::report::{peak_rss_mib, percentile_ms};
 
 #[derive(Debug, Args)]
 pub struct KubeArgs {
@@ -233,14 +233,6 @@ async fn virtual_user(
         }
     }
     samples
-}
-
-fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
 }
 
 /// The public score: `floor(requests / (0.2*p50 + 0.3*p90 + 0.5*p95) *

@@ -31,13 +31,8 @@ impl Measured {
         l
     }
 
-    /// The p-th percentile (0..=1) in milliseconds.
     fn percentile(sorted: &[u32], p: f64) -> f64 {
-        if sorted.is_empty() {
-            return 0.0;
-        }
-        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
+        percentile_ms(sorted, p)
     }
 
     fn rate(&self) -> f64 {
@@ -105,6 +100,16 @@ impl ClientResult {
             self.first_error = Some(e.to_string());
         }
     }
+}
+
+/// The p-th percentile (0..=1) of sorted microsecond latencies, in
+/// milliseconds (nearest rank).
+pub fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
 }
 
 /// The peak resident set size of a process (VmHWM), in MiB, if readable.
