@@ -162,13 +162,18 @@ impl SqliteReads {
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if small || !multi_thread {
-            self.range_now(request, page_counts)
+            self.range_now(request, &range, page_counts)
         } else {
-            tokio::task::block_in_place(|| self.range_now(request, page_counts))
+            tokio::task::block_in_place(|| self.range_now(request, &range, page_counts))
         }
     }
 
-    fn range_now(&self, request: &RangeRequest, page_counts: &PageCounts) -> Result<RangeResponse> {
+    fn range_now(
+        &self,
+        request: &RangeRequest,
+        range: &KeyRange,
+        page_counts: &PageCounts,
+    ) -> Result<RangeResponse> {
         if super::sql::is_plain_get(request) {
             return self.plain_get(request);
         }
@@ -177,9 +182,8 @@ impl SqliteReads {
             // counter and every statement.
             let tx = conn.unchecked_transaction()?;
             let revs = revisions(&tx)?;
-            let range = KeyRange::new(&request.key, &request.range_end);
             let prepared =
-                PreparedRange::new(&dialect::Sqlite, request, revs, &range, Some(page_counts))?;
+                PreparedRange::new(&dialect::Sqlite, request, revs, range, Some(page_counts))?;
             let rows = match prepared.rows() {
                 Some(st) => kvs(&tx, st)?,
                 None => Vec::new(),
@@ -195,7 +199,7 @@ impl SqliteReads {
                 None => None,
             };
             tx.commit()?;
-            Ok(prepared.answer(request, &range, rows, counted, Some(page_counts)))
+            Ok(prepared.answer(request, range, rows, counted, Some(page_counts)))
         })
     }
 
