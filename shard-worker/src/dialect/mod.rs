@@ -63,15 +63,13 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     fn defragment(&self) -> &'static [&'static str];
 }
 
-/// The compaction delete for dialects whose placeholders carry their number.
-pub(crate) fn compact_window_numbered(d: &dyn Dialect) -> String {
+/// The compaction delete for dialects whose placeholders can carry their
+/// number, given in the order (compact, lo, hi).
+pub(crate) fn compact_window_numbered([compact, lo, hi]: &[&str; 3]) -> String {
     format!(
         "DELETE FROM ks_history WHERE revision >= {lo} AND revision < {hi} AND (deleted = 1 OR EXISTS \
          (SELECT 1 FROM ks_history n WHERE n.key_bytes = ks_history.key_bytes \
          AND (n.revision > ks_history.revision OR (n.revision = ks_history.revision AND n.sub > ks_history.sub)) \
          AND n.revision <= {compact}))",
-        compact = d.param(1),
-        lo = d.param(2),
-        hi = d.param(3),
     )
 }

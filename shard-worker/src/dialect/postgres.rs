@@ -81,7 +81,7 @@ impl Dialect for Postgres {
         "SELECT pg_database_size(current_database())"
     }
     fn compact_window(&self) -> String {
-        super::compact_window_numbered(self)
+        super::compact_window_numbered(&["$1", "$2", "$3"])
     }
     fn defragment(&self) -> &'static [&'static str] {
         &["VACUUM ks_history", "VACUUM ks_live", "VACUUM ks_lease"]
