@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::dialect;
 use crate::error::{Result, ShardError};
-use crate::store::{RevisionClass, ShardStore, SqlShard, SqliteReads};
+use crate::store::{RevisionClass, ShardStore, SqlShard, SqliteReads, SqliteWriter};
 
 /// Connections per shard pool (reads share them; the writer actor uses one).
 const POOL_SIZE: u32 = 16;
@@ -48,20 +48,15 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options.clone())
                 .await?;
-            // The writer checkpoints the WAL only as a safety net; a
-            // background task does it off the commit path.
-            let write_options = options
-                .pragma("cache_size", "-131072")
-                .pragma("wal_autocheckpoint", "20000");
+            // Batches are written by a thread of their own
+            // (`store/sqlite_writes.rs`); this pool is never connected.
             let write_pool = SqlitePoolOptions::new()
                 .max_connections(1)
-                .min_connections(1)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(write_options)
-                .await?;
+                .connect_lazy_with(options);
             spawn_sqlite_checkpointer(pool.clone());
             let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, class)
-                .with_direct_reads(SqliteReads::new(path.clone()));
+                .with_direct_reads(SqliteReads::new(path.clone()))
+                .with_direct_writes(SqliteWriter::start(path, class)?);
             let version = shard.migrate().await?;
             info!(backend = "sqlite", path = %path.display(), schema_version = version, "shard database ready");
             Ok(Arc::new(shard))

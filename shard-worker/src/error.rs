@@ -29,7 +29,8 @@ pub enum ShardError {
     /// (Not a `source`: the text already says it, and logs would repeat it.)
     #[error("database error: {0}")]
     Database(sqlx::Error),
-    /// The same from the SQLite read path, which does not go through sqlx.
+    /// The same from SQLite's direct read and write paths, which do not go
+    /// through sqlx.
     #[error("database error: {0}")]
     Sqlite(rusqlite::Error),
     /// The database transaction of a whole write batch failed; this copy of
@@ -56,6 +57,15 @@ impl ShardError {
                     | sqlx::Error::PoolClosed
                     | sqlx::Error::WorkerCrashed
                     | sqlx::Error::Tls(_)
+            ),
+            ShardError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::ReadOnly
             ),
             ShardError::Stopped(_) | ShardError::BatchFailed(_) => true,
             _ => false,

@@ -14,7 +14,9 @@ mod page_counts;
 mod range;
 mod sql;
 mod sqlite_reads;
+mod sqlite_writes;
 mod write;
+mod write_sql;
 
 use async_trait::async_trait;
 use kubeshard_proto::etcdserverpb::{
@@ -28,6 +30,7 @@ use crate::keys::KeyRange;
 
 pub use sql::SqlShard;
 pub(crate) use sqlite_reads::SqliteReads;
+pub(crate) use sqlite_writes::SqliteWriter;
 pub use write::CommittedBatch;
 
 /// The revision counter and compaction mark of a shard, read together.

@@ -13,22 +13,15 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 use super::page_counts::PageCounts;
 use super::range::PreparedRange;
 use super::sqlite_reads::SqliteReads;
+use super::sqlite_writes::SqliteWriter;
 use super::write::{self, HistoryRow, TxOps};
+use super::write_sql;
 use super::{
     CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WriteRequest,
 };
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
-
-/// Most rows in one multi-row statement: keeps it under every backend's
-/// parameter limit (9 columns x 256 rows). Statements come in few shapes
-/// (see `shaped_chunks`): one shape per batch size made every pooled
-/// connection prepare and cache hundreds of large statements.
-const ROWS_PER_INSERT: usize = 256;
-/// Most payload bytes in one multi-row INSERT: keeps it under MySQL's
-/// max_allowed_packet even with 1.5 MiB values.
-const BYTES_PER_INSERT: usize = 4 << 20;
 
 /// A parameter of a dynamically assembled statement.
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +92,9 @@ pub struct SqlShard<DB: Database> {
     page_counts: PageCounts,
     /// SQLite only: ranges run on the calling thread (`sqlite_reads.rs`).
     direct_reads: Option<SqliteReads>,
+    /// SQLite only: write batches run on a thread of their own
+    /// (`sqlite_writes.rs`) instead of on `write_pool`.
+    direct_writes: Option<SqliteWriter>,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -142,6 +138,7 @@ where
             class,
             page_counts: PageCounts::default(),
             direct_reads: None,
+            direct_writes: None,
         }
     }
 
@@ -149,6 +146,13 @@ where
     /// hand-off per statement and per row).
     pub(crate) fn with_direct_reads(mut self, reads: SqliteReads) -> Self {
         self.direct_reads = Some(reads);
+        self
+    }
+
+    /// Runs write batches through `writes` instead of `write_pool` (SQLite:
+    /// one thread hand-off per batch instead of one per statement).
+    pub(crate) fn with_direct_writes(mut self, writes: SqliteWriter) -> Self {
+        self.direct_writes = Some(writes);
         self
     }
 
@@ -471,50 +475,6 @@ pub(crate) fn is_plain_get(request: &RangeRequest) -> bool {
         && request.max_create_revision == 0
 }
 
-/// Rows up to which a statement carries exactly the rows it has; above,
-/// chunks have power-of-two lengths.
-const EXACT_ROWS: usize = 16;
-
-/// Splits rows into chunks of at most `ROWS_PER_INSERT`, each either of at
-/// most `EXACT_ROWS` rows or of a power-of-two length: about 20 statement
-/// shapes per kind, so prepared statements stay cached without piling up,
-/// and a small batch still needs one statement.
-fn shaped_chunks<T>(rows: &[T]) -> Vec<&[T]> {
-    let mut chunks = Vec::new();
-    let mut rest = rows;
-    while !rest.is_empty() {
-        let mut n = rest.len().min(ROWS_PER_INSERT);
-        if n > EXACT_ROWS && !n.is_power_of_two() {
-            n = n.next_power_of_two() / 2;
-        }
-        let (head, tail) = rest.split_at(n);
-        chunks.push(head);
-        rest = tail;
-    }
-    chunks
-}
-
-/// Splits rows into chunks that respect the row and byte limits of one
-/// INSERT, each of power-of-two length.
-fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, row) in rows.iter().enumerate() {
-        let s = size(row);
-        if i > start && (i - start >= ROWS_PER_INSERT || bytes + s > BYTES_PER_INSERT) {
-            chunks.push(&rows[start..i]);
-            start = i;
-            bytes = 0;
-        }
-        bytes += s;
-    }
-    if start < rows.len() {
-        chunks.push(&rows[start..]);
-    }
-    chunks.into_iter().flat_map(shaped_chunks).collect()
-}
-
 #[async_trait]
 impl<'t, DB> TxOps for SqlTx<'t, DB>
 where
@@ -548,29 +508,14 @@ where
     }
 
     async fn set_revisions(&mut self, revs: Revisions) -> Result<()> {
-        let mut st = self.shard.statement("UPDATE ks_meta SET revision = ");
-        st.int(revs.current)
-            .sql(", compact_revision = ")
-            .int(revs.compacted)
-            .sql(" WHERE id = 1");
+        let st = write_sql::set_revisions(self.shard.dialect, revs);
         SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         Ok(())
     }
 
     async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>> {
         let mut out = Vec::with_capacity(keys.len());
-        for chunk in shaped_chunks(keys) {
-            let mut st = self.shard.statement(
-                "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
-                 FROM ks_live WHERE key_bytes IN (",
-            );
-            for (i, k) in chunk.iter().enumerate() {
-                if i > 0 {
-                    st.sql(", ");
-                }
-                st.bytes(k);
-            }
-            st.sql(")");
+        for st in write_sql::live_get(self.shard.dialect, keys) {
             for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
                 out.push(kv_from_row::<DB>(&row, 0)?);
             }
@@ -579,30 +524,15 @@ where
     }
 
     async fn live_in_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
-        let mut st = self.shard.statement(
-            "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
-             FROM ks_live WHERE ",
-        );
-        super::range::push_key_filter(&mut st, "key_bytes", range);
-        st.sql(" ORDER BY key_bytes");
-        let mut out = Vec::new();
-        for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
-            out.push(kv_from_row::<DB>(&row, 0)?);
-        }
-        Ok(out)
+        let st = write_sql::live_in_range(self.shard.dialect, range);
+        let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
+        rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
     }
 
     async fn live_with_lease(&mut self, lease: i64) -> Result<Vec<KeyValue>> {
-        let mut st = self.shard.statement(
-            "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
-             FROM ks_live WHERE lease = ",
-        );
-        st.int(lease).sql(" ORDER BY key_bytes");
-        let mut out = Vec::new();
-        for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
-            out.push(kv_from_row::<DB>(&row, 0)?);
-        }
-        Ok(out)
+        let st = write_sql::live_with_lease(self.shard.dialect, lease);
+        let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
+        rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
     }
 
     async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse> {
@@ -610,68 +540,14 @@ where
     }
 
     async fn write_history(&mut self, rows: &[HistoryRow]) -> Result<()> {
-        for chunk in insert_chunks(rows, |r| r.key.len() + r.value.len()) {
-            let mut st = self.shard.statement(
-                "INSERT INTO ks_history (revision, sub, key_bytes, deleted, create_revision, \
-                 prev_revision, version, lease, value_bytes) VALUES ",
-            );
-            for (i, r) in chunk.iter().enumerate() {
-                st.sql(if i == 0 { "(" } else { ", (" });
-                st.int(r.revision)
-                    .sql(", ")
-                    .int(r.sub)
-                    .sql(", ")
-                    .bytes(&r.key)
-                    .sql(", ");
-                st.int(i64::from(r.deleted))
-                    .sql(", ")
-                    .int(r.create_revision)
-                    .sql(", ");
-                st.int(r.prev_revision)
-                    .sql(", ")
-                    .int(r.version)
-                    .sql(", ")
-                    .int(r.lease);
-                st.sql(", ").bytes(&r.value).sql(")");
-            }
+        for st in write_sql::write_history(self.shard.dialect, rows) {
             SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         }
         Ok(())
     }
 
     async fn write_live(&mut self, upserts: &[&KeyValue], deletes: &[&[u8]]) -> Result<()> {
-        for chunk in insert_chunks(upserts, |kv| kv.key.len() + kv.value.len()) {
-            let mut st = self.shard.statement(
-                "INSERT INTO ks_live (key_bytes, create_revision, mod_revision, version, lease, \
-                 value_bytes) VALUES ",
-            );
-            for (i, kv) in chunk.iter().enumerate() {
-                st.sql(if i == 0 { "(" } else { ", (" });
-                st.bytes(&kv.key)
-                    .sql(", ")
-                    .int(kv.create_revision)
-                    .sql(", ");
-                st.int(kv.mod_revision)
-                    .sql(", ")
-                    .int(kv.version)
-                    .sql(", ")
-                    .int(kv.lease);
-                st.sql(", ").bytes(&kv.value).sql(")");
-            }
-            st.sql(self.shard.dialect.upsert_live_tail());
-            SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
-        }
-        for chunk in shaped_chunks(deletes) {
-            let mut st = self
-                .shard
-                .statement("DELETE FROM ks_live WHERE key_bytes IN (");
-            for (i, k) in chunk.iter().enumerate() {
-                if i > 0 {
-                    st.sql(", ");
-                }
-                st.bytes(k);
-            }
-            st.sql(")");
+        for st in write_sql::write_live(self.shard.dialect, upserts, deletes) {
             SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         }
         Ok(())
@@ -679,17 +555,7 @@ where
 
     async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
         let mut out = Vec::new();
-        for chunk in shaped_chunks(ids) {
-            let mut st = self
-                .shard
-                .statement("SELECT id FROM ks_lease WHERE id IN (");
-            for (i, id) in chunk.iter().enumerate() {
-                if i > 0 {
-                    st.sql(", ");
-                }
-                st.int(*id);
-            }
-            st.sql(")");
+        for st in write_sql::leases_existing(self.shard.dialect, ids) {
             for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
                 out.push(row.try_get(0)?);
             }
@@ -698,31 +564,19 @@ where
     }
 
     async fn lease_insert(&mut self, lease: LeaseRecord) -> Result<()> {
-        let mut st = self
-            .shard
-            .statement("INSERT INTO ks_lease (id, ttl, expires_at_ms) VALUES (");
-        st.int(lease.id)
-            .sql(", ")
-            .int(lease.ttl)
-            .sql(", ")
-            .int(lease.expires_at_ms)
-            .sql(")");
+        let st = write_sql::lease_insert(self.shard.dialect, lease);
         SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         Ok(())
     }
 
     async fn lease_delete(&mut self, id: i64) -> Result<()> {
-        let mut st = self.shard.statement("DELETE FROM ks_lease WHERE id = ");
-        st.int(id);
+        let st = write_sql::lease_delete(self.shard.dialect, id);
         SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
         Ok(())
     }
 
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>> {
-        let mut st = self
-            .shard
-            .statement("SELECT expires_at_ms FROM ks_lease WHERE id = ");
-        st.int(id);
+        let st = write_sql::lease_deadline(self.shard.dialect, id);
         let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
         match rows.first() {
             Some(row) => Ok(Some(row.try_get(0)?)),
@@ -776,6 +630,9 @@ where
         batch: &[WriteRequest],
         collect_events: bool,
     ) -> Result<CommittedBatch> {
+        if let Some(writes) = &self.direct_writes {
+            return writes.commit(batch, collect_events).await;
+        }
         let tx = self
             .write_pool
             .begin_with(self.dialect.begin_write())
@@ -955,25 +812,5 @@ where
             sqlx::query(statement).execute(&mut *conn).await?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_have_few_shapes() {
-        let rows: Vec<usize> = (0..300).collect();
-        let lens: Vec<usize> = shaped_chunks(&rows).iter().map(|c| c.len()).collect();
-        assert_eq!(lens, vec![256, 32, 12]);
-        let small: Vec<usize> = (0..7).collect();
-        assert_eq!(shaped_chunks(&small).len(), 1);
-        let lens: Vec<usize> = insert_chunks(&rows, |_| 1 << 20)
-            .iter()
-            .map(|c| c.len())
-            .collect();
-        assert_eq!(lens, vec![4; 75], "4 MiB per statement: 4 rows of 1 MiB");
-        assert!(shaped_chunks::<u8>(&[]).is_empty());
     }
 }

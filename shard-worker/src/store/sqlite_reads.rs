@@ -53,7 +53,7 @@ impl std::fmt::Debug for SqliteReads {
 }
 
 /// A statement parameter, bound without copying.
-struct Param<'a>(Arg<'a>);
+pub(super) struct Param<'a>(Arg<'a>);
 
 impl ToSql for Param<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
@@ -65,12 +65,12 @@ impl ToSql for Param<'_> {
     }
 }
 
-fn params<'s, 'a>(st: &'s Statement<'a>) -> impl Iterator<Item = Param<'a>> + 's {
+pub(super) fn params<'s, 'a>(st: &'s Statement<'a>) -> impl Iterator<Item = Param<'a>> + 's {
     st.args.iter().map(|a| Param(*a))
 }
 
 /// (key, create, mod, version, lease, value) from column `at` on.
-fn kv_at(row: &Row<'_>, at: usize) -> rusqlite::Result<KeyValue> {
+pub(super) fn kv_at(row: &Row<'_>, at: usize) -> rusqlite::Result<KeyValue> {
     Ok(KeyValue {
         key: row.get(at)?,
         create_revision: row.get(at + 1)?,
@@ -81,13 +81,13 @@ fn kv_at(row: &Row<'_>, at: usize) -> rusqlite::Result<KeyValue> {
     })
 }
 
-fn kvs(conn: &Connection, st: &Statement<'_>) -> Result<Vec<KeyValue>> {
+pub(super) fn kvs(conn: &Connection, st: &Statement<'_>) -> Result<Vec<KeyValue>> {
     let mut prepared = conn.prepare_cached(&st.text)?;
     let rows = prepared.query_map(params_from_iter(params(st)), |row| kv_at(row, 0))?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
-fn revisions(conn: &Connection) -> Result<Revisions> {
+pub(super) fn revisions(conn: &Connection) -> Result<Revisions> {
     let mut st =
         conn.prepare_cached("SELECT revision, compact_revision FROM ks_meta WHERE id = 1")?;
     Ok(st.query_row([], |row| {
@@ -96,6 +96,30 @@ fn revisions(conn: &Connection) -> Result<Revisions> {
             compacted: row.get(1)?,
         })
     })?)
+}
+
+/// Range inside an open transaction, against the given revisions (as
+/// `SqlShard::range_in` on the sqlx path). `page_counts`: reads only.
+pub(super) fn range_in(
+    conn: &Connection,
+    request: &RangeRequest,
+    range: &KeyRange,
+    revs: Revisions,
+    page_counts: Option<&PageCounts>,
+) -> Result<RangeResponse> {
+    let prepared = PreparedRange::new(&dialect::Sqlite, request, revs, range, page_counts)?;
+    let rows = match prepared.rows() {
+        Some(st) => kvs(conn, st)?,
+        None => Vec::new(),
+    };
+    let counted = match prepared.count() {
+        Some(st) => {
+            let mut count = conn.prepare_cached(&st.text)?;
+            Some(count.query_row(params_from_iter(params(st)), |row| row.get::<_, i64>(0))?)
+        }
+        None => None,
+    };
+    Ok(prepared.answer(request, range, rows, counted, page_counts))
 }
 
 impl SqliteReads {
@@ -182,24 +206,9 @@ impl SqliteReads {
             // counter and every statement.
             let tx = conn.unchecked_transaction()?;
             let revs = revisions(&tx)?;
-            let prepared =
-                PreparedRange::new(&dialect::Sqlite, request, revs, range, Some(page_counts))?;
-            let rows = match prepared.rows() {
-                Some(st) => kvs(&tx, st)?,
-                None => Vec::new(),
-            };
-            let counted = match prepared.count() {
-                Some(st) => {
-                    let mut count = tx.prepare_cached(&st.text)?;
-                    Some(
-                        count
-                            .query_row(params_from_iter(params(st)), |row| row.get::<_, i64>(0))?,
-                    )
-                }
-                None => None,
-            };
+            let response = range_in(&tx, request, range, revs, Some(page_counts))?;
             tx.commit()?;
-            Ok(prepared.answer(request, range, rows, counted, Some(page_counts)))
+            Ok(response)
         })
     }
 

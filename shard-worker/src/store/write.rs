@@ -119,7 +119,10 @@ pub(crate) async fn apply_batch(
 fn is_fatal(e: &ShardError) -> bool {
     matches!(
         e,
-        ShardError::Database(_) | ShardError::Corrupt(_) | ShardError::Stopped(_)
+        ShardError::Database(_)
+            | ShardError::Sqlite(_)
+            | ShardError::Corrupt(_)
+            | ShardError::Stopped(_)
     )
 }
 

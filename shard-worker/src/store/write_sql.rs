@@ -1,0 +1,253 @@
+//! The statements of a write batch, assembled once for every driver: the
+//! sqlx transaction (`sql.rs`) and SQLite's own writer thread
+//! (`sqlite_writes.rs`) run exactly the same SQL.
+
+use kubeshard_proto::mvccpb::KeyValue;
+
+use super::sql::{Arg, Statement};
+use super::write::HistoryRow;
+use super::{LeaseRecord, Revisions};
+use crate::dialect::Dialect;
+use crate::keys::KeyRange;
+
+/// Most rows in one multi-row statement: keeps it under every backend's
+/// parameter limit (9 columns x 256 rows). Statements come in few shapes
+/// (see `shaped_chunks`): one shape per batch size made every pooled
+/// connection prepare and cache hundreds of large statements.
+const ROWS_PER_INSERT: usize = 256;
+/// Most payload bytes in one multi-row INSERT: keeps it under MySQL's
+/// max_allowed_packet even with 1.5 MiB values.
+const BYTES_PER_INSERT: usize = 4 << 20;
+/// Chunks up to this many rows keep their exact length; longer ones are
+/// cut to powers of two.
+const EXACT_ROWS: usize = 16;
+
+/// The columns of a live key, in `KeyValue` order (see `kv_from_row`).
+const KV_COLUMNS: &str = "key_bytes, create_revision, mod_revision, version, lease, value_bytes";
+
+/// Splits rows into chunks of at most [`ROWS_PER_INSERT`] with few distinct
+/// shapes per kind, so prepared statements stay cached without piling up,
+/// and a small batch still needs one statement.
+pub(crate) fn shaped_chunks<T>(rows: &[T]) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let mut n = rest.len().min(ROWS_PER_INSERT);
+        if n > EXACT_ROWS && !n.is_power_of_two() {
+            n = n.next_power_of_two() / 2;
+        }
+        let (head, tail) = rest.split_at(n);
+        chunks.push(head);
+        rest = tail;
+    }
+    chunks
+}
+
+/// Splits rows into chunks that respect the row and byte limits of one
+/// INSERT, each of power-of-two length.
+fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, row) in rows.iter().enumerate() {
+        let s = size(row);
+        if i > start && (i - start >= ROWS_PER_INSERT || bytes + s > BYTES_PER_INSERT) {
+            chunks.push(&rows[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += s;
+    }
+    if start < rows.len() {
+        chunks.push(&rows[start..]);
+    }
+    chunks.into_iter().flat_map(shaped_chunks).collect()
+}
+
+/// `<head> (a, b, ...)` with one placeholder per item.
+fn in_list<'a, T: Copy>(
+    d: &'static dyn Dialect,
+    head: &str,
+    items: &[T],
+    arg: impl Fn(T) -> Arg<'a>,
+) -> Statement<'a> {
+    let mut st = Statement::new(d, head);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            st.sql(", ");
+        }
+        st.arg(arg(*item));
+    }
+    st.sql(")");
+    st
+}
+
+pub(crate) fn set_revisions(d: &'static dyn Dialect, revs: Revisions) -> Statement<'static> {
+    let mut st = Statement::new(d, "UPDATE ks_meta SET revision = ");
+    st.int(revs.current)
+        .sql(", compact_revision = ")
+        .int(revs.compacted)
+        .sql(" WHERE id = 1");
+    st
+}
+
+/// Live rows of `keys`, one statement per chunk.
+pub(crate) fn live_get<'a>(d: &'static dyn Dialect, keys: &[&'a [u8]]) -> Vec<Statement<'a>> {
+    let head = format!("SELECT {KV_COLUMNS} FROM ks_live WHERE key_bytes IN (");
+    shaped_chunks(keys)
+        .into_iter()
+        .map(|chunk| in_list(d, &head, chunk, Arg::Bytes))
+        .collect()
+}
+
+pub(crate) fn live_in_range<'a>(d: &'static dyn Dialect, range: &'a KeyRange) -> Statement<'a> {
+    let mut st = Statement::new(d, format!("SELECT {KV_COLUMNS} FROM ks_live WHERE "));
+    super::range::push_key_filter(&mut st, "key_bytes", range);
+    st.sql(" ORDER BY key_bytes");
+    st
+}
+
+pub(crate) fn live_with_lease(d: &'static dyn Dialect, lease: i64) -> Statement<'static> {
+    let mut st = Statement::new(
+        d,
+        format!("SELECT {KV_COLUMNS} FROM ks_live WHERE lease = "),
+    );
+    st.int(lease).sql(" ORDER BY key_bytes");
+    st
+}
+
+/// Multi-row INSERTs of history rows.
+pub(crate) fn write_history<'a>(
+    d: &'static dyn Dialect,
+    rows: &'a [HistoryRow],
+) -> Vec<Statement<'a>> {
+    insert_chunks(rows, |r| r.key.len() + r.value.len())
+        .into_iter()
+        .map(|chunk| {
+            let mut st = Statement::new(
+                d,
+                "INSERT INTO ks_history (revision, sub, key_bytes, deleted, create_revision, \
+                 prev_revision, version, lease, value_bytes) VALUES ",
+            );
+            for (i, r) in chunk.iter().enumerate() {
+                st.sql(if i == 0 { "(" } else { ", (" });
+                st.int(r.revision).sql(", ").int(r.sub).sql(", ");
+                st.bytes(&r.key)
+                    .sql(", ")
+                    .int(i64::from(r.deleted))
+                    .sql(", ");
+                st.int(r.create_revision)
+                    .sql(", ")
+                    .int(r.prev_revision)
+                    .sql(", ");
+                st.int(r.version).sql(", ").int(r.lease).sql(", ");
+                st.bytes(&r.value).sql(")");
+            }
+            st
+        })
+        .collect()
+}
+
+/// Multi-row upserts of live rows, then deletes of removed keys.
+pub(crate) fn write_live<'a>(
+    d: &'static dyn Dialect,
+    upserts: &[&'a KeyValue],
+    deletes: &[&'a [u8]],
+) -> Vec<Statement<'a>> {
+    let mut statements = Vec::new();
+    for chunk in insert_chunks(upserts, |kv| kv.key.len() + kv.value.len()) {
+        let mut st = Statement::new(d, format!("INSERT INTO ks_live ({KV_COLUMNS}) VALUES "));
+        for (i, kv) in chunk.iter().enumerate() {
+            st.sql(if i == 0 { "(" } else { ", (" });
+            st.bytes(&kv.key)
+                .sql(", ")
+                .int(kv.create_revision)
+                .sql(", ");
+            st.int(kv.mod_revision).sql(", ").int(kv.version).sql(", ");
+            st.int(kv.lease).sql(", ").bytes(&kv.value).sql(")");
+        }
+        st.sql(d.upsert_live_tail());
+        statements.push(st);
+    }
+    for chunk in shaped_chunks(deletes) {
+        statements.push(in_list(
+            d,
+            "DELETE FROM ks_live WHERE key_bytes IN (",
+            chunk,
+            Arg::Bytes,
+        ));
+    }
+    statements
+}
+
+/// The ids among `ids` that exist, one statement per chunk.
+pub(crate) fn leases_existing(d: &'static dyn Dialect, ids: &[i64]) -> Vec<Statement<'static>> {
+    shaped_chunks(ids)
+        .into_iter()
+        .map(|chunk| in_list(d, "SELECT id FROM ks_lease WHERE id IN (", chunk, Arg::Int))
+        .collect()
+}
+
+pub(crate) fn lease_insert(d: &'static dyn Dialect, lease: LeaseRecord) -> Statement<'static> {
+    let mut st = Statement::new(d, "INSERT INTO ks_lease (id, ttl, expires_at_ms) VALUES (");
+    st.int(lease.id).sql(", ").int(lease.ttl).sql(", ");
+    st.int(lease.expires_at_ms).sql(")");
+    st
+}
+
+pub(crate) fn lease_delete(d: &'static dyn Dialect, id: i64) -> Statement<'static> {
+    let mut st = Statement::new(d, "DELETE FROM ks_lease WHERE id = ");
+    st.int(id);
+    st
+}
+
+pub(crate) fn lease_deadline(d: &'static dyn Dialect, id: i64) -> Statement<'static> {
+    let mut st = Statement::new(d, "SELECT expires_at_ms FROM ks_lease WHERE id = ");
+    st.int(id);
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_have_few_shapes() {
+        let rows: Vec<usize> = (0..300).collect();
+        let lens: Vec<usize> = shaped_chunks(&rows).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, vec![256, 32, 12]);
+        let small: Vec<usize> = (0..7).collect();
+        assert_eq!(shaped_chunks(&small).len(), 1);
+        let lens: Vec<usize> = insert_chunks(&rows, |_| 1 << 20)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(lens, vec![4; 75], "4 MiB per statement: 4 rows of 1 MiB");
+        assert!(shaped_chunks::<u8>(&[]).is_empty());
+    }
+
+    #[test]
+    fn statements_bind_in_text_order() {
+        let d: &'static dyn Dialect = &crate::dialect::Postgres;
+        let keys: Vec<&[u8]> = vec![b"a", b"b", b"c"];
+        let st = &live_get(d, &keys)[0];
+        assert_eq!(
+            st.text,
+            "SELECT key_bytes, create_revision, mod_revision, version, lease, value_bytes \
+             FROM ks_live WHERE key_bytes IN ($1, $2, $3)"
+        );
+        assert_eq!(st.args.len(), 3);
+        let st = lease_insert(
+            d,
+            LeaseRecord {
+                id: 7,
+                ttl: 10,
+                expires_at_ms: 99,
+            },
+        );
+        assert_eq!(
+            st.text,
+            "INSERT INTO ks_lease (id, ttl, expires_at_ms) VALUES ($1, $2, $3)"
+        );
+    }
+}
