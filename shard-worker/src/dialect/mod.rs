@@ -47,6 +47,13 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     /// Tail of `INSERT INTO ks_live ... VALUES ...` that turns it into an upsert.
     fn upsert_live_tail(&self) -> &'static str;
 
+    /// Whether one statement may carry several data-modifying parts
+    /// (`WITH h AS (INSERT ...), m AS (UPDATE ...) SELECT 1`), so that the
+    /// end of a small write batch costs one round trip instead of several.
+    fn writes_in_one_statement(&self) -> bool {
+        false
+    }
+
     /// The longest key this backend can index, if it has a limit.
     fn max_key_len(&self) -> Option<usize>;
 

@@ -73,6 +73,9 @@ impl Dialect for Postgres {
          mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, \
          lease = EXCLUDED.lease, value_bytes = EXCLUDED.value_bytes"
     }
+    fn writes_in_one_statement(&self) -> bool {
+        true
+    }
     fn max_key_len(&self) -> Option<usize> {
         // A btree entry must fit in a third of a page (2704 bytes), with the revision.
         Some(2600)

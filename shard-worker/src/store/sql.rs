@@ -575,6 +575,22 @@ where
         Ok(())
     }
 
+    async fn write_final(
+        &mut self,
+        history: &[HistoryRow],
+        upserts: &[&KeyValue],
+        deletes: &[&[u8]],
+        revs: Option<Revisions>,
+    ) -> Result<()> {
+        match write_sql::combined_final(self.shard.dialect, history, upserts, deletes, revs) {
+            Some(st) => {
+                SqlShard::<DB>::execute_in(&mut self.tx, &st).await?;
+                Ok(())
+            }
+            None => write::write_final_separately(self, history, upserts, deletes, revs).await,
+        }
+    }
+
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>> {
         let st = write_sql::lease_deadline(self.shard.dialect, id);
         let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;

@@ -60,6 +60,38 @@ pub(crate) trait TxOps: Send {
     async fn lease_insert(&mut self, lease: LeaseRecord) -> Result<()>;
     async fn lease_delete(&mut self, id: i64) -> Result<()>;
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>>;
+
+    /// The end of every batch: its remaining changes, then the counter if
+    /// it moved. Backends that can do it in fewer round trips override it.
+    async fn write_final(
+        &mut self,
+        history: &[HistoryRow],
+        upserts: &[&KeyValue],
+        deletes: &[&[u8]],
+        revs: Option<Revisions>,
+    ) -> Result<()> {
+        write_final_separately(self, history, upserts, deletes, revs).await
+    }
+}
+
+/// [`TxOps::write_final`] one kind of change at a time.
+pub(crate) async fn write_final_separately<T: TxOps + ?Sized>(
+    ops: &mut T,
+    history: &[HistoryRow],
+    upserts: &[&KeyValue],
+    deletes: &[&[u8]],
+    revs: Option<Revisions>,
+) -> Result<()> {
+    if !history.is_empty() {
+        ops.write_history(history).await?;
+    }
+    if !upserts.is_empty() || !deletes.is_empty() {
+        ops.write_live(upserts, deletes).await?;
+    }
+    if let Some(revs) = revs {
+        ops.set_revisions(revs).await?;
+    }
+    Ok(())
 }
 
 /// What a committed batch did.
@@ -103,16 +135,30 @@ pub(crate) async fn apply_batch(
             result => responses.push(result),
         }
     }
-    state.flush().await?;
-    if state.revs != state.start {
-        state.ops.set_revisions(state.revs).await?;
-    }
+    state.finish().await?;
     Ok(CommittedBatch {
         responses,
         before: state.start.current,
         last: state.revs.current,
         events: state.events,
     })
+}
+
+/// The buffered live changes of `live` (changed keys), given the keys'
+/// current values: keys to upsert and keys to delete.
+fn live_changes<'k>(
+    live: &'k BTreeSet<Vec<u8>>,
+    keys: &'k HashMap<Vec<u8>, Option<KeyValue>>,
+) -> (Vec<&'k KeyValue>, Vec<&'k [u8]>) {
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    for key in live {
+        match keys.get(key) {
+            Some(Some(kv)) => upserts.push(kv),
+            _ => deletes.push(key.as_slice()),
+        }
+    }
+    (upserts, deletes)
 }
 
 /// Errors that leave the transaction unusable (as opposed to a request refused).
@@ -254,17 +300,22 @@ impl BatchState<'_> {
             self.history.clear();
         }
         if !self.live.is_empty() {
-            let mut upserts: Vec<&KeyValue> = Vec::new();
-            let mut deletes: Vec<&[u8]> = Vec::new();
-            for key in &self.live {
-                match self.keys.get(key) {
-                    Some(Some(kv)) => upserts.push(kv),
-                    _ => deletes.push(key),
-                }
-            }
+            let (upserts, deletes) = live_changes(&self.live, &self.keys);
             self.ops.write_live(&upserts, &deletes).await?;
             self.live.clear();
         }
+        Ok(())
+    }
+
+    /// Writes what is still buffered and the counter, if it moved.
+    async fn finish(&mut self) -> Result<()> {
+        let revs = (self.revs != self.start).then_some(self.revs);
+        let (upserts, deletes) = live_changes(&self.live, &self.keys);
+        self.ops
+            .write_final(&self.history, &upserts, &deletes, revs)
+            .await?;
+        self.history.clear();
+        self.live.clear();
         Ok(())
     }
 

@@ -64,14 +64,14 @@ fn insert_chunks<T>(rows: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     chunks.into_iter().flat_map(shaped_chunks).collect()
 }
 
-/// `<head> (a, b, ...)` with one placeholder per item.
-fn in_list<'a, T: Copy>(
-    d: &'static dyn Dialect,
+/// Appends `<head>a, b, ...)` with one placeholder per item.
+fn push_in_list<'a, T: Copy>(
+    st: &mut Statement<'a>,
     head: &str,
     items: &[T],
     arg: impl Fn(T) -> Arg<'a>,
-) -> Statement<'a> {
-    let mut st = Statement::new(d, head);
+) {
+    st.sql(head);
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             st.sql(", ");
@@ -79,15 +79,68 @@ fn in_list<'a, T: Copy>(
         st.arg(arg(*item));
     }
     st.sql(")");
+}
+
+/// `<head>a, b, ...)` with one placeholder per item.
+fn in_list<'a, T: Copy>(
+    d: &'static dyn Dialect,
+    head: &str,
+    items: &[T],
+    arg: impl Fn(T) -> Arg<'a>,
+) -> Statement<'a> {
+    let mut st = Statement::new(d, "");
+    push_in_list(&mut st, head, items, arg);
     st
 }
 
-pub(crate) fn set_revisions(d: &'static dyn Dialect, revs: Revisions) -> Statement<'static> {
-    let mut st = Statement::new(d, "UPDATE ks_meta SET revision = ");
-    st.int(revs.current)
+fn push_set_revisions(st: &mut Statement<'_>, revs: Revisions) {
+    st.sql("UPDATE ks_meta SET revision = ")
+        .int(revs.current)
         .sql(", compact_revision = ")
         .int(revs.compacted)
         .sql(" WHERE id = 1");
+}
+
+fn push_history_insert<'a>(st: &mut Statement<'a>, rows: &'a [HistoryRow]) {
+    st.sql(
+        "INSERT INTO ks_history (revision, sub, key_bytes, deleted, create_revision, \
+         prev_revision, version, lease, value_bytes) VALUES ",
+    );
+    for (i, r) in rows.iter().enumerate() {
+        st.sql(if i == 0 { "(" } else { ", (" });
+        st.int(r.revision).sql(", ").int(r.sub).sql(", ");
+        st.bytes(&r.key)
+            .sql(", ")
+            .int(i64::from(r.deleted))
+            .sql(", ");
+        st.int(r.create_revision)
+            .sql(", ")
+            .int(r.prev_revision)
+            .sql(", ");
+        st.int(r.version).sql(", ").int(r.lease).sql(", ");
+        st.bytes(&r.value).sql(")");
+    }
+}
+
+fn push_live_upsert<'a>(st: &mut Statement<'a>, d: &'static dyn Dialect, rows: &[&'a KeyValue]) {
+    st.sql(&format!("INSERT INTO ks_live ({KV_COLUMNS}) VALUES "));
+    for (i, kv) in rows.iter().enumerate() {
+        st.sql(if i == 0 { "(" } else { ", (" });
+        st.bytes(&kv.key)
+            .sql(", ")
+            .int(kv.create_revision)
+            .sql(", ");
+        st.int(kv.mod_revision).sql(", ").int(kv.version).sql(", ");
+        st.int(kv.lease).sql(", ").bytes(&kv.value).sql(")");
+    }
+    st.sql(d.upsert_live_tail());
+}
+
+const LIVE_DELETE: &str = "DELETE FROM ks_live WHERE key_bytes IN (";
+
+pub(crate) fn set_revisions(d: &'static dyn Dialect, revs: Revisions) -> Statement<'static> {
+    let mut st = Statement::new(d, "");
+    push_set_revisions(&mut st, revs);
     st
 }
 
@@ -124,25 +177,8 @@ pub(crate) fn write_history<'a>(
     insert_chunks(rows, |r| r.key.len() + r.value.len())
         .into_iter()
         .map(|chunk| {
-            let mut st = Statement::new(
-                d,
-                "INSERT INTO ks_history (revision, sub, key_bytes, deleted, create_revision, \
-                 prev_revision, version, lease, value_bytes) VALUES ",
-            );
-            for (i, r) in chunk.iter().enumerate() {
-                st.sql(if i == 0 { "(" } else { ", (" });
-                st.int(r.revision).sql(", ").int(r.sub).sql(", ");
-                st.bytes(&r.key)
-                    .sql(", ")
-                    .int(i64::from(r.deleted))
-                    .sql(", ");
-                st.int(r.create_revision)
-                    .sql(", ")
-                    .int(r.prev_revision)
-                    .sql(", ");
-                st.int(r.version).sql(", ").int(r.lease).sql(", ");
-                st.bytes(&r.value).sql(")");
-            }
+            let mut st = Statement::new(d, "");
+            push_history_insert(&mut st, chunk);
             st
         })
         .collect()
@@ -156,28 +192,78 @@ pub(crate) fn write_live<'a>(
 ) -> Vec<Statement<'a>> {
     let mut statements = Vec::new();
     for chunk in insert_chunks(upserts, |kv| kv.key.len() + kv.value.len()) {
-        let mut st = Statement::new(d, format!("INSERT INTO ks_live ({KV_COLUMNS}) VALUES "));
-        for (i, kv) in chunk.iter().enumerate() {
-            st.sql(if i == 0 { "(" } else { ", (" });
-            st.bytes(&kv.key)
-                .sql(", ")
-                .int(kv.create_revision)
-                .sql(", ");
-            st.int(kv.mod_revision).sql(", ").int(kv.version).sql(", ");
-            st.int(kv.lease).sql(", ").bytes(&kv.value).sql(")");
-        }
-        st.sql(d.upsert_live_tail());
+        let mut st = Statement::new(d, "");
+        push_live_upsert(&mut st, d, chunk);
         statements.push(st);
     }
     for chunk in shaped_chunks(deletes) {
-        statements.push(in_list(
-            d,
-            "DELETE FROM ks_live WHERE key_bytes IN (",
-            chunk,
-            Arg::Bytes,
-        ));
+        statements.push(in_list(d, LIVE_DELETE, chunk, Arg::Bytes));
     }
     statements
+}
+
+/// The end of a small batch (history rows, live upserts and deletes, the
+/// counter) as one statement of data-modifying `WITH` parts, where the
+/// dialect allows it: one round trip instead of up to four. `None` when it
+/// does not, when there is only one part, or when a part is larger than
+/// [`EXACT_ROWS`] rows (large batches are not latency-bound, and this keeps
+/// the number of statement shapes small). The parts touch different rows
+/// (a key is either upserted or deleted), so their order does not matter.
+pub(crate) fn combined_final<'a>(
+    d: &'static dyn Dialect,
+    history: &'a [HistoryRow],
+    upserts: &[&'a KeyValue],
+    deletes: &[&'a [u8]],
+    revs: Option<Revisions>,
+) -> Option<Statement<'a>> {
+    let parts = usize::from(!history.is_empty())
+        + usize::from(!upserts.is_empty())
+        + usize::from(!deletes.is_empty())
+        + usize::from(revs.is_some());
+    let bytes: usize = history
+        .iter()
+        .map(|r| r.key.len() + r.value.len())
+        .chain(upserts.iter().map(|kv| kv.key.len() + kv.value.len()))
+        .sum();
+    if !d.writes_in_one_statement()
+        || parts < 2
+        || history.len() > EXACT_ROWS
+        || upserts.len() > EXACT_ROWS
+        || deletes.len() > EXACT_ROWS
+        || bytes > BYTES_PER_INSERT
+    {
+        return None;
+    }
+    let mut st = Statement::new(d, "WITH ");
+    let mut first = true;
+    let mut open = |st: &mut Statement<'a>, name: &str| {
+        if !std::mem::take(&mut first) {
+            st.sql(", ");
+        }
+        st.sql(name).sql(" AS (");
+    };
+    if !history.is_empty() {
+        open(&mut st, "h");
+        push_history_insert(&mut st, history);
+        st.sql(")");
+    }
+    if !upserts.is_empty() {
+        open(&mut st, "l");
+        push_live_upsert(&mut st, d, upserts);
+        st.sql(")");
+    }
+    if !deletes.is_empty() {
+        open(&mut st, "d");
+        push_in_list(&mut st, LIVE_DELETE, deletes, Arg::Bytes);
+        st.sql(")");
+    }
+    if let Some(revs) = revs {
+        open(&mut st, "m");
+        push_set_revisions(&mut st, revs);
+        st.sql(")");
+    }
+    st.sql(" SELECT 1");
+    Some(st)
 }
 
 /// The ids among `ids` that exist, one statement per chunk.
@@ -224,6 +310,52 @@ mod tests {
             .collect();
         assert_eq!(lens, vec![4; 75], "4 MiB per statement: 4 rows of 1 MiB");
         assert!(shaped_chunks::<u8>(&[]).is_empty());
+    }
+
+    #[test]
+    fn small_batch_ends_in_one_statement_on_postgres() {
+        let row = HistoryRow {
+            revision: 5,
+            sub: 0,
+            key: b"k".to_vec(),
+            deleted: false,
+            create_revision: 5,
+            prev_revision: 0,
+            version: 1,
+            lease: 0,
+            value: b"v".to_vec(),
+        };
+        let kv = KeyValue {
+            key: b"k".to_vec(),
+            create_revision: 5,
+            mod_revision: 5,
+            version: 1,
+            lease: 0,
+            value: b"v".to_vec(),
+        };
+        let revs = Revisions {
+            current: 5,
+            compacted: 0,
+        };
+        let history = [row];
+        let pg: &'static dyn Dialect = &crate::dialect::Postgres;
+        let Some(st) = combined_final(pg, &history, &[&kv], &[b"gone"], Some(revs)) else {
+            panic!("four small parts combine");
+        };
+        assert!(st.text.starts_with("WITH h AS (INSERT INTO ks_history"));
+        assert!(st.text.contains("), l AS (INSERT INTO ks_live"));
+        assert!(
+            st.text
+                .contains("), d AS (DELETE FROM ks_live WHERE key_bytes IN ($16))")
+        );
+        assert!(st.text.ends_with(", m AS (UPDATE ks_meta SET revision = $17, compact_revision = $18 WHERE id = 1) SELECT 1"));
+        assert_eq!(st.args.len(), 18, "9 + 6 + 1 + 2 parameters in text order");
+        // One part alone, other dialects and large parts keep their statements.
+        assert!(combined_final(pg, &[], &[], &[], Some(revs)).is_none());
+        let mysql: &'static dyn Dialect = &crate::dialect::Mysql;
+        assert!(combined_final(mysql, &history, &[&kv], &[], Some(revs)).is_none());
+        let many = vec![history[0].clone(); EXACT_ROWS + 1];
+        assert!(combined_final(pg, &many, &[&kv], &[], Some(revs)).is_none());
     }
 
     #[test]
