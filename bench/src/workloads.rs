@@ -415,6 +415,25 @@ fn now_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// How long watchers may take, after the last write, to deliver the rest.
+const WATCH_DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// How often a watcher behind the last write asks for a progress report.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// What one watcher saw.
+struct Watched {
+    result: ClientResult,
+    /// Events received.
+    events: usize,
+    /// The stream reported progress at or past the last write's revision,
+    /// which promises that every event up to it was sent. A confirmed
+    /// watcher still short of events when it gives up lost them; an
+    /// unconfirmed one only had not delivered them yet. (etcd before 3.4.25
+    /// could report progress ahead of its events, so a watcher keeps
+    /// reading after the report rather than stopping there.)
+    confirmed: bool,
+}
+
 async fn watch(
     run: &Run,
     watchers: usize,
@@ -422,39 +441,75 @@ async fn watch(
     prefix: &str,
 ) -> anyhow::Result<Measured> {
     let prefix = format!("{prefix}{}/", unique_suffix());
+    // The revision of the last write and the number of acknowledged puts
+    // (events each watcher must see), once the writers are done.
+    let (last_write, last_write_known) = tokio::sync::watch::channel::<Option<(i64, usize)>>(None);
     // Watchers first; each measures every event's latency from the send
     // time the writer put at the start of the value.
     let mut watching = JoinSet::new();
-    let stop = Instant::now() + run.duration + Duration::from_secs(5);
     for w in 0..watchers {
         let mut c = run.connection(w);
-        let (sender, mut stream) = c
+        let (mut sender, mut stream) = c
             .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix()))
             .await
             .context("create a watch")?
             .split();
+        let mut last_write_known = last_write_known.clone();
         watching.spawn(async move {
-            // The watch lives as long as its sending half.
-            let _sender = sender;
-            let mut r = ClientResult::default();
-            while let Ok(Ok(Some(resp))) =
-                tokio::time::timeout_at(tokio::time::Instant::from_std(stop), stream.message())
-                    .await
-            {
-                let now = now_us();
-                for e in resp.events() {
-                    let sent = e
-                        .kv()
-                        .and_then(|kv| kv.value().get(..20))
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok());
-                    match sent {
-                        Some(sent) => r.ok(Duration::from_micros(now.saturating_sub(sent))),
-                        None => r.failed("an event without a send time"),
+            let mut seen = Watched {
+                result: ClientResult::default(),
+                events: 0,
+                confirmed: false,
+            };
+            let mut last: Option<(i64, usize)> = None;
+            let mut give_up = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+            let mut ask = tokio::time::interval(PROGRESS_EVERY);
+            loop {
+                tokio::select! {
+                    known = last_write_known.changed(), if last.is_none() => {
+                        if known.is_err() {
+                            break;
+                        }
+                        last = *last_write_known.borrow();
+                        give_up = tokio::time::Instant::now() + WATCH_DRAIN_LIMIT;
+                        if last.is_some_and(|(_, expected)| seen.events >= expected) {
+                            break;
+                        }
+                    }
+                    _ = ask.tick(), if last.is_some() => {
+                        if let Err(e) = sender.request_progress().await {
+                            seen.result.failed(format!("progress request: {e}"));
+                            break;
+                        }
+                    }
+                    message = tokio::time::timeout_at(give_up, stream.message()) => {
+                        let Ok(Ok(Some(resp))) = message else { break };
+                        let now = now_us();
+                        for e in resp.events() {
+                            seen.events += 1;
+                            let sent = e
+                                .kv()
+                                .and_then(|kv| kv.value().get(..20))
+                                .and_then(|v| std::str::from_utf8(v).ok())
+                                .and_then(|v| v.trim().parse::<u64>().ok());
+                            match sent {
+                                Some(sent) => seen.result.ok(Duration::from_micros(now.saturating_sub(sent))),
+                                None => seen.result.failed("an event without a send time"),
+                            }
+                        }
+                        let progress = resp.events().is_empty() && !resp.created() && !resp.canceled();
+                        if let Some((revision, expected)) = last {
+                            if progress && resp.header().is_some_and(|h| h.revision() >= revision) {
+                                seen.confirmed = true;
+                            }
+                            if seen.events >= expected {
+                                break;
+                            }
+                        }
                     }
                 }
             }
-            r
+            seen
         });
     }
     let pad = value_size.saturating_sub(20);
@@ -485,6 +540,19 @@ async fn watch(
         }
     })
     .await?;
+    // Every acknowledged put is at or below the revision of a read made
+    // after all of them.
+    let after = run
+        .connection(0)
+        .get(
+            prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .context("read the revision after the writes")?;
+    let last_revision = after.header().map_or(0, |h| h.revision());
+    let per_watcher = writers.latencies_us.len();
+    let _ = last_write.send(Some((last_revision, per_watcher)));
     let mut measured = Measured {
         workload: "watch",
         unit: format!(
@@ -494,26 +562,44 @@ async fn watch(
         ),
         ..Default::default()
     };
-    while let Some(result) = watching.join_next().await {
-        measured.absorb(result.context("a watcher task failed")?);
+    let (mut lost, mut undelivered) = (0, 0);
+    while let Some(watched) = watching.join_next().await {
+        let watched = watched.context("a watcher task failed")?;
+        let short = per_watcher.saturating_sub(watched.events);
+        if watched.confirmed {
+            lost += short;
+        } else {
+            undelivered += short;
+        }
+        measured.absorb(watched.result);
     }
-    let expected = writers.latencies_us.len() * watchers;
-    if measured.latencies_us.len() != expected {
-        measured.failed_delivery(expected);
-    }
+    measured.missing_events(lost, undelivered, per_watcher * watchers, last_revision);
     // Events per second delivered over the writing time.
     measured.elapsed = writers.elapsed;
     Ok(measured)
 }
 
 impl Measured {
-    /// Counts events that never arrived as errors.
-    fn failed_delivery(&mut self, expected: usize) {
-        let got = self.latencies_us.len();
-        if got < expected {
-            self.errors += (expected - got) as u64;
+    /// Counts events that never arrived as errors, saying which kind:
+    /// `lost` ones the stream had already confirmed sending (a bug in the
+    /// server), `undelivered` ones still missing when the watcher gave up.
+    fn missing_events(&mut self, lost: usize, undelivered: usize, expected: usize, last: i64) {
+        self.errors += (lost + undelivered) as u64;
+        if lost > 0 {
             self.first_error.get_or_insert_with(|| {
-                format!("{} of {expected} events not delivered", expected - got)
+                format!(
+                    "{lost} of {expected} events lost: their watch streams reported progress \
+                     at or past revision {last} without them"
+                )
+            });
+        }
+        if undelivered > 0 {
+            self.first_error.get_or_insert_with(|| {
+                format!(
+                    "{undelivered} of {expected} events not delivered within {} s after the \
+                     last write (revision {last})",
+                    WATCH_DRAIN_LIMIT.as_secs()
+                )
             });
         }
     }
