@@ -86,3 +86,26 @@ impl From<sqlx::Error> for ShardError {
 }
 
 pub type Result<T, E = ShardError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite(code: std::ffi::c_int) -> ShardError {
+        ShardError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    #[test]
+    fn sqlite_busy_and_io_errors_are_connection_problems() {
+        // A batch failing with these is not retried request by request.
+        assert!(sqlite(rusqlite::ffi::SQLITE_BUSY).is_connection_problem());
+        assert!(sqlite(rusqlite::ffi::SQLITE_IOERR).is_connection_problem());
+        assert!(sqlite(rusqlite::ffi::SQLITE_FULL).is_connection_problem());
+        // A constraint says something about a request: retry one by one.
+        assert!(!sqlite(rusqlite::ffi::SQLITE_CONSTRAINT).is_connection_problem());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_TOOBIG).is_connection_problem());
+    }
+}

@@ -120,10 +120,23 @@ fn serve(conn: Connection, path: &Path, class: RevisionClass, queue: &mpsc::Rece
                 }
             },
         };
-        let result = commit_on(&mut current, &job.batch, class, job.collect_events);
+        // A panic in one batch (a bug) fails that batch and replaces the
+        // connection, instead of ending the thread and with it every later
+        // write of the shard.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            commit_on(&mut current, &job.batch, class, job.collect_events)
+        }))
+        .unwrap_or_else(|_| {
+            // Rolled back when the connection is dropped below.
+            Err(ShardError::Corrupt(
+                "the sqlite writer panicked on this batch".into(),
+            ))
+        });
         // A connection that SQLite failed on, or that is still inside a
         // transaction, is replaced: the next batch starts clean.
-        if matches!(result, Err(ShardError::Sqlite(_))) || !current.is_autocommit() {
+        if matches!(result, Err(ShardError::Sqlite(_) | ShardError::Corrupt(_)))
+            || !current.is_autocommit()
+        {
             warn!(path = %path.display(), "sqlite writer connection replaced after an error");
         } else {
             conn = Some(current);
