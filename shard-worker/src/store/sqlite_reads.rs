@@ -6,7 +6,8 @@
 //! cost more than the read: perf on a server doing linearizable gets put
 //! 42% of its time in context switches. Ranges (the path every Get and list
 //! takes) therefore run here, synchronously, on connections of our own;
-//! writes, the watch poller, leases and maintenance stay on sqlx.
+//! write batches have their own thread (`sqlite_writes.rs`); the watch
+//! poller, leases and maintenance stay on sqlx.
 //!
 //! The SQL is the same as on the sqlx path (`range.rs` plans it for both),
 //! so both paths answer alike. Only reads bounded by their limit run inline
