@@ -220,18 +220,21 @@ pub(crate) fn combined_final<'a>(
         + usize::from(!upserts.is_empty())
         + usize::from(!deletes.is_empty())
         + usize::from(revs.is_some());
-    let bytes: usize = history
-        .iter()
-        .map(|r| r.key.len() + r.value.len())
-        .chain(upserts.iter().map(|kv| kv.key.len() + kv.value.len()))
-        .sum();
     if !d.writes_in_one_statement()
         || parts < 2
         || history.len() > EXACT_ROWS
         || upserts.len() > EXACT_ROWS
         || deletes.len() > EXACT_ROWS
-        || bytes > BYTES_PER_INSERT
     {
+        return None;
+    }
+    // Summed only for batches that passed the cheap checks above.
+    let bytes: usize = history
+        .iter()
+        .map(|r| r.key.len() + r.value.len())
+        .chain(upserts.iter().map(|kv| kv.key.len() + kv.value.len()))
+        .sum();
+    if bytes > BYTES_PER_INSERT {
         return None;
     }
     let mut st = Statement::new(d, "WITH ");
