@@ -80,6 +80,7 @@ pub fn shard_status(e: ShardError) -> Status {
         ShardError::Database(_)
         | ShardError::Sqlite(_)
         | ShardError::BatchFailed(_)
+        | ShardError::NeedsLock { .. }
         | ShardError::Stopped(_) => Status::unavailable(format!("kubeshard: {e}")),
         ShardError::Corrupt(_) => Status::internal(format!("kubeshard: {e}")),
     }

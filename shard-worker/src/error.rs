@@ -37,6 +37,15 @@ pub enum ShardError {
     /// the error goes to each request of the batch.
     #[error("write batch failed: {0}")]
     BatchFailed(String),
+    /// A guarded write batch (read without the revision lock) found that
+    /// another writer committed since it read, or it needs to read its own
+    /// writes. The batch is run again under the lock; clients never see this.
+    #[error("write batch must run under the revision lock: {why}")]
+    NeedsLock {
+        why: &'static str,
+        /// Another writer committed since the batch read.
+        contended: bool,
+    },
     /// The shard's writer actor is gone (shutting down).
     #[error("shard {0} is not accepting requests (shutting down)")]
     Stopped(String),

@@ -15,7 +15,8 @@ pub use connect::open_store;
 pub use error::{Result, ShardError};
 pub use keys::KeyRange;
 pub use store::{
-    EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WriteRequest, WriteResponse,
+    CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WritePath,
+    WriteRequest, WriteResponse,
 };
 pub use watch::{EventBatch, WatchHub};
 pub use writer::ShardWriter;

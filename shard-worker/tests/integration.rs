@@ -21,7 +21,10 @@ mod run;
 #[path = "integration/show.rs"]
 mod show;
 
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
+
+use futures::FutureExt;
 
 use kubeshard_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use kubeshard_proto::etcdserverpb::request_op::Request;
@@ -31,7 +34,7 @@ use kubeshard_proto::etcdserverpb::{
 };
 use kubeshard_proto::mvccpb::KeyValue;
 use kubeshard_shard_worker::{
-    KeyRange, RevisionClass, ShardError, ShardStore, WriteRequest, WriteResponse,
+    KeyRange, RevisionClass, ShardError, ShardStore, WritePath, WriteRequest, WriteResponse,
 };
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -315,6 +318,156 @@ fn nested_txn() {
             check_all(&mut r).await;
         })
     });
+}
+
+/// One increment of `/counter` by compare-and-swap on its mod_revision
+/// (kube-apiserver's update), batched with a put of a key of its own;
+/// retried until the swap succeeds. Returns every revision it was given
+/// and how each batch was committed.
+async fn increment(store: &dyn ShardStore, own_key: &str) -> (Vec<i64>, Vec<WritePath>) {
+    use CompareResult::Equal;
+    use CompareTarget::Mod;
+    let mut revisions = Vec::new();
+    let mut paths = Vec::new();
+    loop {
+        let got = store
+            .range(&get("/counter", "", 0))
+            .await
+            .expect("get /counter");
+        let current = &got.kvs[0];
+        let value: i64 = std::str::from_utf8(&current.value)
+            .expect("utf-8")
+            .parse()
+            .expect("a number");
+        let swap = txn(
+            vec![cmp(
+                "/counter",
+                Mod,
+                Equal,
+                TargetUnion::ModRevision(current.mod_revision),
+            )],
+            vec![op(Request::RequestPut(put(
+                "/counter",
+                &(value + 1).to_string(),
+            )))],
+            vec![],
+        );
+        let batch = [
+            WriteRequest::Txn(swap),
+            WriteRequest::Put(put(own_key, "x")),
+        ];
+        let committed = store.commit_batch(&batch, true).await.expect("batch");
+        paths.push(committed.path);
+        let events = committed.events.expect("events were asked for");
+        assert!(
+            events.iter().all(|e| {
+                let rev = e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                rev > committed.before && rev <= committed.last
+            }),
+            "events outside ({}, {}]",
+            committed.before,
+            committed.last
+        );
+        let [Ok(WriteResponse::Txn(swapped)), Ok(WriteResponse::Put(own))] =
+            &committed.responses[..]
+        else {
+            panic!("answers: {:?}", committed.responses);
+        };
+        revisions.push(own.header.as_ref().expect("header").revision);
+        if swapped.succeeded {
+            revisions.push(swapped.header.as_ref().expect("header").revision);
+            return (revisions, paths);
+        }
+    }
+}
+
+/// Two stores on one database (two routers behind a load balancer), eight
+/// writers incrementing one counter by compare-and-swap: no increment is
+/// lost or doubled, no revision is given twice, and the counter's history
+/// counts up by one per revision. On PostgreSQL batches run guarded (no lock
+/// while reading, `guarded_writes.rs`), so this is where a guard that let a
+/// stale batch commit would lose an increment.
+#[test]
+fn two_stores_on_one_database_lose_no_update() {
+    const WRITERS: usize = 8;
+    const INCREMENTS: usize = 25;
+    let rt = runtime();
+    for server in backends::servers("two_stores_on_one_database_lose_no_update") {
+        rt.block_on(async {
+            let db = server.create().await;
+            let stores = [db.store.clone(), db.open_another().await];
+            let outcome = AssertUnwindSafe(async {
+                stores[0]
+                    .apply_batch(&[WriteRequest::Put(put("/counter", "0"))])
+                    .await
+                    .expect("seed");
+                let writers = (0..WRITERS).map(|w| {
+                    let store = stores[w % 2].clone();
+                    async move {
+                        let mut revisions = Vec::new();
+                        let mut paths = Vec::new();
+                        for i in 0..INCREMENTS {
+                            let (r, p) = increment(&*store, &format!("/own/{w}/{i}")).await;
+                            revisions.extend(r);
+                            paths.extend(p);
+                        }
+                        (revisions, paths)
+                    }
+                });
+                let results = futures::future::join_all(writers).await;
+                let mut revisions: Vec<i64> = results
+                    .iter()
+                    .flat_map(|(r, _)| r.iter().copied())
+                    .collect();
+                let given = revisions.len();
+                revisions.sort_unstable();
+                revisions.dedup();
+                assert_eq!(revisions.len(), given, "a revision was given twice");
+                let paths: Vec<WritePath> = results
+                    .iter()
+                    .flat_map(|(_, p)| p.iter().copied())
+                    .collect();
+                let guarded = paths.iter().filter(|p| **p == WritePath::Guarded).count();
+                let reruns = paths
+                    .iter()
+                    .filter(|p| **p == WritePath::RerunLocked)
+                    .count();
+                eprintln!(
+                    "{:?}: {} batches, {guarded} guarded, {reruns} run again under the lock",
+                    server.kind,
+                    paths.len()
+                );
+                if server.kind == Kind::Postgres {
+                    assert!(guarded > 0, "no batch ran guarded on PostgreSQL");
+                    assert!(reruns > 0, "no guard failed although two stores raced");
+                }
+
+                let total = (WRITERS * INCREMENTS) as i64;
+                let got = stores[1].range(&get("/counter", "", 0)).await.expect("get");
+                assert_eq!(got.kvs[0].value, total.to_string().into_bytes());
+                let now = stores[0].revisions().await.expect("revisions").current;
+                let history = stores[0]
+                    .history(&KeyRange::new(b"/counter", b""), 1, now, 100_000)
+                    .await
+                    .expect("history");
+                let values: Vec<Vec<u8>> = history
+                    .events
+                    .iter()
+                    .map(|e| e.kv.as_ref().expect("kv").value.clone())
+                    .collect();
+                let expected: Vec<Vec<u8>> =
+                    (0..=total).map(|v| v.to_string().into_bytes()).collect();
+                assert_eq!(values, expected, "the counter's history");
+            })
+            .catch_unwind()
+            .await;
+            drop(stores);
+            db.drop_db().await;
+            if let Err(panic) = outcome {
+                std::panic::resume_unwind(panic);
+            }
+        });
+    }
 }
 
 #[test]

@@ -76,6 +76,11 @@ impl Dialect for Postgres {
     fn writes_in_one_statement(&self) -> bool {
         true
     }
+    fn meta_version(&self) -> Option<&'static str> {
+        // Every UPDATE writes a new row version with the writer's
+        // transaction id; a later version never carries an earlier id.
+        Some("xmin::text")
+    }
     fn max_key_len(&self) -> Option<usize> {
         // A btree entry must fit in a third of a page (2704 bytes), with the revision.
         Some(2600)

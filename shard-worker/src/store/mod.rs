@@ -10,6 +10,7 @@
 //!   transaction, so reads at the current revision cost O(keys in range);
 //! - `ks_lease`: leases with absolute deadlines (they survive restarts).
 
+mod guarded_writes;
 mod page_counts;
 mod range;
 mod sql;
@@ -31,7 +32,7 @@ use crate::keys::KeyRange;
 pub use sql::SqlShard;
 pub(crate) use sqlite_reads::SqliteReads;
 pub(crate) use sqlite_writes::SqliteWriter;
-pub use write::CommittedBatch;
+pub use write::{CommittedBatch, WritePath};
 
 /// The revision counter and compaction mark of a shard, read together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader}
 use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
+use super::guarded_writes::{self, GuardPause, GuardedTx};
 use super::page_counts::PageCounts;
 use super::range::PreparedRange;
 use super::sqlite_reads::SqliteReads;
@@ -17,7 +18,8 @@ use super::sqlite_writes::SqliteWriter;
 use super::write::{self, HistoryRow, TxOps};
 use super::write_sql;
 use super::{
-    CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WriteRequest,
+    CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WritePath,
+    WriteRequest,
 };
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
@@ -95,6 +97,8 @@ pub struct SqlShard<DB: Database> {
     /// SQLite only: write batches run on a thread of their own
     /// (`sqlite_writes.rs`) instead of on `write_pool`.
     direct_writes: Option<SqliteWriter>,
+    /// When guarded batches wait after a failed guard.
+    guard_pause: GuardPause,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -102,6 +106,12 @@ impl<DB: Database> fmt::Debug for SqlShard<DB> {
         f.debug_struct("SqlShard")
             .field("dialect", &self.dialect.name())
             .finish()
+    }
+}
+
+impl<DB: Database> SqlShard<DB> {
+    pub(super) fn dialect(&self) -> &'static dyn Dialect {
+        self.dialect
     }
 }
 
@@ -139,6 +149,7 @@ where
             page_counts: PageCounts::default(),
             direct_reads: None,
             direct_writes: None,
+            guard_pause: GuardPause::default(),
         }
     }
 
@@ -192,11 +203,14 @@ where
         q
     }
 
-    async fn fetch_all_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<Vec<DB::Row>> {
+    pub(super) async fn fetch_all_in(
+        conn: &mut DB::Connection,
+        st: &Statement<'_>,
+    ) -> Result<Vec<DB::Row>> {
         Ok(Self::query(st).fetch_all(&mut *conn).await?)
     }
 
-    async fn execute_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<u64> {
+    pub(super) async fn execute_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<u64> {
         Ok(Self::query(st).execute(&mut *conn).await?.rows())
     }
 
@@ -235,7 +249,7 @@ where
     /// Range inside an open transaction, against the given revisions.
     /// `page_counts` (reads only, not inside a write's transaction) may
     /// supply and learn the counts of list continuations.
-    async fn range_in(
+    pub(super) async fn range_in(
         &self,
         conn: &mut DB::Connection,
         request: &RangeRequest,
@@ -402,7 +416,7 @@ impl RowsAffected for sqlx::mysql::MySqlQueryResult {
 }
 
 /// Decodes (key, create, mod, version, lease, value) starting at column `at`.
-fn kv_from_row<DB>(row: &DB::Row, at: usize) -> Result<KeyValue>
+pub(super) fn kv_from_row<DB>(row: &DB::Row, at: usize) -> Result<KeyValue>
 where
     DB: Database,
     i64: Type<DB> + for<'r> Decode<'r, DB>,
@@ -649,13 +663,39 @@ where
         if let Some(writes) = &self.direct_writes {
             return writes.commit(batch, collect_events).await;
         }
+        let mut rerun = false;
+        if let Some(version) = self.dialect.meta_version()
+            && guarded_writes::suits_guarded(batch)
+            && self.guard_pause.take_turn()
+        {
+            let conn = self.write_pool.acquire().await?;
+            let mut ops = GuardedTx::new(self, conn, version);
+            match write::apply_batch(&mut ops, batch, self.class, collect_events).await {
+                Err(ShardError::NeedsLock { why, contended }) => {
+                    tracing::debug!(why, "write batch runs again under the revision lock");
+                    if contended {
+                        self.guard_pause.contended();
+                    }
+                    rerun = true;
+                }
+                result => {
+                    return result.map(|committed| CommittedBatch {
+                        path: WritePath::Guarded,
+                        ..committed
+                    });
+                }
+            }
+        }
         let tx = self
             .write_pool
             .begin_with(self.dialect.begin_write())
             .await?;
         let mut ops = SqlTx { shard: self, tx };
-        let committed = write::apply_batch(&mut ops, batch, self.class, collect_events).await?;
+        let mut committed = write::apply_batch(&mut ops, batch, self.class, collect_events).await?;
         ops.tx.commit().await?;
+        if rerun {
+            committed.path = WritePath::RerunLocked;
+        }
         Ok(committed)
     }
 

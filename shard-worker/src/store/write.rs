@@ -61,6 +61,18 @@ pub(crate) trait TxOps: Send {
     async fn lease_delete(&mut self, id: i64) -> Result<()>;
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>>;
 
+    /// The start of every batch: the revisions, then the live rows of
+    /// `keys`. Backends that can read both in one round trip override it.
+    async fn start(&mut self, keys: &[&[u8]]) -> Result<(Revisions, Vec<KeyValue>)> {
+        let revs = self.lock_meta().await?;
+        let live = if keys.is_empty() {
+            Vec::new()
+        } else {
+            self.live_get(keys).await?
+        };
+        Ok((revs, live))
+    }
+
     /// The end of every batch: its remaining changes, then the counter if
     /// it moved. Backends that can do it in fewer round trips override it.
     async fn write_final(
@@ -105,6 +117,21 @@ pub struct CommittedBatch {
     pub last: i64,
     /// Watch events of revisions (before, last], with prev_kv, if asked for.
     pub events: Option<Vec<Event>>,
+    /// How the batch was committed.
+    pub path: WritePath,
+}
+
+/// How a write batch reached the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritePath {
+    /// Under the revision lock, from the start.
+    Locked,
+    /// Read without the lock, written by one guarded statement
+    /// (`guarded_writes.rs`).
+    Guarded,
+    /// Tried guarded, then run again under the lock (another writer
+    /// committed meanwhile, or a request read the batch's own writes).
+    RerunLocked,
 }
 
 /// Applies `batch` and returns one result per request. An `Err` means the
@@ -115,7 +142,8 @@ pub(crate) async fn apply_batch(
     class: RevisionClass,
     collect_events: bool,
 ) -> Result<CommittedBatch> {
-    let revs = ops.lock_meta().await?;
+    let (keys, leases) = prefetch_keys(batch);
+    let (revs, live) = ops.start(&keys).await?;
     let mut state = BatchState {
         ops,
         class,
@@ -123,11 +151,18 @@ pub(crate) async fn apply_batch(
         revs,
         keys: HashMap::new(),
         leases: HashMap::new(),
+        leases_changed: false,
         history: Vec::new(),
         live: BTreeSet::new(),
         events: collect_events.then(Vec::new),
     };
-    state.prefetch(batch).await?;
+    for key in &keys {
+        state.keys.insert(key.to_vec(), None);
+    }
+    for kv in live {
+        state.keys.insert(kv.key.clone(), Some(kv));
+    }
+    state.prefetch_leases(&leases).await?;
     let mut responses = Vec::with_capacity(batch.len());
     for request in batch {
         match state.apply(request).await {
@@ -141,6 +176,7 @@ pub(crate) async fn apply_batch(
         before: state.start.current,
         last: state.revs.current,
         events: state.events,
+        path: WritePath::Locked,
     })
 }
 
@@ -168,6 +204,7 @@ fn is_fatal(e: &ShardError) -> bool {
         ShardError::Database(_)
             | ShardError::Sqlite(_)
             | ShardError::Corrupt(_)
+            | ShardError::NeedsLock { .. }
             | ShardError::Stopped(_)
     )
 }
@@ -224,6 +261,10 @@ struct BatchState<'o> {
     keys: HashMap<Vec<u8>, Option<KeyValue>>,
     /// Known existence of leases.
     leases: HashMap<i64, bool>,
+    /// Whether a lease was granted or revoked: the batch then writes the
+    /// counter row even if no revision was used, so that a guarded batch
+    /// of another router that read the lease fails its guard.
+    leases_changed: bool,
     /// Changes not yet written to the database.
     history: Vec<HistoryRow>,
     /// Keys whose `ks_live` row must be written: their state is in `keys`.
@@ -233,44 +274,15 @@ struct BatchState<'o> {
 }
 
 impl BatchState<'_> {
-    async fn prefetch(&mut self, batch: &[WriteRequest]) -> Result<()> {
-        let mut keys: Vec<&[u8]> = Vec::new();
-        let mut leases: Vec<i64> = Vec::new();
-        for request in batch {
-            match request {
-                WriteRequest::Put(p) => {
-                    keys.push(&p.key);
-                    if p.lease != 0 {
-                        leases.push(p.lease);
-                    }
-                }
-                WriteRequest::DeleteRange(d) if d.range_end.is_empty() => keys.push(&d.key),
-                WriteRequest::Txn(t) => collect_txn_keys(t, &mut keys, &mut leases),
-                WriteRequest::LeaseGrant { id, .. } | WriteRequest::LeaseRevoke { id } => {
-                    leases.push(*id)
-                }
-                _ => {}
-            }
+    async fn prefetch_leases(&mut self, leases: &[i64]) -> Result<()> {
+        if leases.is_empty() {
+            return Ok(());
         }
-        keys.sort_unstable();
-        keys.dedup();
-        leases.sort_unstable();
-        leases.dedup();
-        if !keys.is_empty() {
-            for key in &keys {
-                self.keys.insert(key.to_vec(), None);
-            }
-            for kv in self.ops.live_get(&keys).await? {
-                self.keys.insert(kv.key.clone(), Some(kv));
-            }
+        for id in leases {
+            self.leases.insert(*id, false);
         }
-        if !leases.is_empty() {
-            for id in &leases {
-                self.leases.insert(*id, false);
-            }
-            for id in self.ops.leases_existing(&leases).await? {
-                self.leases.insert(id, true);
-            }
+        for id in self.ops.leases_existing(leases).await? {
+            self.leases.insert(id, true);
         }
         Ok(())
     }
@@ -309,7 +321,7 @@ impl BatchState<'_> {
 
     /// Writes what is still buffered and the counter, if it moved.
     async fn finish(&mut self) -> Result<()> {
-        let revs = (self.revs != self.start).then_some(self.revs);
+        let revs = (self.revs != self.start || self.leases_changed).then_some(self.revs);
         let (upserts, deletes) = live_changes(&self.live, &self.keys);
         self.ops
             .write_final(&self.history, &upserts, &deletes, revs)
@@ -393,6 +405,7 @@ impl BatchState<'_> {
                     })
                     .await?;
                 self.leases.insert(*id, true);
+                self.leases_changed = true;
                 WriteResponse::LeaseGrant {
                     id: *id,
                     ttl: *ttl,
@@ -557,6 +570,7 @@ impl BatchState<'_> {
         }
         self.ops.lease_delete(id).await?;
         self.leases.insert(id, false);
+        self.leases_changed = true;
         Ok(())
     }
 
@@ -768,6 +782,34 @@ fn union_int(c: &Compare, target: CompareTarget) -> i64 {
         | (Some(TargetUnion::Lease(v)), CompareTarget::Lease) => *v,
         _ => 0,
     }
+}
+
+/// The keys and leases the requests of a batch name directly, sorted and
+/// deduplicated: read once, at the start of the batch.
+fn prefetch_keys(batch: &[WriteRequest]) -> (Vec<&[u8]>, Vec<i64>) {
+    let mut keys: Vec<&[u8]> = Vec::new();
+    let mut leases: Vec<i64> = Vec::new();
+    for request in batch {
+        match request {
+            WriteRequest::Put(p) => {
+                keys.push(&p.key);
+                if p.lease != 0 {
+                    leases.push(p.lease);
+                }
+            }
+            WriteRequest::DeleteRange(d) if d.range_end.is_empty() => keys.push(&d.key),
+            WriteRequest::Txn(t) => collect_txn_keys(t, &mut keys, &mut leases),
+            WriteRequest::LeaseGrant { id, .. } | WriteRequest::LeaseRevoke { id } => {
+                leases.push(*id)
+            }
+            _ => {}
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    leases.sort_unstable();
+    leases.dedup();
+    (keys, leases)
 }
 
 fn collect_txn_keys<'a>(t: &'a TxnRequest, keys: &mut Vec<&'a [u8]>, leases: &mut Vec<i64>) {

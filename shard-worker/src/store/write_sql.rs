@@ -101,11 +101,36 @@ fn push_set_revisions(st: &mut Statement<'_>, revs: Revisions) {
         .sql(" WHERE id = 1");
 }
 
-fn push_history_insert<'a>(st: &mut Statement<'a>, rows: &'a [HistoryRow]) {
+/// Where the rows of a multi-row INSERT come from: a plain `VALUES` list,
+/// or, inside a guarded statement, the same list joined with the guarded
+/// counter update `m` (no rows when the guard failed).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    Values,
+    GuardedByM,
+}
+
+impl Rows {
+    fn open(self, st: &mut Statement<'_>) {
+        st.sql(match self {
+            Rows::Values => " VALUES ",
+            Rows::GuardedByM => " SELECT v.* FROM m, (VALUES ",
+        });
+    }
+
+    fn close(self, st: &mut Statement<'_>) {
+        if self == Rows::GuardedByM {
+            st.sql(") AS v");
+        }
+    }
+}
+
+fn push_history_insert<'a>(st: &mut Statement<'a>, rows: &'a [HistoryRow], from: Rows) {
     st.sql(
         "INSERT INTO ks_history (revision, sub, key_bytes, deleted, create_revision, \
-         prev_revision, version, lease, value_bytes) VALUES ",
+         prev_revision, version, lease, value_bytes)",
     );
+    from.open(st);
     for (i, r) in rows.iter().enumerate() {
         st.sql(if i == 0 { "(" } else { ", (" });
         st.int(r.revision).sql(", ").int(r.sub).sql(", ");
@@ -120,10 +145,17 @@ fn push_history_insert<'a>(st: &mut Statement<'a>, rows: &'a [HistoryRow]) {
         st.int(r.version).sql(", ").int(r.lease).sql(", ");
         st.bytes(&r.value).sql(")");
     }
+    from.close(st);
 }
 
-fn push_live_upsert<'a>(st: &mut Statement<'a>, d: &'static dyn Dialect, rows: &[&'a KeyValue]) {
-    st.sql(&format!("INSERT INTO ks_live ({KV_COLUMNS}) VALUES "));
+fn push_live_upsert<'a>(
+    st: &mut Statement<'a>,
+    d: &'static dyn Dialect,
+    rows: &[&'a KeyValue],
+    from: Rows,
+) {
+    st.sql(&format!("INSERT INTO ks_live ({KV_COLUMNS})"));
+    from.open(st);
     for (i, kv) in rows.iter().enumerate() {
         st.sql(if i == 0 { "(" } else { ", (" });
         st.bytes(&kv.key)
@@ -133,6 +165,7 @@ fn push_live_upsert<'a>(st: &mut Statement<'a>, d: &'static dyn Dialect, rows: &
         st.int(kv.mod_revision).sql(", ").int(kv.version).sql(", ");
         st.int(kv.lease).sql(", ").bytes(&kv.value).sql(")");
     }
+    from.close(st);
     st.sql(d.upsert_live_tail());
 }
 
@@ -178,7 +211,7 @@ pub(crate) fn write_history<'a>(
         .into_iter()
         .map(|chunk| {
             let mut st = Statement::new(d, "");
-            push_history_insert(&mut st, chunk);
+            push_history_insert(&mut st, chunk, Rows::Values);
             st
         })
         .collect()
@@ -193,7 +226,7 @@ pub(crate) fn write_live<'a>(
     let mut statements = Vec::new();
     for chunk in insert_chunks(upserts, |kv| kv.key.len() + kv.value.len()) {
         let mut st = Statement::new(d, "");
-        push_live_upsert(&mut st, d, chunk);
+        push_live_upsert(&mut st, d, chunk, Rows::Values);
         statements.push(st);
     }
     for chunk in shaped_chunks(deletes) {
@@ -247,12 +280,12 @@ pub(crate) fn combined_final<'a>(
     };
     if !history.is_empty() {
         open(&mut st, "h");
-        push_history_insert(&mut st, history);
+        push_history_insert(&mut st, history, Rows::Values);
         st.sql(")");
     }
     if !upserts.is_empty() {
         open(&mut st, "l");
-        push_live_upsert(&mut st, d, upserts);
+        push_live_upsert(&mut st, d, upserts, Rows::Values);
         st.sql(")");
     }
     if !deletes.is_empty() {
@@ -266,6 +299,137 @@ pub(crate) fn combined_final<'a>(
         st.sql(")");
     }
     st.sql(" SELECT 1");
+    Some(st)
+}
+
+/// The counter row of a guarded batch: `(revision, compact_revision,
+/// version)`, where version is the dialect's [`Dialect::meta_version`].
+pub(crate) fn guarded_meta(d: &'static dyn Dialect, version: &str) -> Statement<'static> {
+    Statement::new(
+        d,
+        format!("SELECT revision, compact_revision, {version} FROM ks_meta WHERE id = 1"),
+    )
+}
+
+/// [`guarded_meta`] and the live rows of up to [`EXACT_ROWS`] keys in one
+/// statement, so one snapshot: the counter row's three columns, then a
+/// key's live row from column 3 on (NULLs when none of the keys exists).
+/// `None` for more keys (a batch that large is not latency-bound).
+pub(crate) fn guarded_start<'a>(
+    d: &'static dyn Dialect,
+    version: &str,
+    keys: &[&'a [u8]],
+) -> Option<Statement<'a>> {
+    if keys.is_empty() || keys.len() > EXACT_ROWS {
+        return None;
+    }
+    let mut st = Statement::new(
+        d,
+        format!(
+            "SELECT m.revision, m.compact_revision, m.{version}, l.key_bytes, \
+             l.create_revision, l.mod_revision, l.version, l.lease, l.value_bytes \
+             FROM ks_meta m LEFT JOIN ks_live l ON "
+        ),
+    );
+    push_in_list(&mut st, "l.key_bytes IN (", keys, Arg::Bytes);
+    st.sql(" WHERE m.id = 1");
+    Some(st)
+}
+
+/// Writes the counter only if the row's version is still `seen`, and
+/// locks it; affects no row otherwise.
+fn push_guarded_set_revisions<'a>(
+    st: &mut Statement<'a>,
+    version: &str,
+    seen: &'a str,
+    revs: Revisions,
+) {
+    push_set_revisions(st, revs);
+    st.sql(" AND ").sql(version).sql(" = ").arg(Arg::Text(seen));
+}
+
+/// The counter update of a large guarded batch, at the start of its
+/// transaction: one affected row means the lock is held and nothing was
+/// committed since the batch read.
+pub(crate) fn guarded_set_revisions<'a>(
+    d: &'static dyn Dialect,
+    version: &str,
+    seen: &'a str,
+    revs: Revisions,
+) -> Statement<'a> {
+    let mut st = Statement::new(d, "");
+    push_guarded_set_revisions(&mut st, version, seen, revs);
+    st
+}
+
+/// One row if the counter row's version is still `seen`: nothing was
+/// committed since the batch read (a batch that wrote nothing but read
+/// in several statements).
+pub(crate) fn meta_unchanged<'a>(
+    d: &'static dyn Dialect,
+    version: &str,
+    seen: &'a str,
+) -> Statement<'a> {
+    let mut st = Statement::new(
+        d,
+        format!("SELECT 1 FROM ks_meta WHERE id = 1 AND {version} = "),
+    );
+    st.arg(Arg::Text(seen));
+    st
+}
+
+/// The whole write of a small guarded batch as one statement (so one
+/// transaction): the counter update guarded by the version the batch read,
+/// and the history rows, live upserts and deletes, each written only if
+/// the guard held. Answers one row with the number of counter rows written:
+/// 1, or 0 when another writer committed since the batch read and nothing
+/// was written. `None` where [`combined_final`] would be, except that one
+/// part (the counter alone) is enough.
+pub(crate) fn guarded_final<'a>(
+    d: &'static dyn Dialect,
+    version: &str,
+    seen: &'a str,
+    history: &'a [HistoryRow],
+    upserts: &[&'a KeyValue],
+    deletes: &[&'a [u8]],
+    revs: Revisions,
+) -> Option<Statement<'a>> {
+    if !d.writes_in_one_statement()
+        || history.len() > EXACT_ROWS
+        || upserts.len() > EXACT_ROWS
+        || deletes.len() > EXACT_ROWS
+    {
+        return None;
+    }
+    let bytes: usize = history
+        .iter()
+        .map(|r| r.key.len() + r.value.len())
+        .chain(upserts.iter().map(|kv| kv.key.len() + kv.value.len()))
+        .sum();
+    if bytes > BYTES_PER_INSERT {
+        return None;
+    }
+    // Each part reads `m`, so it runs after the guarded update has taken
+    // the row lock and writes nothing when the update found a newer row.
+    let mut st = Statement::new(d, "WITH m AS (");
+    push_guarded_set_revisions(&mut st, version, seen, revs);
+    st.sql(" RETURNING 1)");
+    if !history.is_empty() {
+        st.sql(", h AS (");
+        push_history_insert(&mut st, history, Rows::GuardedByM);
+        st.sql(")");
+    }
+    if !upserts.is_empty() {
+        st.sql(", l AS (");
+        push_live_upsert(&mut st, d, upserts, Rows::GuardedByM);
+        st.sql(")");
+    }
+    if !deletes.is_empty() {
+        st.sql(", d AS (");
+        push_in_list(&mut st, LIVE_DELETE, deletes, Arg::Bytes);
+        st.sql(" AND EXISTS (SELECT 1 FROM m))");
+    }
+    st.sql(" SELECT count(*) FROM m");
     Some(st)
 }
 
@@ -359,6 +523,75 @@ mod tests {
         assert!(combined_final(mysql, &history, &[&kv], &[], Some(revs)).is_none());
         let many = vec![history[0].clone(); EXACT_ROWS + 1];
         assert!(combined_final(pg, &many, &[&kv], &[], Some(revs)).is_none());
+    }
+
+    #[test]
+    fn guarded_batch_writes_only_behind_its_counter_update() {
+        let row = HistoryRow {
+            revision: 5,
+            sub: 0,
+            key: b"k".to_vec(),
+            deleted: false,
+            create_revision: 5,
+            prev_revision: 0,
+            version: 1,
+            lease: 0,
+            value: b"v".to_vec(),
+        };
+        let kv = KeyValue {
+            key: b"k".to_vec(),
+            create_revision: 5,
+            mod_revision: 5,
+            version: 1,
+            lease: 0,
+            value: b"v".to_vec(),
+        };
+        let revs = Revisions {
+            current: 5,
+            compacted: 0,
+        };
+        let history = [row];
+        let pg: &'static dyn Dialect = &crate::dialect::Postgres;
+        let Some(version) = pg.meta_version() else {
+            panic!("PostgreSQL has a row version");
+        };
+        let Some(st) = guarded_final(pg, version, "731", &history, &[&kv], &[b"gone"], revs) else {
+            panic!("a small batch is one guarded statement");
+        };
+        assert!(st.text.starts_with(
+            "WITH m AS (UPDATE ks_meta SET revision = $1, compact_revision = $2 \
+             WHERE id = 1 AND xmin::text = $3 RETURNING 1), \
+             h AS (INSERT INTO ks_history"
+        ));
+        assert!(st.text.contains(") SELECT v.* FROM m, (VALUES ($4, "));
+        assert!(st.text.contains("), l AS (INSERT INTO ks_live"));
+        assert!(st.text.ends_with(
+            "), d AS (DELETE FROM ks_live WHERE key_bytes IN ($19) \
+             AND EXISTS (SELECT 1 FROM m)) SELECT count(*) FROM m"
+        ));
+        assert_eq!(st.args.len(), 19, "3 + 9 + 6 + 1 parameters in text order");
+        assert!(matches!(st.args[2], Arg::Text("731")));
+        // The counter alone (a Bump) is one statement too.
+        let Some(bump) = guarded_final(pg, version, "731", &[], &[], &[], revs) else {
+            panic!("a counter-only batch is guarded");
+        };
+        assert!(bump.text.ends_with("RETURNING 1) SELECT count(*) FROM m"));
+        // MySQL has no guarded statements; large parts take the transaction.
+        let mysql: &'static dyn Dialect = &crate::dialect::Mysql;
+        assert!(mysql.meta_version().is_none());
+        assert!(guarded_final(mysql, version, "1", &history, &[&kv], &[], revs).is_none());
+        let many = vec![history[0].clone(); EXACT_ROWS + 1];
+        assert!(guarded_final(pg, version, "1", &many, &[], &[], revs).is_none());
+        let keys: Vec<&[u8]> = vec![b"a"; EXACT_ROWS];
+        let Some(start) = guarded_start(pg, version, &keys) else {
+            panic!("up to EXACT_ROWS keys are read with the counter");
+        };
+        assert!(
+            start
+                .text
+                .starts_with("SELECT m.revision, m.compact_revision, m.xmin::text, ")
+        );
+        assert!(guarded_start(pg, version, &vec![&b"a"[..]; EXACT_ROWS + 1]).is_none());
     }
 
     #[test]

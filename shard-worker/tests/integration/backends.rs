@@ -95,6 +95,7 @@ enum Conn {
 pub struct TestDb {
     pub kind: Kind,
     class: RevisionClass,
+    endpoint: Endpoint,
     pub store: Arc<dyn ShardStore>,
     server: Server,
     dir: Option<TempDir>,
@@ -154,6 +155,7 @@ impl Server {
         let store = open_store(&endpoint, class)
             .await
             .unwrap_or_else(|e| panic!("open {endpoint}: {e}"));
+        let endpoint_kept = endpoint.clone();
         let conn = match (self.kind, &self.url) {
             (Kind::Postgres, Some(url)) => Some(Conn::Pg(
                 pg_options(url)
@@ -174,6 +176,7 @@ impl Server {
         TestDb {
             kind: self.kind,
             class,
+            endpoint: endpoint_kept,
             store,
             server: self.clone(),
             dir,
@@ -201,6 +204,13 @@ impl Server {
 }
 
 impl TestDb {
+    /// A second store on the same database, as a second router would open.
+    pub async fn open_another(&self) -> Arc<dyn ShardStore> {
+        open_store(&self.endpoint, self.class)
+            .await
+            .unwrap_or_else(|e| panic!("open {} again: {e}", self.endpoint))
+    }
+
     /// Makes the store fresh: a new SQLite file, or emptied tables.
     pub async fn fresh(&mut self) {
         match &mut self.conn {
@@ -227,6 +237,7 @@ impl TestDb {
         let TestDb {
             kind,
             class: _,
+            endpoint: _,
             store,
             server,
             dir,
