@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use async_trait::async_trait;
 use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use kubeshard_proto::mvccpb::KeyValue;
-use sqlx::pool::PoolConnection;
 use sqlx::{ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
 
 use super::sql::{RowsAffected, SqlShard, kv_from_row};
@@ -87,9 +86,9 @@ impl GuardPause {
 
 /// A write batch reading outside any transaction, written by one guarded
 /// statement at the end.
-pub(super) struct GuardedTx<'t, DB: Database> {
+pub(super) struct GuardedTx<'t, 'k, DB: Database> {
     shard: &'t SqlShard<DB>,
-    conn: PoolConnection<DB>,
+    conn: &'k mut DB::Connection,
     /// The dialect's expression for the counter row's version.
     version: &'static str,
     /// The version the batch read at its start.
@@ -99,10 +98,10 @@ pub(super) struct GuardedTx<'t, DB: Database> {
     reads: usize,
 }
 
-impl<'t, DB: Database> GuardedTx<'t, DB> {
+impl<'t, 'k, DB: Database> GuardedTx<'t, 'k, DB> {
     pub(super) fn new(
         shard: &'t SqlShard<DB>,
-        conn: PoolConnection<DB>,
+        conn: &'k mut DB::Connection,
         version: &'static str,
     ) -> Self {
         GuardedTx {
@@ -142,7 +141,7 @@ fn contended<T>() -> Result<T> {
 }
 
 #[async_trait]
-impl<'t, DB> TxOps for GuardedTx<'t, DB>
+impl<'t, 'k, DB> TxOps for GuardedTx<'t, 'k, DB>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -166,7 +165,7 @@ where
 
     async fn lock_meta(&mut self) -> Result<Revisions> {
         let st = write_sql::guarded_meta(self.dialect(), self.version);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await?;
+        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
         let row = rows
             .first()
@@ -188,7 +187,7 @@ where
             };
             return Ok((revs, live));
         };
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await?;
+        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
         let first = rows
             .first()
@@ -214,7 +213,7 @@ where
     async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>> {
         let mut out = Vec::with_capacity(keys.len());
         for st in write_sql::live_get(self.dialect(), keys) {
-            for row in SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await? {
+            for row in SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await? {
                 out.push(kv_from_row::<DB>(&row, 0)?);
             }
             self.reads += 1;
@@ -224,14 +223,14 @@ where
 
     async fn live_in_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
         let st = write_sql::live_in_range(self.dialect(), range);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await?;
+        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
         rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
     }
 
     async fn live_with_lease(&mut self, lease: i64) -> Result<Vec<KeyValue>> {
         let st = write_sql::live_with_lease(self.dialect(), lease);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await?;
+        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
         rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
     }
@@ -240,7 +239,7 @@ where
         // Two statements at most (rows, count); counted as two reads.
         self.reads += 2;
         self.shard
-            .range_in(&mut self.conn, request, revs, None)
+            .range_in(&mut *self.conn, request, revs, None)
             .await
     }
 
@@ -255,7 +254,7 @@ where
     async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
         let mut out = Vec::new();
         for st in write_sql::leases_existing(self.dialect(), ids) {
-            for row in SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await? {
+            for row in SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await? {
                 out.push(row.try_get(0)?);
             }
             self.reads += 1;
@@ -273,7 +272,7 @@ where
 
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>> {
         let st = write_sql::lease_deadline(self.dialect(), id);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await?;
+        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
         match rows.first() {
             Some(row) => Ok(Some(row.try_get(0)?)),
@@ -300,7 +299,7 @@ where
             // reads in several must not straddle another writer's commit.
             if self.reads > 1 {
                 let st = write_sql::meta_unchanged(d, self.version, &seen);
-                if SqlShard::<DB>::fetch_all_in(&mut self.conn, &st)
+                if SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st)
                     .await?
                     .is_empty()
                 {
@@ -312,7 +311,7 @@ where
         if let Some(st) =
             write_sql::guarded_final(d, self.version, &seen, history, upserts, deletes, revs)
         {
-            let rows = SqlShard::<DB>::fetch_all_in(&mut self.conn, &st).await?;
+            let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
             let written: i64 = match rows.first() {
                 Some(row) => row.try_get(0)?,
                 None => 0,

@@ -8,7 +8,10 @@ use std::fmt;
 use async_trait::async_trait;
 use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
-use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+use sqlx::pool::PoolConnection;
+use sqlx::{
+    ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type,
+};
 
 use super::guarded_writes::{self, GuardPause, GuardedTx};
 use super::page_counts::PageCounts;
@@ -87,6 +90,12 @@ pub struct SqlShard<DB: Database> {
     /// The writer actor's own connection: one batch is in flight at a time,
     /// and a connection that always writes keeps its page cache warm.
     write_pool: Pool<DB>,
+    /// That connection, held between batches. sqlx pings a pooled
+    /// connection when it goes back to the pool and again when it is taken:
+    /// two round trips per batch, which the one-connection pool made the
+    /// next batch wait for. Dropped after a database error (the pool then
+    /// checks it and opens a new one if it is broken).
+    write_conn: tokio::sync::Mutex<Option<PoolConnection<DB>>>,
     dialect: &'static dyn Dialect,
     /// The revisions this shard hands out.
     class: RevisionClass,
@@ -116,9 +125,9 @@ impl<DB: Database> SqlShard<DB> {
 }
 
 /// A write transaction holding the shard's revision lock.
-struct SqlTx<'t, DB: Database> {
+struct SqlTx<'t, 'k, DB: Database> {
     shard: &'t SqlShard<DB>,
-    tx: sqlx::Transaction<'static, DB>,
+    tx: sqlx::Transaction<'k, DB>,
 }
 
 impl<DB> SqlShard<DB>
@@ -144,6 +153,7 @@ where
         SqlShard {
             pool,
             write_pool,
+            write_conn: tokio::sync::Mutex::new(None),
             dialect,
             class,
             page_counts: PageCounts::default(),
@@ -490,7 +500,7 @@ pub(crate) fn is_plain_get(request: &RangeRequest) -> bool {
 }
 
 #[async_trait]
-impl<'t, DB> TxOps for SqlTx<'t, DB>
+impl<'t, 'k, DB> TxOps for SqlTx<'t, 'k, DB>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -615,6 +625,62 @@ where
     }
 }
 
+impl<DB> SqlShard<DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB>,
+    i64: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    String: Type<DB> + for<'r> Decode<'r, DB>,
+    usize: ColumnIndex<DB::Row>,
+    DB::QueryResult: RowsAffected,
+{
+    /// One batch on the writer's connection: guarded where the dialect and
+    /// the batch allow it (`guarded_writes.rs`), else, or if the guard
+    /// fails, in a transaction under the revision lock.
+    async fn commit_on(
+        &self,
+        conn: &mut DB::Connection,
+        batch: &[WriteRequest],
+        collect_events: bool,
+    ) -> Result<CommittedBatch> {
+        let mut rerun = false;
+        if let Some(version) = self.dialect.meta_version()
+            && guarded_writes::suits_guarded(batch)
+            && self.guard_pause.take_turn()
+        {
+            let mut ops = GuardedTx::new(self, &mut *conn, version);
+            match write::apply_batch(&mut ops, batch, self.class, collect_events).await {
+                Err(ShardError::NeedsLock { why, contended }) => {
+                    tracing::debug!(why, "write batch runs again under the revision lock");
+                    if contended {
+                        self.guard_pause.contended();
+                    }
+                    rerun = true;
+                }
+                result => {
+                    return result.map(|committed| CommittedBatch {
+                        path: WritePath::Guarded,
+                        ..committed
+                    });
+                }
+            }
+        }
+        let tx = conn.begin_with(self.dialect.begin_write()).await?;
+        let mut ops = SqlTx { shard: self, tx };
+        let mut committed = write::apply_batch(&mut ops, batch, self.class, collect_events).await?;
+        ops.tx.commit().await?;
+        if rerun {
+            committed.path = WritePath::RerunLocked;
+        }
+        Ok(committed)
+    }
+}
+
 #[async_trait]
 impl<DB> ShardStore for SqlShard<DB>
 where
@@ -663,40 +729,17 @@ where
         if let Some(writes) = &self.direct_writes {
             return writes.commit(batch, collect_events).await;
         }
-        let mut rerun = false;
-        if let Some(version) = self.dialect.meta_version()
-            && guarded_writes::suits_guarded(batch)
-            && self.guard_pause.take_turn()
-        {
-            let conn = self.write_pool.acquire().await?;
-            let mut ops = GuardedTx::new(self, conn, version);
-            match write::apply_batch(&mut ops, batch, self.class, collect_events).await {
-                Err(ShardError::NeedsLock { why, contended }) => {
-                    tracing::debug!(why, "write batch runs again under the revision lock");
-                    if contended {
-                        self.guard_pause.contended();
-                    }
-                    rerun = true;
-                }
-                result => {
-                    return result.map(|committed| CommittedBatch {
-                        path: WritePath::Guarded,
-                        ..committed
-                    });
-                }
-            }
+        let mut held = self.write_conn.lock().await;
+        let conn = match held.as_mut() {
+            Some(conn) => conn,
+            None => held.insert(self.write_pool.acquire().await?),
+        };
+        let committed = self.commit_on(conn, batch, collect_events).await;
+        if matches!(committed, Err(ShardError::Database(_))) {
+            // The connection may be broken or inside a failed transaction.
+            *held = None;
         }
-        let tx = self
-            .write_pool
-            .begin_with(self.dialect.begin_write())
-            .await?;
-        let mut ops = SqlTx { shard: self, tx };
-        let mut committed = write::apply_batch(&mut ops, batch, self.class, collect_events).await?;
-        ops.tx.commit().await?;
-        if rerun {
-            committed.path = WritePath::RerunLocked;
-        }
-        Ok(committed)
+        committed
     }
 
     async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage> {
