@@ -35,7 +35,7 @@ use kubeshard_proto::mvccpb::KeyValue;
 use sqlx::{ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
 
 use super::sql::{RowsAffected, SqlShard, kv_from_row};
-use super::write::{HistoryRow, TxOps};
+use super::write::{self, HistoryRow, TxOps};
 use super::write_sql;
 use super::{LeaseRecord, Revisions, WriteRequest};
 use crate::dialect::Dialect;
@@ -124,6 +124,27 @@ impl<'t, 'k, DB: Database> GuardedTx<'t, 'k, DB> {
     }
 }
 
+impl<DB> GuardedTx<'_, '_, DB>
+where
+    DB: Database,
+    i64: Type<DB> + for<'r> Decode<'r, DB>,
+    String: Type<DB> + for<'r> Decode<'r, DB>,
+    usize: ColumnIndex<DB::Row>,
+{
+    /// The revisions of the counter row that starts `rows`, remembering its
+    /// version for the guard.
+    fn counter_row(&mut self, rows: &[DB::Row]) -> Result<Revisions> {
+        let row = rows
+            .first()
+            .ok_or_else(|| ShardError::Corrupt("ks_meta has no row".into()))?;
+        self.seen = Some(row.try_get(2)?);
+        Ok(Revisions {
+            current: row.try_get(0)?,
+            compacted: row.try_get(1)?,
+        })
+    }
+}
+
 /// What a guarded batch cannot do.
 fn needs_lock<T>(why: &'static str) -> Result<T> {
     Err(ShardError::NeedsLock {
@@ -167,36 +188,16 @@ where
         let st = write_sql::guarded_meta(self.dialect(), self.version);
         let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
-        let row = rows
-            .first()
-            .ok_or_else(|| ShardError::Corrupt("ks_meta has no row".into()))?;
-        self.seen = Some(row.try_get(2)?);
-        Ok(Revisions {
-            current: row.try_get(0)?,
-            compacted: row.try_get(1)?,
-        })
+        self.counter_row(&rows)
     }
 
     async fn start(&mut self, keys: &[&[u8]]) -> Result<(Revisions, Vec<KeyValue>)> {
         let Some(st) = write_sql::guarded_start(self.dialect(), self.version, keys) else {
-            let revs = self.lock_meta().await?;
-            let live = if keys.is_empty() {
-                Vec::new()
-            } else {
-                self.live_get(keys).await?
-            };
-            return Ok((revs, live));
+            return write::start_separately(self, keys).await;
         };
         let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
-        let first = rows
-            .first()
-            .ok_or_else(|| ShardError::Corrupt("ks_meta has no row".into()))?;
-        self.seen = Some(first.try_get(2)?);
-        let revs = Revisions {
-            current: first.try_get(0)?,
-            compacted: first.try_get(1)?,
-        };
+        let revs = self.counter_row(&rows)?;
         let mut live = Vec::with_capacity(rows.len());
         for row in &rows {
             if row.try_get::<Option<Vec<u8>>, _>(3)?.is_some() {
@@ -211,28 +212,21 @@ where
     }
 
     async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>> {
-        let mut out = Vec::with_capacity(keys.len());
-        for st in write_sql::live_get(self.dialect(), keys) {
-            for row in SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await? {
-                out.push(kv_from_row::<DB>(&row, 0)?);
-            }
-            self.reads += 1;
-        }
-        Ok(out)
+        let statements = write_sql::live_get(self.dialect(), keys);
+        self.reads += statements.len();
+        SqlShard::<DB>::kvs_in(&mut *self.conn, &statements).await
     }
 
     async fn live_in_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
         let st = write_sql::live_in_range(self.dialect(), range);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
-        rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
+        SqlShard::<DB>::kvs_in(&mut *self.conn, &[st]).await
     }
 
     async fn live_with_lease(&mut self, lease: i64) -> Result<Vec<KeyValue>> {
         let st = write_sql::live_with_lease(self.dialect(), lease);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
-        rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
+        SqlShard::<DB>::kvs_in(&mut *self.conn, &[st]).await
     }
 
     async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse> {
@@ -252,14 +246,9 @@ where
     }
 
     async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
-        let mut out = Vec::new();
-        for st in write_sql::leases_existing(self.dialect(), ids) {
-            for row in SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await? {
-                out.push(row.try_get(0)?);
-            }
-            self.reads += 1;
-        }
-        Ok(out)
+        let statements = write_sql::leases_existing(self.dialect(), ids);
+        self.reads += statements.len();
+        SqlShard::<DB>::ints_in(&mut *self.conn, &statements).await
     }
 
     async fn lease_insert(&mut self, _lease: LeaseRecord) -> Result<()> {
@@ -272,12 +261,11 @@ where
 
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>> {
         let st = write_sql::lease_deadline(self.dialect(), id);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
-        match rows.first() {
-            Some(row) => Ok(Some(row.try_get(0)?)),
-            None => Ok(None),
-        }
+        Ok(SqlShard::<DB>::ints_in(&mut *self.conn, &[st])
+            .await?
+            .first()
+            .copied())
     }
 
     async fn write_final(

@@ -220,6 +220,34 @@ where
         Ok(Self::query(st).fetch_all(&mut *conn).await?)
     }
 
+    /// Key-values (from column 0 on) of every statement, in order.
+    pub(super) async fn kvs_in(
+        conn: &mut DB::Connection,
+        statements: &[Statement<'_>],
+    ) -> Result<Vec<KeyValue>> {
+        let mut out = Vec::new();
+        for st in statements {
+            for row in Self::fetch_all_in(conn, st).await? {
+                out.push(kv_from_row::<DB>(&row, 0)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first column of every row of every statement, in order.
+    pub(super) async fn ints_in(
+        conn: &mut DB::Connection,
+        statements: &[Statement<'_>],
+    ) -> Result<Vec<i64>> {
+        let mut out = Vec::new();
+        for st in statements {
+            for row in Self::fetch_all_in(conn, st).await? {
+                out.push(row.try_get(0)?);
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) async fn execute_in(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<u64> {
         Ok(Self::query(st).execute(&mut *conn).await?.rows())
     }
@@ -538,25 +566,18 @@ where
     }
 
     async fn live_get(&mut self, keys: &[&[u8]]) -> Result<Vec<KeyValue>> {
-        let mut out = Vec::with_capacity(keys.len());
-        for st in write_sql::live_get(self.shard.dialect, keys) {
-            for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
-                out.push(kv_from_row::<DB>(&row, 0)?);
-            }
-        }
-        Ok(out)
+        let statements = write_sql::live_get(self.shard.dialect, keys);
+        SqlShard::<DB>::kvs_in(&mut self.tx, &statements).await
     }
 
     async fn live_in_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
         let st = write_sql::live_in_range(self.shard.dialect, range);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
-        rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
+        SqlShard::<DB>::kvs_in(&mut self.tx, &[st]).await
     }
 
     async fn live_with_lease(&mut self, lease: i64) -> Result<Vec<KeyValue>> {
         let st = write_sql::live_with_lease(self.shard.dialect, lease);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
-        rows.iter().map(|row| kv_from_row::<DB>(row, 0)).collect()
+        SqlShard::<DB>::kvs_in(&mut self.tx, &[st]).await
     }
 
     async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse> {
@@ -578,13 +599,8 @@ where
     }
 
     async fn leases_existing(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
-        let mut out = Vec::new();
-        for st in write_sql::leases_existing(self.shard.dialect, ids) {
-            for row in SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await? {
-                out.push(row.try_get(0)?);
-            }
-        }
-        Ok(out)
+        let statements = write_sql::leases_existing(self.shard.dialect, ids);
+        SqlShard::<DB>::ints_in(&mut self.tx, &statements).await
     }
 
     async fn lease_insert(&mut self, lease: LeaseRecord) -> Result<()> {
@@ -617,11 +633,10 @@ where
 
     async fn lease_deadline(&mut self, id: i64) -> Result<Option<i64>> {
         let st = write_sql::lease_deadline(self.shard.dialect, id);
-        let rows = SqlShard::<DB>::fetch_all_in(&mut self.tx, &st).await?;
-        match rows.first() {
-            Some(row) => Ok(Some(row.try_get(0)?)),
-            None => Ok(None),
-        }
+        Ok(SqlShard::<DB>::ints_in(&mut self.tx, &[st])
+            .await?
+            .first()
+            .copied())
     }
 }
 

@@ -64,13 +64,7 @@ pub(crate) trait TxOps: Send {
     /// The start of every batch: the revisions, then the live rows of
     /// `keys`. Backends that can read both in one round trip override it.
     async fn start(&mut self, keys: &[&[u8]]) -> Result<(Revisions, Vec<KeyValue>)> {
-        let revs = self.lock_meta().await?;
-        let live = if keys.is_empty() {
-            Vec::new()
-        } else {
-            self.live_get(keys).await?
-        };
-        Ok((revs, live))
+        start_separately(self, keys).await
     }
 
     /// The end of every batch: its remaining changes, then the counter if
@@ -84,6 +78,20 @@ pub(crate) trait TxOps: Send {
     ) -> Result<()> {
         write_final_separately(self, history, upserts, deletes, revs).await
     }
+}
+
+/// [`TxOps::start`] in two statements: the counter, then the keys.
+pub(crate) async fn start_separately<T: TxOps + ?Sized>(
+    ops: &mut T,
+    keys: &[&[u8]],
+) -> Result<(Revisions, Vec<KeyValue>)> {
+    let revs = ops.lock_meta().await?;
+    let live = if keys.is_empty() {
+        Vec::new()
+    } else {
+        ops.live_get(keys).await?
+    };
+    Ok((revs, live))
 }
 
 /// [`TxOps::write_final`] one kind of change at a time.
