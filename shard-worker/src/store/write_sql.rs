@@ -479,8 +479,8 @@ mod tests {
         assert!(shaped_chunks::<u8>(&[]).is_empty());
     }
 
-    #[test]
-    fn small_batch_ends_in_one_statement_on_postgres() {
+    /// A put of "k" at revision 5: its history row, live row and counter.
+    fn one_put() -> (HistoryRow, KeyValue, Revisions) {
         let row = HistoryRow {
             revision: 5,
             sub: 0,
@@ -504,6 +504,12 @@ mod tests {
             current: 5,
             compacted: 0,
         };
+        (row, kv, revs)
+    }
+
+    #[test]
+    fn small_batch_ends_in_one_statement_on_postgres() {
+        let (row, kv, revs) = one_put();
         let history = [row];
         let pg: &'static dyn Dialect = &crate::dialect::Postgres;
         let Some(st) = combined_final(pg, &history, &[&kv], &[b"gone"], Some(revs)) else {
@@ -527,29 +533,7 @@ mod tests {
 
     #[test]
     fn guarded_batch_writes_only_behind_its_counter_update() {
-        let row = HistoryRow {
-            revision: 5,
-            sub: 0,
-            key: b"k".to_vec(),
-            deleted: false,
-            create_revision: 5,
-            prev_revision: 0,
-            version: 1,
-            lease: 0,
-            value: b"v".to_vec(),
-        };
-        let kv = KeyValue {
-            key: b"k".to_vec(),
-            create_revision: 5,
-            mod_revision: 5,
-            version: 1,
-            lease: 0,
-            value: b"v".to_vec(),
-        };
-        let revs = Revisions {
-            current: 5,
-            compacted: 0,
-        };
+        let (row, kv, revs) = one_put();
         let history = [row];
         let pg: &'static dyn Dialect = &crate::dialect::Postgres;
         let Some(version) = pg.meta_version() else {
