@@ -607,6 +607,53 @@ fn a_read_ahead_is_used_only_while_it_holds() {
     }
 }
 
+/// The plan PostgreSQL keeps for a lookup by key prepared on an empty,
+/// vacuumed table, on a connection with `options`.
+async fn generic_plan_on_empty_table(options: sqlx::postgres::PgConnectOptions) -> String {
+    use sqlx::{ConnectOptions, Executor, Row};
+    let mut conn = options.connect().await.expect("connect");
+    conn.execute("CREATE TEMP TABLE plan_probe (k bytea PRIMARY KEY, v bytea NOT NULL)")
+        .await
+        .expect("create");
+    conn.execute("VACUUM plan_probe").await.expect("vacuum");
+    // What PostgreSQL settles on after five executions of a prepared statement.
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .expect("set");
+    let rows = sqlx::query("EXPLAIN SELECT v FROM plan_probe WHERE k = $1")
+        .bind(b"key".as_slice())
+        .fetch_all(&mut conn)
+        .await
+        .expect("explain");
+    rows.iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A statement prepared while a shard's table is empty (after a Defragment
+/// of an emptied shard) must still find rows by index once the table has
+/// grown: PostgreSQL connections run without sequential scans
+/// (`connect::postgres_session`).
+#[test]
+fn postgres_plans_lookups_by_index_on_an_empty_table() {
+    let Some(server) = backends::server(Kind::Postgres, "postgres_plans_lookups_by_index") else {
+        return;
+    };
+    let Some(options) = server.postgres_options() else {
+        panic!("a PostgreSQL server has connect options");
+    };
+    let rt = runtime();
+    let plain = rt.block_on(generic_plan_on_empty_table(options.clone()));
+    assert!(
+        plain.contains("Seq Scan"),
+        "the default planner scans an empty table (the case guarded against): {plain}"
+    );
+    let session = kubeshard_shard_worker::connect::postgres_session(options);
+    let plan = rt.block_on(generic_plan_on_empty_table(session));
+    assert!(plan.contains("Index Scan"), "{plan}");
+}
+
 #[test]
 fn range_delete_and_put_in_one_batch() {
     on_every_backend("range_delete_and_put_in_one_batch", |store, _| {

@@ -111,6 +111,16 @@ const RESET: [&str; 4] = [
     "UPDATE ks_meta SET revision = 1, compact_revision = 0 WHERE id = 1",
 ];
 
+impl Server {
+    /// The PostgreSQL server's connect options (PostgreSQL only).
+    pub fn postgres_options(&self) -> Option<PgConnectOptions> {
+        (self.kind == Kind::Postgres)
+            .then_some(self.url.as_ref())
+            .flatten()
+            .map(pg_options)
+    }
+}
+
 fn pg_options(url: &Url) -> PgConnectOptions {
     PgConnectOptions::from_str(url.as_str()).expect("postgres url")
 }
