@@ -70,9 +70,8 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options.clone())
                 .await?;
-            // The writer's connection and the one that reads ahead for it.
             let write_pool = PgPoolOptions::new()
-                .max_connections(2)
+                .max_connections(1)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await?;

@@ -15,8 +15,8 @@ pub use connect::open_store;
 pub use error::{Result, ShardError};
 pub use keys::KeyRange;
 pub use store::{
-    CommittedBatch, EventPage, LeaseRecord, ReadAhead, RevisionClass, Revisions, ShardStore,
-    WritePath, WriteRequest, WriteResponse,
+    CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WritePath,
+    WriteRequest, WriteResponse,
 };
 pub use watch::{EventBatch, WatchHub};
 pub use writer::ShardWriter;

@@ -4,21 +4,15 @@
 //! flight, everything queued becomes one batch, applied in one database
 //! transaction (one fsync for many writes). While it commits, new requests
 //! queue up for the next batch, so batches grow with load.
-//!
-//! Where the store reads ahead (PostgreSQL, `store/read_ahead.rs`), the next
-//! batch closes as soon as a batch is in flight and requests are queued, and
-//! its keys are read on a second connection while the batch in flight
-//! commits; requests arriving after that wait for the batch after it.
 
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::error::{Result, ShardError};
-use crate::store::{ReadAhead, ShardStore, WritePath, WriteRequest, WriteResponse};
+use crate::store::{ShardStore, WriteRequest, WriteResponse};
 use crate::watch::WatchHub;
 
 /// Most requests in one transaction.
@@ -48,45 +42,11 @@ struct Queued {
     reply: Reply,
 }
 
-/// The requests of one batch (shared with its read-ahead) and, for each,
-/// its floor and where its answer goes.
-struct Batch {
-    requests: Arc<Vec<WriteRequest>>,
-    waiting: Vec<(i64, Reply)>,
-}
-
-impl Batch {
-    fn of(queued: Vec<Queued>) -> Self {
-        let (requests, waiting): (Vec<_>, Vec<_>) = queued
-            .into_iter()
-            .map(|q| (q.request, (q.floor, q.reply)))
-            .unzip();
-        Batch {
-            requests: Arc::new(requests),
-            waiting,
-        }
-    }
-}
-
-/// The batch after the one in flight, closed early to read ahead for it.
-struct NextBatch {
-    batch: Batch,
-    ahead: JoinHandle<Option<ReadAhead>>,
-}
-
 struct WriterState {
     store: Arc<dyn ShardStore>,
     hub: Arc<WatchHub>,
     pending: Vec<Queued>,
     in_flight: bool,
-    next: Option<NextBatch>,
-}
-
-impl WriterState {
-    fn take_pending(&mut self) -> Batch {
-        let take = self.pending.len().min(MAX_BATCH);
-        Batch::of(self.pending.drain(..take).collect())
-    }
 }
 
 impl Actor for WriterActor {
@@ -104,7 +64,6 @@ impl Actor for WriterActor {
             hub,
             pending: Vec::new(),
             in_flight: false,
-            next: None,
         })
     }
 
@@ -126,34 +85,17 @@ impl Actor for WriterActor {
             }),
             WriterMessage::Committed => state.in_flight = false,
         }
-        if !state.in_flight {
-            let launch = match state.next.take() {
-                Some(next) => Some((next.batch, Some(next.ahead))),
-                None if !state.pending.is_empty() => Some((state.take_pending(), None)),
-                None => None,
-            };
-            if let Some((batch, ahead)) = launch {
-                state.in_flight = true;
-                let store = state.store.clone();
-                let hub = state.hub.clone();
-                let myself = myself.clone();
-                tokio::spawn(async move {
-                    run_batch(store.as_ref(), &hub, batch, ahead).await;
-                    // Fails only when the actor is stopping; nothing left to do then.
-                    let _ = myself.send_message(WriterMessage::Committed);
-                });
-            }
-        }
-        if state.in_flight
-            && state.next.is_none()
-            && !state.pending.is_empty()
-            && state.store.reads_ahead()
-        {
-            let batch = state.take_pending();
+        if !state.in_flight && !state.pending.is_empty() {
+            let take = state.pending.len().min(MAX_BATCH);
+            let batch: Vec<_> = state.pending.drain(..take).collect();
+            state.in_flight = true;
             let store = state.store.clone();
-            let requests = batch.requests.clone();
-            let ahead = tokio::spawn(async move { store.read_ahead(&requests).await });
-            state.next = Some(NextBatch { batch, ahead });
+            let hub = state.hub.clone();
+            tokio::spawn(async move {
+                run_batch(store.as_ref(), &hub, batch).await;
+                // Fails only when the actor is stopping; nothing left to do then.
+                let _ = myself.send_message(WriterMessage::Committed);
+            });
         }
         Ok(())
     }
@@ -168,8 +110,7 @@ async fn commit(
     hub: &WatchHub,
     requests: &[WriteRequest],
     floor: i64,
-    ahead: Option<ReadAhead>,
-) -> Result<(Vec<Result<WriteResponse>>, WritePath)> {
+) -> Result<Vec<Result<WriteResponse>>> {
     let bumped;
     let requests = if floor > 0 {
         bumped = std::iter::once(WriteRequest::Bump { floor })
@@ -180,42 +121,32 @@ async fn commit(
         requests
     };
     // Events are only assembled when someone watches.
-    let committed = store
-        .commit_batch(requests, hub.has_subscribers(), ahead)
-        .await?;
+    let committed = store.commit_batch(requests, hub.has_subscribers()).await?;
     hub.publish_committed(committed.before, committed.last, committed.events);
     let mut responses = committed.responses;
     if floor > 0 && !responses.is_empty() {
         // The Bump answers nothing a client asked.
         let _bump = responses.remove(0);
     }
-    Ok((responses, committed.path))
+    Ok(responses)
 }
 
-async fn run_batch(
-    store: &dyn ShardStore,
-    hub: &WatchHub,
-    batch: Batch,
-    ahead: Option<JoinHandle<Option<ReadAhead>>>,
-) {
-    let Batch { requests, waiting } = batch;
-    let floor = waiting.iter().map(|(floor, _)| *floor).max().unwrap_or(0);
-    // A read-ahead that failed or panicked is only a read the batch makes itself.
-    let ahead = match ahead {
-        Some(task) => task.await.ok().flatten(),
-        None => None,
-    };
+async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<Queued>) {
+    let floor = batch.iter().map(|q| q.floor).max().unwrap_or(0);
+    let (requests, rest): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|q| (q.request, (q.floor, q.reply)))
+        .unzip();
     let started = std::time::Instant::now();
-    let committed = commit(store, hub, &requests, floor, ahead).await;
+    let committed = commit(store, hub, &requests, floor).await;
     tracing::debug!(
         size = requests.len(),
         micros = started.elapsed().as_micros() as u64,
-        path = ?committed.as_ref().map(|(_, path)| *path).ok(),
         "write batch"
     );
     match committed {
-        Ok((results, _)) => {
-            for ((_, reply), result) in waiting.into_iter().zip(results) {
+        Ok(results) => {
+            for ((_, reply), result) in rest.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
         }
@@ -223,10 +154,9 @@ async fn run_batch(
             // One request may have tripped the database (e.g. a value over
             // a server limit): run each alone so only that one fails.
             warn!(error = %e, size = requests.len(), "write batch failed; retrying its requests one by one");
-            for (request, (floor, reply)) in requests.iter().zip(waiting) {
-                let alone = std::slice::from_ref(request);
-                let result = match commit(store, hub, alone, floor, None).await {
-                    Ok((mut results, _)) => results
+            for (request, (floor, reply)) in requests.into_iter().zip(rest) {
+                let result = match commit(store, hub, std::slice::from_ref(&request), floor).await {
+                    Ok(mut results) => results
                         .pop()
                         .unwrap_or_else(|| Err(ShardError::Corrupt("empty batch result".into()))),
                     Err(e) => Err(e),
@@ -237,7 +167,7 @@ async fn run_batch(
         Err(e) => {
             warn!(error = %e, size = requests.len(), "write batch failed");
             let message = e.to_string();
-            let mut replies = waiting.into_iter().map(|(_, reply)| reply);
+            let mut replies = rest.into_iter().map(|(_, reply)| reply);
             if let Some(first) = replies.next() {
                 let _ = first.send(Err(e));
             }

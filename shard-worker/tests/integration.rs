@@ -356,14 +356,7 @@ async fn increment(store: &dyn ShardStore, own_key: &str) -> (Vec<i64>, Vec<Writ
             WriteRequest::Txn(swap),
             WriteRequest::Put(put(own_key, "x")),
         ];
-        // Read ahead as the writer actor does; with other writers of this
-        // store and of the other one committing in between, the read is
-        // often stale and must then be discarded.
-        let ahead = store.read_ahead(&batch).await;
-        let committed = store
-            .commit_batch(&batch, true, ahead)
-            .await
-            .expect("batch");
+        let committed = store.commit_batch(&batch, true).await.expect("batch");
         paths.push(committed.path);
         let events = committed.events.expect("events were asked for");
         assert!(
@@ -434,19 +427,18 @@ fn two_stores_on_one_database_lose_no_update() {
                     .iter()
                     .flat_map(|(_, p)| p.iter().copied())
                     .collect();
-                let count = |path| paths.iter().filter(|p| **p == path).count();
-                let guarded = count(WritePath::Guarded);
-                let read_ahead = count(WritePath::GuardedReadAhead);
-                let reruns = count(WritePath::RerunLocked);
+                let guarded = paths.iter().filter(|p| **p == WritePath::Guarded).count();
+                let reruns = paths
+                    .iter()
+                    .filter(|p| **p == WritePath::RerunLocked)
+                    .count();
                 eprintln!(
-                    "{:?}: {} batches, {guarded} guarded, {read_ahead} guarded with their \
-                     read-ahead, {reruns} run again under the lock",
+                    "{:?}: {} batches, {guarded} guarded, {reruns} run again under the lock",
                     server.kind,
                     paths.len()
                 );
                 if server.kind == Kind::Postgres {
                     assert!(guarded > 0, "no batch ran guarded on PostgreSQL");
-                    assert!(read_ahead > 0, "no batch used its read-ahead on PostgreSQL");
                     assert!(reruns > 0, "no guard failed although two stores raced");
                 }
 
@@ -470,135 +462,6 @@ fn two_stores_on_one_database_lose_no_update() {
             .catch_unwind()
             .await;
             drop(stores);
-            db.drop_db().await;
-            if let Err(panic) = outcome {
-                std::panic::resume_unwind(panic);
-            }
-        });
-    }
-}
-
-/// Commits `batch` on `store` with `ahead` and returns its answers, the
-/// revision of its last answer and how it was committed.
-async fn commit_with(
-    store: &dyn ShardStore,
-    batch: &[WriteRequest],
-    ahead: Option<kubeshard_shard_worker::ReadAhead>,
-) -> (Vec<WriteResponse>, i64, WritePath) {
-    let committed = store
-        .commit_batch(batch, false, ahead)
-        .await
-        .expect("batch");
-    let answers: Vec<WriteResponse> = committed
-        .responses
-        .into_iter()
-        .map(|r| r.expect("answer"))
-        .collect();
-    (answers, committed.last, committed.path)
-}
-
-/// A batch's keys read ahead, while the batch before it commits
-/// (`store/read_ahead.rs`, PostgreSQL), stand in for the batch's own read
-/// only where they still describe the state the batch is applied to; in
-/// every other order of events the batch reads for itself or reruns, and
-/// every answer and revision is what the plain order gives.
-#[test]
-fn a_read_ahead_is_used_only_while_it_holds() {
-    let rt = runtime();
-    for server in backends::servers("a_read_ahead_is_used_only_while_it_holds") {
-        rt.block_on(async {
-            let db = server.create().await;
-            let store = db.store.clone();
-            let other = db.open_another().await;
-            let outcome = AssertUnwindSafe(async {
-                let one_put = |k: &str, v: &str| vec![WriteRequest::Put(put(k, v))];
-                let (_, rev, _) = commit_with(&*store, &one_put("a", "1"), None).await;
-                assert_eq!(rev, 2);
-                let ahead = store.read_ahead(&one_put("b", "1")).await;
-                if !store.reads_ahead() {
-                    assert!(ahead.is_none(), "{:?} does not read ahead", server.kind);
-                    return;
-                }
-                assert!(ahead.is_some(), "a put of one key is read ahead");
-
-                // Read before the batch before it committed, no key shared.
-                let (_, rev, _) = commit_with(&*store, &one_put("c", "1"), None).await;
-                assert_eq!(rev, 3);
-                let (_, rev, path) = commit_with(&*store, &one_put("b", "1"), ahead).await;
-                assert_eq!((rev, path), (4, WritePath::GuardedReadAhead));
-
-                // Read after it.
-                let ahead = store.read_ahead(&one_put("d", "1")).await;
-                let (_, rev, path) = commit_with(&*store, &one_put("d", "1"), ahead).await;
-                assert_eq!((rev, path), (5, WritePath::GuardedReadAhead));
-
-                // Read before a batch that wrote one of its keys: a swap on
-                // a's version must see that write and fail.
-                let swap = vec![WriteRequest::Txn(txn(
-                    vec![cmp(
-                        "a",
-                        CompareTarget::Version,
-                        CompareResult::Equal,
-                        TargetUnion::Version(1),
-                    )],
-                    vec![op(Request::RequestPut(put("a", "swapped")))],
-                    vec![op(Request::RequestRange(get("a", "", 0)))],
-                ))];
-                let ahead = store.read_ahead(&swap).await;
-                let (_, rev, _) = commit_with(&*store, &one_put("a", "x"), None).await;
-                assert_eq!(rev, 6);
-                let (answers, rev, path) = commit_with(&*store, &swap, ahead).await;
-                assert_eq!((rev, path), (6, WritePath::Guarded));
-                let [WriteResponse::Txn(swapped)] = &answers[..] else {
-                    panic!("answers: {answers:?}");
-                };
-                assert!(!swapped.succeeded, "the swap read a stale version");
-
-                // Read before two batches: too old.
-                let ahead = store.read_ahead(&one_put("g", "1")).await;
-                commit_with(&*store, &one_put("h", "1"), None).await;
-                commit_with(&*store, &one_put("i", "1"), None).await;
-                let (_, rev, path) = commit_with(&*store, &one_put("g", "1"), ahead).await;
-                assert_eq!((rev, path), (9, WritePath::Guarded));
-
-                // Another router commits after the read: the guard fails
-                // and the batch runs again under the lock.
-                let ahead = store.read_ahead(&one_put("e", "1")).await;
-                let (_, rev, _) = commit_with(&*other, &one_put("f", "1"), None).await;
-                assert_eq!(rev, 10);
-                let (_, rev, path) = commit_with(&*store, &one_put("e", "1"), ahead).await;
-                assert_eq!((rev, path), (11, WritePath::RerunLocked));
-
-                let all = store.range(&get("\0", "\0", 0)).await.expect("range");
-                let got: Vec<(String, i64, i64)> = all
-                    .kvs
-                    .iter()
-                    .map(|kv| {
-                        let key = String::from_utf8(kv.key.clone()).expect("utf-8");
-                        (key, kv.mod_revision, kv.version)
-                    })
-                    .collect();
-                let want: Vec<(String, i64, i64)> = [
-                    ("a", 6, 2),
-                    ("b", 4, 1),
-                    ("c", 3, 1),
-                    ("d", 5, 1),
-                    ("e", 11, 1),
-                    ("f", 10, 1),
-                    ("g", 9, 1),
-                    ("h", 7, 1),
-                    ("i", 8, 1),
-                ]
-                .into_iter()
-                .map(|(k, m, v)| (k.to_string(), m, v))
-                .collect();
-                assert_eq!(got, want);
-                assert_eq!(all.kvs[0].value, b"x");
-            })
-            .catch_unwind()
-            .await;
-            drop(store);
-            drop(other);
             db.drop_db().await;
             if let Err(panic) = outcome {
                 std::panic::resume_unwind(panic);

@@ -34,7 +34,6 @@ use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use kubeshard_proto::mvccpb::KeyValue;
 use sqlx::{ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
 
-use super::read_ahead::{LastGuarded, ReadAhead, StartRead};
 use super::sql::{RowsAffected, SqlShard, kv_from_row};
 use super::write::{self, HistoryRow, TxOps};
 use super::write_sql;
@@ -97,37 +96,13 @@ pub(super) struct GuardedTx<'t, 'k, DB: Database> {
     /// Statements that read: with more than one, a batch that writes
     /// nothing still checks that they all saw the same state.
     reads: usize,
-    /// The batch's first read, made while the batch before it committed.
-    ahead: Option<ReadAhead>,
-    /// What the batch before it wrote, to tell whether `ahead` may be used.
-    before: Option<LastGuarded>,
-    /// Whether the first read came from `ahead`.
-    pub(super) read_ahead: bool,
-    /// What the batch wrote, once it has.
-    pub(super) written: Written,
-}
-
-/// What a guarded batch wrote.
-#[derive(Debug)]
-pub(super) enum Written {
-    /// Not known: not finished, or written in a transaction of several
-    /// statements (whose version is not reported).
-    Unknown,
-    /// Nothing: the shard is as the batch found it.
-    Nothing,
-    /// One guarded statement.
-    Guarded(LastGuarded),
 }
 
 impl<'t, 'k, DB: Database> GuardedTx<'t, 'k, DB> {
-    /// `ahead` is the batch's read-ahead, if one was made, and `before`
-    /// what the batch before it wrote.
     pub(super) fn new(
         shard: &'t SqlShard<DB>,
         conn: &'k mut DB::Connection,
         version: &'static str,
-        ahead: Option<ReadAhead>,
-        before: Option<LastGuarded>,
     ) -> Self {
         GuardedTx {
             shard,
@@ -135,10 +110,6 @@ impl<'t, 'k, DB: Database> GuardedTx<'t, 'k, DB> {
             version,
             seen: None,
             reads: 0,
-            ahead,
-            before,
-            read_ahead: false,
-            written: Written::Unknown,
         }
     }
 
@@ -153,45 +124,25 @@ impl<'t, 'k, DB: Database> GuardedTx<'t, 'k, DB> {
     }
 }
 
-/// The counter row and the live rows of a guarded start statement
-/// ([`write_sql::guarded_start`]): one row per key asked for, the counter in
-/// the first columns of each, the key's live row (if any) after them.
-pub(super) fn start_read<DB>(rows: &[DB::Row]) -> Result<StartRead>
+impl<DB> GuardedTx<'_, '_, DB>
 where
     DB: Database,
     i64: Type<DB> + for<'r> Decode<'r, DB>,
     String: Type<DB> + for<'r> Decode<'r, DB>,
-    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
     usize: ColumnIndex<DB::Row>,
-    DB::QueryResult: RowsAffected,
 {
-    let (seen, revs) = counter_read::<DB>(rows)?;
-    let mut live = Vec::with_capacity(rows.len());
-    for row in rows {
-        if row.try_get::<Option<Vec<u8>>, _>(3)?.is_some() {
-            live.push(kv_from_row::<DB>(row, 3)?);
-        }
+    /// The revisions of the counter row that starts `rows`, remembering its
+    /// version for the guard.
+    fn counter_row(&mut self, rows: &[DB::Row]) -> Result<Revisions> {
+        let row = rows
+            .first()
+            .ok_or_else(|| ShardError::Corrupt("ks_meta has no row".into()))?;
+        self.seen = Some(row.try_get(2)?);
+        Ok(Revisions {
+            current: row.try_get(0)?,
+            compacted: row.try_get(1)?,
+        })
     }
-    Ok(StartRead { seen, revs, live })
-}
-
-/// The counter row's revisions and version, in the first three columns of
-/// the first of `rows`.
-fn counter_read<DB>(rows: &[DB::Row]) -> Result<(String, Revisions)>
-where
-    DB: Database,
-    i64: Type<DB> + for<'r> Decode<'r, DB>,
-    String: Type<DB> + for<'r> Decode<'r, DB>,
-    usize: ColumnIndex<DB::Row>,
-{
-    let row = rows
-        .first()
-        .ok_or_else(|| ShardError::Corrupt("ks_meta has no row".into()))?;
-    let revs = Revisions {
-        current: row.try_get(0)?,
-        compacted: row.try_get(1)?,
-    };
-    Ok((row.try_get(2)?, revs))
 }
 
 /// What a guarded batch cannot do.
@@ -237,29 +188,23 @@ where
         let st = write_sql::guarded_meta(self.dialect(), self.version);
         let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
-        let (seen, revs) = counter_read::<DB>(&rows)?;
-        self.seen = Some(seen);
-        Ok(revs)
+        self.counter_row(&rows)
     }
 
     async fn start(&mut self, keys: &[&[u8]]) -> Result<(Revisions, Vec<KeyValue>)> {
-        let ahead = self.ahead.take().filter(|a| a.is_for(keys));
-        let read = match ahead.and_then(|a| a.usable_after(self.before.as_ref())) {
-            Some(read) => {
-                self.read_ahead = true;
-                read
-            }
-            None => {
-                let Some(st) = write_sql::guarded_start(self.dialect(), self.version, keys) else {
-                    return write::start_separately(self, keys).await;
-                };
-                let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
-                start_read::<DB>(&rows)?
-            }
+        let Some(st) = write_sql::guarded_start(self.dialect(), self.version, keys) else {
+            return write::start_separately(self, keys).await;
         };
+        let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         self.reads += 1;
-        self.seen = Some(read.seen);
-        Ok((read.revs, read.live))
+        let revs = self.counter_row(&rows)?;
+        let mut live = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<Vec<u8>>, _>(3)?.is_some() {
+                live.push(kv_from_row::<DB>(row, 3)?);
+            }
+        }
+        Ok((revs, live))
     }
 
     async fn set_revisions(&mut self, _revs: Revisions) -> Result<()> {
@@ -349,35 +294,21 @@ where
                     return contended();
                 }
             }
-            self.written = Written::Nothing;
             return Ok(());
         };
         if let Some(st) =
             write_sql::guarded_final(d, self.version, &seen, history, upserts, deletes, revs)
         {
             let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
-            let written: String = match rows.as_slice() {
-                [row] => row.try_get(0)?,
-                [] => return contended(),
-                _ => {
-                    return Err(ShardError::Corrupt(format!(
-                        "{} counter rows in ks_meta",
-                        rows.len()
-                    )));
-                }
+            let written: i64 = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => 0,
             };
-            let keys = upserts
-                .iter()
-                .map(|kv| kv.key.clone())
-                .chain(deletes.iter().map(|k| k.to_vec()))
-                .collect();
-            self.written = Written::Guarded(LastGuarded {
-                required: seen,
-                written,
-                revs,
-                keys,
-            });
-            return Ok(());
+            return match written {
+                1 => Ok(()),
+                0 => contended(),
+                n => Err(ShardError::Corrupt(format!("{n} counter rows in ks_meta"))),
+            };
         }
         // Too large for one statement: a transaction that starts with the
         // guarded counter update (taking the lock), then the rows.

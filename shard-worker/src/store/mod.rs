@@ -13,7 +13,6 @@
 mod guarded_writes;
 mod page_counts;
 mod range;
-mod read_ahead;
 mod sql;
 mod sqlite_reads;
 mod sqlite_writes;
@@ -30,7 +29,6 @@ use kubeshard_proto::mvccpb::Event;
 use crate::error::Result;
 use crate::keys::KeyRange;
 
-pub use read_ahead::ReadAhead;
 pub use sql::SqlShard;
 pub(crate) use sqlite_reads::SqliteReads;
 pub(crate) use sqlite_writes::SqliteWriter;
@@ -189,33 +187,15 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
     /// its own revision, and commits it. The outer error fails the whole
     /// batch (nothing of it was committed); the inner ones are per request.
     /// With `collect_events`, the outcome also holds the batch's watch events.
-    /// `ahead` is what [`ShardStore::read_ahead`] read for this batch, if
-    /// anything; the store uses it only where it still holds.
     async fn commit_batch(
         &self,
         batch: &[WriteRequest],
         collect_events: bool,
-        ahead: Option<ReadAhead>,
     ) -> Result<CommittedBatch>;
 
     /// [`ShardStore::commit_batch`] without the events.
     async fn apply_batch(&self, batch: &[WriteRequest]) -> Result<Vec<Result<WriteResponse>>> {
-        Ok(self.commit_batch(batch, false, None).await?.responses)
-    }
-
-    /// Whether [`ShardStore::read_ahead`] may read anything. The writer
-    /// then closes each batch when the one before it is sent, to read
-    /// ahead for it while that one commits.
-    fn reads_ahead(&self) -> bool {
-        false
-    }
-
-    /// Reads, on a connection of its own, what `batch` would read first, so
-    /// that the read overlaps the commit of the batch before it (see
-    /// `store/read_ahead.rs`). None where the store does not read ahead, or
-    /// the read failed (the batch then reads for itself).
-    async fn read_ahead(&self, _batch: &[WriteRequest]) -> Option<ReadAhead> {
-        None
+        Ok(self.commit_batch(batch, false).await?.responses)
     }
 
     /// Events with revisions in (after, closed], at most about `max_events`

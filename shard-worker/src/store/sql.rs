@@ -13,10 +13,9 @@ use sqlx::{
     ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type,
 };
 
-use super::guarded_writes::{self, GuardPause, GuardedTx, Written};
+use super::guarded_writes::{self, GuardPause, GuardedTx};
 use super::page_counts::PageCounts;
 use super::range::PreparedRange;
-use super::read_ahead::{LastGuarded, ReadAhead};
 use super::sqlite_reads::SqliteReads;
 use super::sqlite_writes::SqliteWriter;
 use super::write::{self, HistoryRow, TxOps};
@@ -88,9 +87,8 @@ pub struct SqlShard<DB: Database> {
     /// Reads and the small writes that bypass the writer (lease renewals,
     /// locks, compaction purges).
     pool: Pool<DB>,
-    /// The writer actor's own connections: the one that writes (one batch
-    /// in flight at a time; a connection that always writes keeps its page
-    /// cache warm) and, on PostgreSQL, the one that reads ahead for it.
+    /// The writer actor's own connection: one batch is in flight at a time,
+    /// and a connection that always writes keeps its page cache warm.
     write_pool: Pool<DB>,
     /// That connection, held between batches. sqlx pings a pooled
     /// connection when it goes back to the pool and again when it is taken:
@@ -110,13 +108,6 @@ pub struct SqlShard<DB: Database> {
     direct_writes: Option<SqliteWriter>,
     /// When guarded batches wait after a failed guard.
     guard_pause: GuardPause,
-    /// The second connection of `write_pool`, held like `write_conn`: it
-    /// reads the next batch's keys while the writer connection commits
-    /// (`read_ahead.rs`).
-    read_ahead_conn: tokio::sync::Mutex<Option<PoolConnection<DB>>>,
-    /// What the last batch wrote, if one guarded statement wrote it: whether
-    /// the next batch may use its read-ahead.
-    last_guarded: std::sync::Mutex<Option<LastGuarded>>,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -130,21 +121,6 @@ impl<DB: Database> fmt::Debug for SqlShard<DB> {
 impl<DB: Database> SqlShard<DB> {
     pub(super) fn dialect(&self) -> &'static dyn Dialect {
         self.dialect
-    }
-
-    fn take_last_guarded(&self) -> Option<LastGuarded> {
-        // A panic while holding this lock cannot leave a half-written value.
-        self.last_guarded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-
-    fn set_last_guarded(&self, last: Option<LastGuarded>) {
-        *self
-            .last_guarded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = last;
     }
 }
 
@@ -184,8 +160,6 @@ where
             direct_reads: None,
             direct_writes: None,
             guard_pause: GuardPause::default(),
-            read_ahead_conn: tokio::sync::Mutex::new(None),
-            last_guarded: std::sync::Mutex::new(None),
         }
     }
 
@@ -688,17 +662,13 @@ where
         conn: &mut DB::Connection,
         batch: &[WriteRequest],
         collect_events: bool,
-        ahead: Option<ReadAhead>,
     ) -> Result<CommittedBatch> {
-        // Whatever this batch does, the next one's read-ahead may only rely
-        // on what it reports below.
-        let before = self.take_last_guarded();
         let mut rerun = false;
         if let Some(version) = self.dialect.meta_version()
             && guarded_writes::suits_guarded(batch)
             && self.guard_pause.take_turn()
         {
-            let mut ops = GuardedTx::new(self, &mut *conn, version, ahead, before.clone());
+            let mut ops = GuardedTx::new(self, &mut *conn, version);
             match write::apply_batch(&mut ops, batch, self.class, collect_events).await {
                 Err(ShardError::NeedsLock { why, contended }) => {
                     tracing::debug!(why, "write batch runs again under the revision lock");
@@ -707,21 +677,12 @@ where
                     }
                     rerun = true;
                 }
-                Ok(committed) => {
-                    let last = match ops.written {
-                        Written::Guarded(last) => Some(last),
-                        Written::Nothing => before,
-                        Written::Unknown => None,
-                    };
-                    self.set_last_guarded(last);
-                    let path = if ops.read_ahead {
-                        WritePath::GuardedReadAhead
-                    } else {
-                        WritePath::Guarded
-                    };
-                    return Ok(CommittedBatch { path, ..committed });
+                result => {
+                    return result.map(|committed| CommittedBatch {
+                        path: WritePath::Guarded,
+                        ..committed
+                    });
                 }
-                Err(e) => return Err(e),
             }
         }
         let tx = conn.begin_with(self.dialect.begin_write()).await?;
@@ -779,7 +740,6 @@ where
         &self,
         batch: &[WriteRequest],
         collect_events: bool,
-        ahead: Option<ReadAhead>,
     ) -> Result<CommittedBatch> {
         if let Some(writes) = &self.direct_writes {
             return writes.commit(batch, collect_events).await;
@@ -789,50 +749,12 @@ where
             Some(conn) => conn,
             None => held.insert(self.write_pool.acquire().await?),
         };
-        let committed = self.commit_on(conn, batch, collect_events, ahead).await;
+        let committed = self.commit_on(conn, batch, collect_events).await;
         if matches!(committed, Err(ShardError::Database(_))) {
             // The connection may be broken or inside a failed transaction.
             *held = None;
         }
         committed
-    }
-
-    fn reads_ahead(&self) -> bool {
-        self.dialect.meta_version().is_some() && self.direct_writes.is_none()
-    }
-
-    async fn read_ahead(&self, batch: &[WriteRequest]) -> Option<ReadAhead> {
-        let version = self.dialect.meta_version()?;
-        if self.direct_writes.is_some() || !guarded_writes::suits_guarded(batch) {
-            return None;
-        }
-        let (keys, _) = write::prefetch_keys(batch);
-        let st = write_sql::guarded_start(self.dialect, version, &keys)?;
-        let mut held = self.read_ahead_conn.lock().await;
-        let conn = match held.as_mut() {
-            Some(conn) => conn,
-            None => match self.write_pool.acquire().await {
-                Ok(conn) => held.insert(conn),
-                Err(e) => {
-                    tracing::debug!(error = %e, "no connection to read ahead on");
-                    return None;
-                }
-            },
-        };
-        let read = match Self::fetch_all_in(conn, &st).await {
-            Ok(rows) => guarded_writes::start_read::<DB>(&rows),
-            Err(e) => {
-                *held = None;
-                Err(e)
-            }
-        };
-        match read {
-            Ok(read) => Some(ReadAhead::new(&keys, read)),
-            Err(e) => {
-                tracing::debug!(error = %e, "read-ahead failed; the batch reads for itself");
-                None
-            }
-        }
     }
 
     async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage> {

@@ -137,9 +137,6 @@ pub enum WritePath {
     /// Read without the lock, written by one guarded statement
     /// (`guarded_writes.rs`).
     Guarded,
-    /// Guarded, with its first read made while the batch before it
-    /// committed (`read_ahead.rs`).
-    GuardedReadAhead,
     /// Tried guarded, then run again under the lock (another writer
     /// committed meanwhile, or a request read the batch's own writes).
     RerunLocked,
@@ -797,7 +794,7 @@ fn union_int(c: &Compare, target: CompareTarget) -> i64 {
 
 /// The keys and leases the requests of a batch name directly, sorted and
 /// deduplicated: read once, at the start of the batch.
-pub(super) fn prefetch_keys(batch: &[WriteRequest]) -> (Vec<&[u8]>, Vec<i64>) {
+fn prefetch_keys(batch: &[WriteRequest]) -> (Vec<&[u8]>, Vec<i64>) {
     let mut keys: Vec<&[u8]> = Vec::new();
     let mut leases: Vec<i64> = Vec::new();
     for request in batch {

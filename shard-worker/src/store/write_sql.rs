@@ -381,12 +381,10 @@ pub(crate) fn meta_unchanged<'a>(
 /// The whole write of a small guarded batch as one statement (so one
 /// transaction): the counter update guarded by the version the batch read,
 /// and the history rows, live upserts and deletes, each written only if
-/// the guard held. Answers one row, the counter row's new version, or no
-/// row when another writer committed since the batch read and nothing was
-/// written. (The next batch may have read ahead before this one committed;
-/// the new version tells it which state it read, see `guarded_writes.rs`.)
-/// `None` where [`combined_final`] would be, except that one part (the
-/// counter alone) is enough.
+/// the guard held. Answers one row with the number of counter rows written:
+/// 1, or 0 when another writer committed since the batch read and nothing
+/// was written. `None` where [`combined_final`] would be, except that one
+/// part (the counter alone) is enough.
 pub(crate) fn guarded_final<'a>(
     d: &'static dyn Dialect,
     version: &str,
@@ -415,7 +413,7 @@ pub(crate) fn guarded_final<'a>(
     // the row lock and writes nothing when the update found a newer row.
     let mut st = Statement::new(d, "WITH m AS (");
     push_guarded_set_revisions(&mut st, version, seen, revs);
-    st.sql(" RETURNING ").sql(version).sql(" AS v)");
+    st.sql(" RETURNING 1)");
     if !history.is_empty() {
         st.sql(", h AS (");
         push_history_insert(&mut st, history, Rows::GuardedByM);
@@ -431,7 +429,7 @@ pub(crate) fn guarded_final<'a>(
         push_in_list(&mut st, LIVE_DELETE, deletes, Arg::Bytes);
         st.sql(" AND EXISTS (SELECT 1 FROM m))");
     }
-    st.sql(" SELECT v FROM m");
+    st.sql(" SELECT count(*) FROM m");
     Some(st)
 }
 
@@ -546,14 +544,14 @@ mod tests {
         };
         assert!(st.text.starts_with(
             "WITH m AS (UPDATE ks_meta SET revision = $1, compact_revision = $2 \
-             WHERE id = 1 AND xmin::text = $3 RETURNING xmin::text AS v), \
+             WHERE id = 1 AND xmin::text = $3 RETURNING 1), \
              h AS (INSERT INTO ks_history"
         ));
         assert!(st.text.contains(") SELECT v.* FROM m, (VALUES ($4, "));
         assert!(st.text.contains("), l AS (INSERT INTO ks_live"));
         assert!(st.text.ends_with(
             "), d AS (DELETE FROM ks_live WHERE key_bytes IN ($19) \
-             AND EXISTS (SELECT 1 FROM m)) SELECT v FROM m"
+             AND EXISTS (SELECT 1 FROM m)) SELECT count(*) FROM m"
         ));
         assert_eq!(st.args.len(), 19, "3 + 9 + 6 + 1 parameters in text order");
         assert!(matches!(st.args[2], Arg::Text("731")));
@@ -561,10 +559,7 @@ mod tests {
         let Some(bump) = guarded_final(pg, version, "731", &[], &[], &[], revs) else {
             panic!("a counter-only batch is guarded");
         };
-        assert!(
-            bump.text
-                .ends_with("RETURNING xmin::text AS v) SELECT v FROM m")
-        );
+        assert!(bump.text.ends_with("RETURNING 1) SELECT count(*) FROM m"));
         // MySQL has no guarded statements; large parts take the transaction.
         let mysql: &'static dyn Dialect = &crate::dialect::Mysql;
         assert!(mysql.meta_version().is_none());
