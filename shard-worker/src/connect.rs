@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kubeshard_config::Endpoint;
-use sqlx::ConnectOptions;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, Executor};
 use tracing::info;
 
 use crate::dialect;
@@ -64,17 +64,11 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
         Endpoint::Postgres { url, database } => {
             let server: PgConnectOptions = url.as_str().parse()?;
             create_postgres_database(&server, database).await?;
-            let options = postgres_session(server.database(database));
-            let pool = PgPoolOptions::new()
-                .max_connections(POOL_SIZE)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+            let options = server.database(database).disable_statement_logging();
+            let pool = postgres_pool(POOL_SIZE)
                 .connect_with(options.clone())
                 .await?;
-            let write_pool = PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options)
-                .await?;
+            let write_pool = postgres_pool(1).connect_with(options).await?;
             let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, class);
             let version = shard.migrate().await?;
             info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
@@ -111,7 +105,17 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
     }
 }
 
-/// The session settings of every PostgreSQL connection of a shard.
+/// A pool of PostgreSQL connections set up by [`set_postgres_session`].
+fn postgres_pool(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|conn, _| Box::pin(set_postgres_session(conn)))
+}
+
+/// The session settings of every PostgreSQL connection of a shard, set
+/// with `SET` once connected (a startup parameter would be refused by
+/// connection poolers such as PgBouncer).
 ///
 /// `enable_seqscan = off`: every statement kubeshard runs finds its rows by
 /// key, revision or lease, through an index. PostgreSQL plans a prepared
@@ -121,13 +125,12 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
 /// shard, that plan scans the whole table, and it stays until autovacuum
 /// next analyzes the table, a minute or more during which the table may
 /// grow by hundreds of thousands of rows: etcdctl's load l after load m
-/// fell from about 5400 to 2900 writes/s. Without sequential scans the
-/// planner takes the index whatever the size; where no index applies it
-/// still scans.
-pub fn postgres_session(options: PgConnectOptions) -> PgConnectOptions {
-    options
-        .options([("enable_seqscan", "off")])
-        .disable_statement_logging()
+/// fell to about 2900 writes/s, against about 5000 with index plans
+/// (docs/benchmarks.md). Without sequential scans the planner takes the
+/// index whatever the size; where no index applies it still scans.
+pub async fn set_postgres_session(conn: &mut PgConnection) -> sqlx::Result<()> {
+    conn.execute("SET enable_seqscan = off").await?;
+    Ok(())
 }
 
 /// Copies the SQLite WAL back into the database file every quarter second,

@@ -471,10 +471,18 @@ fn two_stores_on_one_database_lose_no_update() {
 }
 
 /// The plan PostgreSQL keeps for a lookup by key prepared on an empty,
-/// vacuumed table, on a connection with `options`.
-async fn generic_plan_on_empty_table(options: sqlx::postgres::PgConnectOptions) -> String {
+/// vacuumed table, on a new connection, set up as a shard's if `as_shard`.
+async fn generic_plan_on_empty_table(
+    options: sqlx::postgres::PgConnectOptions,
+    as_shard: bool,
+) -> String {
     use sqlx::{ConnectOptions, Executor, Row};
     let mut conn = options.connect().await.expect("connect");
+    if as_shard {
+        kubeshard_shard_worker::connect::set_postgres_session(&mut conn)
+            .await
+            .expect("session settings");
+    }
     conn.execute("CREATE TEMP TABLE plan_probe (k bytea PRIMARY KEY, v bytea NOT NULL)")
         .await
         .expect("create");
@@ -497,7 +505,7 @@ async fn generic_plan_on_empty_table(options: sqlx::postgres::PgConnectOptions) 
 /// A statement prepared while a shard's table is empty (after a Defragment
 /// of an emptied shard) must still find rows by index once the table has
 /// grown: PostgreSQL connections run without sequential scans
-/// (`connect::postgres_session`).
+/// (`connect::set_postgres_session`).
 #[test]
 fn postgres_plans_lookups_by_index_on_an_empty_table() {
     let Some(server) = backends::server(Kind::Postgres, "postgres_plans_lookups_by_index") else {
@@ -507,13 +515,12 @@ fn postgres_plans_lookups_by_index_on_an_empty_table() {
         panic!("a PostgreSQL server has connect options");
     };
     let rt = runtime();
-    let plain = rt.block_on(generic_plan_on_empty_table(options.clone()));
+    let plain = rt.block_on(generic_plan_on_empty_table(options.clone(), false));
     assert!(
         plain.contains("Seq Scan"),
         "the default planner scans an empty table (the case guarded against): {plain}"
     );
-    let session = kubeshard_shard_worker::connect::postgres_session(options);
-    let plan = rt.block_on(generic_plan_on_empty_table(session));
+    let plan = rt.block_on(generic_plan_on_empty_table(options, true));
     assert!(plan.contains("Index Scan"), "{plan}");
 }
 
