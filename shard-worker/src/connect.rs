@@ -114,8 +114,8 @@ fn postgres_pool(max_connections: u32) -> PgPoolOptions {
 }
 
 /// The session settings of every PostgreSQL connection of a shard, set
-/// with `SET` once connected (a startup parameter would be refused by
-/// connection poolers such as PgBouncer).
+/// with `SET` once connected: PgBouncer, by default, refuses a startup
+/// `options` parameter that sets a setting it does not track.
 ///
 /// `enable_seqscan = off`: every statement kubeshard runs finds its rows by
 /// key, revision or lease, through an index. PostgreSQL plans a prepared
