@@ -81,6 +81,7 @@ pub fn shard_status(e: ShardError) -> Status {
         | ShardError::Sqlite(_)
         | ShardError::BatchFailed(_)
         | ShardError::NeedsLock { .. }
+        | ShardError::NotSpeculative { .. }
         | ShardError::Stopped(_) => Status::unavailable(format!("kubeshard: {e}")),
         ShardError::Corrupt(_) => Status::internal(format!("kubeshard: {e}")),
     }

@@ -46,6 +46,17 @@ pub enum ShardError {
         /// Another writer committed since the batch read.
         contended: bool,
     },
+    /// A speculative write batch (written without reading first, see
+    /// `guarded_writes.rs`) cannot be used: the batch must read, or the
+    /// state it assumed was not the database's. The batch runs again the
+    /// ordinary way; clients never see this.
+    #[error("write batch cannot run speculatively: {why}")]
+    NotSpeculative {
+        why: &'static str,
+        /// The database was not in the assumed state (as opposed to a
+        /// batch that must read and was never sent).
+        wrong: bool,
+    },
     /// The shard's writer actor is gone (shutting down).
     #[error("shard {0} is not accepting requests (shutting down)")]
     Stopped(String),

@@ -427,18 +427,19 @@ fn two_stores_on_one_database_lose_no_update() {
                     .iter()
                     .flat_map(|(_, p)| p.iter().copied())
                     .collect();
-                let guarded = paths.iter().filter(|p| **p == WritePath::Guarded).count();
-                let reruns = paths
-                    .iter()
-                    .filter(|p| **p == WritePath::RerunLocked)
-                    .count();
+                let count = |path| paths.iter().filter(|p| **p == path).count();
+                let guarded = count(WritePath::Guarded);
+                let speculative = count(WritePath::Speculative);
+                let reruns = count(WritePath::RerunLocked);
                 eprintln!(
-                    "{:?}: {} batches, {guarded} guarded, {reruns} run again under the lock",
+                    "{:?}: {} batches, {speculative} speculative, {guarded} guarded, \
+                     {reruns} run again under the lock",
                     server.kind,
                     paths.len()
                 );
                 if server.kind == Kind::Postgres {
                     assert!(guarded > 0, "no batch ran guarded on PostgreSQL");
+                    assert!(speculative > 0, "no batch ran speculative on PostgreSQL");
                     assert!(reruns > 0, "no guard failed although two stores raced");
                 }
 
@@ -468,6 +469,61 @@ fn two_stores_on_one_database_lose_no_update() {
             }
         });
     }
+}
+
+/// A speculative batch (PostgreSQL) assumes that keys its writer does not
+/// know are absent. When one exists after all, the statement must write
+/// nothing, and the batch must be answered from the key's real state.
+#[test]
+fn speculative_batch_on_an_unknown_existing_key_answers_from_the_database() {
+    let Some(server) = backends::server(Kind::Postgres, "speculative_batch_on_an_unknown_key")
+    else {
+        return;
+    };
+    let rt = runtime();
+    rt.block_on(server.with_db(|store| async move {
+        let commit = |request: WriteRequest| {
+            let store = store.clone();
+            async move { store.commit_batch(&[request], false).await.expect("batch") }
+        };
+        commit(WriteRequest::Put(put("/x", "v1"))).await;
+        // A lease grant runs under the lock, after which the writer knows
+        // nothing; the next batch reads and knows only its own key.
+        commit(WriteRequest::LeaseGrant {
+            id: 7,
+            ttl: 60,
+            now_ms: 0,
+        })
+        .await;
+        let read = commit(WriteRequest::Put(put("/y", "1"))).await;
+        assert_eq!(read.path, WritePath::Guarded);
+        // "/x" is unknown, so assumed absent: wrong.
+        let mut with_prev = put("/x", "v2");
+        with_prev.prev_kv = true;
+        let corrected = commit(WriteRequest::Put(with_prev.clone())).await;
+        assert_eq!(corrected.path, WritePath::Guarded, "the assumption failed");
+        let [Ok(WriteResponse::Put(answer))] = &corrected.responses[..] else {
+            panic!("answers: {:?}", corrected.responses);
+        };
+        let prev = answer.prev_kv.as_ref().expect("/x existed");
+        assert_eq!((prev.value.as_slice(), prev.version), (&b"v1"[..], 1));
+        // Now "/x" is known: after a pause of a few ordinary batches (a
+        // wrong guess costs a statement), puts are speculative, and right.
+        let mut last = corrected;
+        for version in 2..=8 {
+            let next = commit(WriteRequest::Put(with_prev.clone())).await;
+            let [Ok(WriteResponse::Put(answer))] = &next.responses[..] else {
+                panic!("answers: {:?}", next.responses);
+            };
+            let prev = answer.prev_kv.as_ref().expect("/x existed");
+            assert_eq!((prev.version, prev.mod_revision), (version, last.last));
+            last = next;
+        }
+        assert_eq!(last.path, WritePath::Speculative);
+        let got = store.range(&get("/x", "", 0)).await.expect("get");
+        assert_eq!(got.kvs[0].version, 9);
+        assert_eq!(got.kvs[0].mod_revision, last.last);
+    }));
 }
 
 /// The plan PostgreSQL keeps for a lookup by key prepared on an empty,

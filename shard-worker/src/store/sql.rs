@@ -13,7 +13,7 @@ use sqlx::{
     ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type,
 };
 
-use super::guarded_writes::{self, GuardPause, GuardedTx};
+use super::guarded_writes::{self, GuardPause, GuardedTx, KnownState, SpeculationPause, Start};
 use super::page_counts::PageCounts;
 use super::range::PreparedRange;
 use super::sqlite_reads::SqliteReads;
@@ -108,6 +108,12 @@ pub struct SqlShard<DB: Database> {
     direct_writes: Option<SqliteWriter>,
     /// When guarded batches wait after a failed guard.
     guard_pause: GuardPause,
+    /// Skips speculative batches for a while after one assumed wrong.
+    speculation_pause: SpeculationPause,
+    /// What the writer knows after its last guarded batch, for the next
+    /// one to speculate from (`guarded_writes.rs`). Only the writer, under
+    /// `write_conn`, uses it.
+    known: std::sync::Mutex<Option<KnownState>>,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -160,6 +166,8 @@ where
             direct_reads: None,
             direct_writes: None,
             guard_pause: GuardPause::default(),
+            speculation_pause: SpeculationPause::default(),
+            known: std::sync::Mutex::new(None),
         }
     }
 
@@ -664,11 +672,40 @@ where
         collect_events: bool,
     ) -> Result<CommittedBatch> {
         let mut rerun = false;
+        // Whatever happens, only a batch that commits guarded knows more.
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(version) = self.dialect.meta_version()
             && guarded_writes::suits_guarded(batch)
             && self.guard_pause.take_turn()
         {
-            let mut ops = GuardedTx::new(self, &mut *conn, version);
+            let mut start = Start::Read;
+            if known.is_some()
+                && guarded_writes::suits_speculation(batch)
+                && self.speculation_pause.take_turn()
+            {
+                let mut ops = GuardedTx::new(self, &mut *conn, version, Start::Assume, known);
+                let result = write::apply_batch(&mut ops, batch, self.class, collect_events).await;
+                known = ops.take_prior();
+                match result {
+                    Err(ShardError::NotSpeculative { why, wrong }) => {
+                        tracing::debug!(why, "write batch runs again from what it reads");
+                        if wrong {
+                            self.speculation_pause.wrong();
+                        }
+                        if let Some(seen) = ops.seen_instead() {
+                            start = Start::Seen(seen);
+                        }
+                    }
+                    result => {
+                        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = ops.learned();
+                        return result.map(|committed| CommittedBatch {
+                            path: WritePath::Speculative,
+                            ..committed
+                        });
+                    }
+                }
+            }
+            let mut ops = GuardedTx::new(self, &mut *conn, version, start, known);
             match write::apply_batch(&mut ops, batch, self.class, collect_events).await {
                 Err(ShardError::NeedsLock { why, contended }) => {
                     tracing::debug!(why, "write batch runs again under the revision lock");
@@ -678,6 +715,7 @@ where
                     rerun = true;
                 }
                 result => {
+                    *self.known.lock().unwrap_or_else(|p| p.into_inner()) = ops.learned();
                     return result.map(|committed| CommittedBatch {
                         path: WritePath::Guarded,
                         ..committed

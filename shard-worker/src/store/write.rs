@@ -140,6 +140,10 @@ pub enum WritePath {
     /// Tried guarded, then run again under the lock (another writer
     /// committed meanwhile, or a request read the batch's own writes).
     RerunLocked,
+    /// Written by one guarded statement without reading first: the
+    /// statement checked that the batch's keys were in the state the
+    /// writer knew (`guarded_writes.rs`).
+    Speculative,
 }
 
 /// Applies `batch` and returns one result per request. An `Err` means the
@@ -213,6 +217,7 @@ fn is_fatal(e: &ShardError) -> bool {
             | ShardError::Sqlite(_)
             | ShardError::Corrupt(_)
             | ShardError::NeedsLock { .. }
+            | ShardError::NotSpeculative { .. }
             | ShardError::Stopped(_)
     )
 }

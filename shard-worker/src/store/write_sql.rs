@@ -20,7 +20,7 @@ const ROWS_PER_INSERT: usize = 256;
 const BYTES_PER_INSERT: usize = 4 << 20;
 /// Chunks up to this many rows keep their exact length; longer ones are
 /// cut to powers of two.
-const EXACT_ROWS: usize = 16;
+pub(crate) const EXACT_ROWS: usize = 16;
 
 /// The columns of a live key, in `KeyValue` order (see `kv_from_row`).
 const KV_COLUMNS: &str = "key_bytes, create_revision, mod_revision, version, lease, value_bytes";
@@ -381,10 +381,10 @@ pub(crate) fn meta_unchanged<'a>(
 /// The whole write of a small guarded batch as one statement (so one
 /// transaction): the counter update guarded by the version the batch read,
 /// and the history rows, live upserts and deletes, each written only if
-/// the guard held. Answers one row with the number of counter rows written:
-/// 1, or 0 when another writer committed since the batch read and nothing
-/// was written. `None` where [`combined_final`] would be, except that one
-/// part (the counter alone) is enough.
+/// the guard held. Answers the counter row's new version (one row), or no
+/// row when another writer committed since the batch read and nothing was
+/// written. `None` where [`combined_final`] would be, except that one part
+/// (the counter alone) is enough.
 pub(crate) fn guarded_final<'a>(
     d: &'static dyn Dialect,
     version: &str,
@@ -394,42 +394,129 @@ pub(crate) fn guarded_final<'a>(
     deletes: &[&'a [u8]],
     revs: Revisions,
 ) -> Option<Statement<'a>> {
-    if !d.writes_in_one_statement()
-        || history.len() > EXACT_ROWS
-        || upserts.len() > EXACT_ROWS
-        || deletes.len() > EXACT_ROWS
-    {
-        return None;
-    }
-    let bytes: usize = history
-        .iter()
-        .map(|r| r.key.len() + r.value.len())
-        .chain(upserts.iter().map(|kv| kv.key.len() + kv.value.len()))
-        .sum();
-    if bytes > BYTES_PER_INSERT {
+    if !fits_one_guarded_statement(d, history, upserts, deletes) {
         return None;
     }
     // Each part reads `m`, so it runs after the guarded update has taken
     // the row lock and writes nothing when the update found a newer row.
     let mut st = Statement::new(d, "WITH m AS (");
     push_guarded_set_revisions(&mut st, version, seen, revs);
-    st.sql(" RETURNING 1)");
+    st.sql(" RETURNING ").sql(version).sql(" AS v)");
+    push_guarded_parts(&mut st, d, history, upserts, deletes);
+    st.sql(" SELECT v FROM m");
+    Some(st)
+}
+
+/// Whether the writes fit one statement behind a guarded counter update.
+fn fits_one_guarded_statement(
+    d: &'static dyn Dialect,
+    history: &[HistoryRow],
+    upserts: &[&KeyValue],
+    deletes: &[&[u8]],
+) -> bool {
+    if !d.writes_in_one_statement()
+        || history.len() > EXACT_ROWS
+        || upserts.len() > EXACT_ROWS
+        || deletes.len() > EXACT_ROWS
+    {
+        return false;
+    }
+    let bytes: usize = history
+        .iter()
+        .map(|r| r.key.len() + r.value.len())
+        .chain(upserts.iter().map(|kv| kv.key.len() + kv.value.len()))
+        .sum();
+    bytes <= BYTES_PER_INSERT
+}
+
+/// The history rows, live upserts and deletes of a guarded statement, each
+/// behind the counter update `m`.
+fn push_guarded_parts<'a>(
+    st: &mut Statement<'a>,
+    d: &'static dyn Dialect,
+    history: &'a [HistoryRow],
+    upserts: &[&'a KeyValue],
+    deletes: &[&'a [u8]],
+) {
     if !history.is_empty() {
         st.sql(", h AS (");
-        push_history_insert(&mut st, history, Rows::GuardedByM);
+        push_history_insert(st, history, Rows::GuardedByM);
         st.sql(")");
     }
     if !upserts.is_empty() {
         st.sql(", l AS (");
-        push_live_upsert(&mut st, d, upserts, Rows::GuardedByM);
+        push_live_upsert(st, d, upserts, Rows::GuardedByM);
         st.sql(")");
     }
     if !deletes.is_empty() {
         st.sql(", d AS (");
-        push_in_list(&mut st, LIVE_DELETE, deletes, Arg::Bytes);
+        push_in_list(st, LIVE_DELETE, deletes, Arg::Bytes);
         st.sql(" AND EXISTS (SELECT 1 FROM m))");
     }
-    st.sql(" SELECT count(*) FROM m");
+}
+
+/// The whole of a small batch computed without reading first, as one
+/// statement: it reads the counter row and the live rows of `expected`'s
+/// keys, and writes (as [`guarded_final`] does) only if the counter row's
+/// version is still `seen` and each key's live row is the one expected
+/// (`Some(mod_revision)`) or absent (`None`). Answers one row per live key
+/// found (one row with NULLs if none): column 0 is the counter row's new
+/// version when the batch was written, NULL otherwise; then the counter
+/// row and the key's live row as [`guarded_start`] gives them (from column
+/// 1 on), which are what the batch must start from when it was not
+/// written. Their values are only sent back when they are needed. `None`
+/// where [`guarded_final`] would be, or for more than [`EXACT_ROWS`] keys.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn speculative_final<'a>(
+    d: &'static dyn Dialect,
+    version: &str,
+    seen: &'a str,
+    expected: &[(&'a [u8], Option<i64>)],
+    history: &'a [HistoryRow],
+    upserts: &[&'a KeyValue],
+    deletes: &[&'a [u8]],
+    revs: Revisions,
+) -> Option<Statement<'a>> {
+    if expected.is_empty()
+        || expected.len() > EXACT_ROWS
+        || !fits_one_guarded_statement(d, history, upserts, deletes)
+    {
+        return None;
+    }
+    let keys: Vec<&[u8]> = expected.iter().map(|(key, _)| *key).collect();
+    let present: Vec<(&[u8], i64)> = expected
+        .iter()
+        .filter_map(|(key, m)| m.map(|m| (*key, m)))
+        .collect();
+    let mut st = Statement::new(
+        d,
+        format!(
+            "WITH s AS (SELECT revision, compact_revision, {version} AS v \
+             FROM ks_meta WHERE id = 1), r AS (SELECT {KV_COLUMNS} FROM ks_live "
+        ),
+    );
+    push_in_list(&mut st, "WHERE key_bytes IN (", &keys, Arg::Bytes);
+    st.sql("), m AS (");
+    push_guarded_set_revisions(&mut st, version, seen, revs);
+    // Every expected live row is there (same key, same mod_revision, so
+    // the same row) and no other: the keys are as the batch assumed.
+    st.sql(" AND (SELECT count(*) FROM r) = ")
+        .int(present.len() as i64);
+    if !present.is_empty() {
+        st.sql(" AND (SELECT count(*) FROM r WHERE (key_bytes, mod_revision) IN (");
+        for (i, (key, m)) in present.iter().enumerate() {
+            st.sql(if i == 0 { "(" } else { ", (" });
+            st.bytes(key).sql(", ").int(*m).sql(")");
+        }
+        st.sql(")) = ").int(present.len() as i64);
+    }
+    st.sql(" RETURNING ").sql(version).sql(" AS v)");
+    push_guarded_parts(&mut st, d, history, upserts, deletes);
+    st.sql(
+        " SELECT m.v, s.revision, s.compact_revision, s.v, r.key_bytes, r.create_revision, \
+         r.mod_revision, r.version, r.lease, r.value_bytes \
+         FROM s LEFT JOIN m ON true LEFT JOIN r ON m.v IS NULL",
+    );
     Some(st)
 }
 
@@ -544,14 +631,14 @@ mod tests {
         };
         assert!(st.text.starts_with(
             "WITH m AS (UPDATE ks_meta SET revision = $1, compact_revision = $2 \
-             WHERE id = 1 AND xmin::text = $3 RETURNING 1), \
+             WHERE id = 1 AND xmin::text = $3 RETURNING xmin::text AS v), \
              h AS (INSERT INTO ks_history"
         ));
         assert!(st.text.contains(") SELECT v.* FROM m, (VALUES ($4, "));
         assert!(st.text.contains("), l AS (INSERT INTO ks_live"));
         assert!(st.text.ends_with(
             "), d AS (DELETE FROM ks_live WHERE key_bytes IN ($19) \
-             AND EXISTS (SELECT 1 FROM m)) SELECT count(*) FROM m"
+             AND EXISTS (SELECT 1 FROM m)) SELECT v FROM m"
         ));
         assert_eq!(st.args.len(), 19, "3 + 9 + 6 + 1 parameters in text order");
         assert!(matches!(st.args[2], Arg::Text("731")));
@@ -559,7 +646,10 @@ mod tests {
         let Some(bump) = guarded_final(pg, version, "731", &[], &[], &[], revs) else {
             panic!("a counter-only batch is guarded");
         };
-        assert!(bump.text.ends_with("RETURNING 1) SELECT count(*) FROM m"));
+        assert!(
+            bump.text
+                .ends_with("RETURNING xmin::text AS v) SELECT v FROM m")
+        );
         // MySQL has no guarded statements; large parts take the transaction.
         let mysql: &'static dyn Dialect = &crate::dialect::Mysql;
         assert!(mysql.meta_version().is_none());
@@ -576,6 +666,67 @@ mod tests {
                 .starts_with("SELECT m.revision, m.compact_revision, m.xmin::text, ")
         );
         assert!(guarded_start(pg, version, &vec![&b"a"[..]; EXACT_ROWS + 1]).is_none());
+    }
+
+    #[test]
+    fn speculative_batch_writes_only_if_its_keys_are_as_assumed() {
+        let (row, kv, revs) = one_put();
+        let history = [row];
+        let pg: &'static dyn Dialect = &crate::dialect::Postgres;
+        let Some(version) = pg.meta_version() else {
+            panic!("PostgreSQL has a row version");
+        };
+        // "k" assumed absent, "j" assumed live at mod_revision 3.
+        let expected: [(&[u8], Option<i64>); 2] = [(b"k", None), (b"j", Some(3))];
+        let Some(st) =
+            speculative_final(pg, version, "731", &expected, &history, &[&kv], &[], revs)
+        else {
+            panic!("a small batch is one speculative statement");
+        };
+        assert!(st.text.starts_with(
+            "WITH s AS (SELECT revision, compact_revision, xmin::text AS v FROM ks_meta \
+             WHERE id = 1), r AS (SELECT key_bytes, create_revision, mod_revision, version, \
+             lease, value_bytes FROM ks_live WHERE key_bytes IN ($1, $2)), \
+             m AS (UPDATE ks_meta SET revision = $3, compact_revision = $4 \
+             WHERE id = 1 AND xmin::text = $5 AND (SELECT count(*) FROM r) = $6 \
+             AND (SELECT count(*) FROM r WHERE (key_bytes, mod_revision) IN (($7, $8))) = $9 \
+             RETURNING xmin::text AS v), h AS (INSERT INTO ks_history"
+        ));
+        assert!(st.text.ends_with(
+            " SELECT m.v, s.revision, s.compact_revision, s.v, r.key_bytes, \
+             r.create_revision, r.mod_revision, r.version, r.lease, r.value_bytes \
+             FROM s LEFT JOIN m ON true LEFT JOIN r ON m.v IS NULL"
+        ));
+        assert!(matches!(st.args[5], Arg::Int(1)), "one live row expected");
+        assert!(matches!(st.args[7], Arg::Int(3)));
+        assert_eq!(st.args.len(), 9 + 9 + 6, "parameters in text order");
+        // All keys assumed absent: only the count is checked.
+        let Some(st) = speculative_final(
+            pg,
+            version,
+            "731",
+            &expected[..1],
+            &history,
+            &[&kv],
+            &[],
+            revs,
+        ) else {
+            panic!("a small batch is one speculative statement");
+        };
+        assert!(
+            st.text
+                .contains("AND (SELECT count(*) FROM r) = $5 RETURNING")
+        );
+        assert!(matches!(st.args[4], Arg::Int(0)));
+        // No keys, too many keys, or MySQL: not speculative.
+        assert!(speculative_final(pg, version, "1", &[], &history, &[&kv], &[], revs).is_none());
+        let many = vec![expected[0]; EXACT_ROWS + 1];
+        assert!(speculative_final(pg, version, "1", &many, &history, &[&kv], &[], revs).is_none());
+        let mysql: &'static dyn Dialect = &crate::dialect::Mysql;
+        assert!(
+            speculative_final(mysql, version, "1", &expected, &history, &[&kv], &[], revs)
+                .is_none()
+        );
     }
 
     #[test]
