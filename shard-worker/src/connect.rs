@@ -68,7 +68,10 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
             let pool = postgres_pool(POOL_SIZE)
                 .connect_with(options.clone())
                 .await?;
-            let write_pool = postgres_pool(1).connect_with(options).await?;
+            let write_pool = postgres_pool(1)
+                .after_connect(|conn, _| Box::pin(set_postgres_writer_session(conn)))
+                .connect_with(options)
+                .await?;
             let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, class);
             let version = shard.migrate().await?;
             info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
@@ -130,6 +133,23 @@ fn postgres_pool(max_connections: u32) -> PgPoolOptions {
 /// index whatever the size; where no index applies it still scans.
 pub async fn set_postgres_session(conn: &mut PgConnection) -> sqlx::Result<()> {
     conn.execute("SET enable_seqscan = off").await?;
+    Ok(())
+}
+
+/// The session settings of a shard's writer connection: those of
+/// [`set_postgres_session`], and `plan_cache_mode = force_generic_plan`.
+///
+/// The writer runs few statements of fixed shapes (key lookups, inserts,
+/// the counter update), many times a second. PostgreSQL plans a prepared
+/// statement anew at each execution when its generic plan looks costlier
+/// than the plans made for the first five parameter sets, which it does
+/// on a table that statistics say is empty: after load m of `etcdctl check
+/// perf` and its Defragment (VACUUM), the writer spent a third of its
+/// PostgreSQL backend's time planning, through all of load l.
+pub async fn set_postgres_writer_session(conn: &mut PgConnection) -> sqlx::Result<()> {
+    set_postgres_session(conn).await?;
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+        .await?;
     Ok(())
 }
 

@@ -558,6 +558,69 @@ async fn generic_plan_on_empty_table(
         .join("\n")
 }
 
+/// How many times PostgreSQL planned a statement prepared and run ten
+/// times on a table emptied and vacuumed (as after load m and a
+/// Defragment), on a new connection, set up as the shard writer's if
+/// `as_writer`: (custom plans, generic plans).
+async fn plans_after_vacuum(
+    options: sqlx::postgres::PgConnectOptions,
+    as_writer: bool,
+) -> (i64, i64) {
+    use sqlx::{ConnectOptions, Executor, Row};
+    let mut conn = options.connect().await.expect("connect");
+    if as_writer {
+        kubeshard_shard_worker::connect::set_postgres_writer_session(&mut conn)
+            .await
+            .expect("session settings");
+    }
+    conn.execute("CREATE TEMP TABLE plan_probe (k bytea PRIMARY KEY, v bytea NOT NULL)")
+        .await
+        .expect("create");
+    conn.execute(
+        "INSERT INTO plan_probe SELECT int8send(i), int8send(i) FROM generate_series(1, 1000) i",
+    )
+    .await
+    .expect("fill");
+    conn.execute("DELETE FROM plan_probe").await.expect("empty");
+    conn.execute("VACUUM plan_probe").await.expect("vacuum");
+    for i in 0..10_i64 {
+        sqlx::query("SELECT v FROM plan_probe WHERE k = $1")
+            .bind(i.to_be_bytes().to_vec())
+            .fetch_all(&mut conn)
+            .await
+            .expect("lookup");
+    }
+    let row = sqlx::query(
+        "SELECT custom_plans, generic_plans FROM pg_prepared_statements \
+         WHERE statement LIKE 'SELECT v FROM plan_probe%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("plan counts");
+    (row.get(0), row.get(1))
+}
+
+/// The shard writer's statements are planned once, not at every
+/// execution (`connect::set_postgres_writer_session`).
+#[test]
+fn postgres_writer_plans_its_statements_once() {
+    let Some(server) = backends::server(Kind::Postgres, "postgres_writer_plans_once") else {
+        return;
+    };
+    let Some(options) = server.postgres_options() else {
+        panic!("a PostgreSQL server has connect options");
+    };
+    let rt = runtime();
+    let (custom, generic) = rt.block_on(plans_after_vacuum(options.clone(), false));
+    eprintln!("default session: {custom} custom plans, {generic} generic plans");
+    assert!(
+        custom >= 5,
+        "by default the first executions are planned one by one: {custom}, {generic}"
+    );
+    let (custom, generic) = rt.block_on(plans_after_vacuum(options, true));
+    assert_eq!((custom, generic), (0, 10));
+}
+
 /// A statement prepared while a shard's table is empty (after a Defragment
 /// of an emptied shard) must still find rows by index once the table has
 /// grown: PostgreSQL connections run without sequential scans
