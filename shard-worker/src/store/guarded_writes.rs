@@ -211,7 +211,8 @@ pub(super) struct GuardedTx<'t, 'k, DB: Database> {
     speculative: bool,
     /// What the writer knew before the batch.
     prior: Option<KnownState>,
-    /// The batch's revisions, keys and their live rows at its start.
+    /// The batch's revisions, keys and their live rows at its start (keys
+    /// and rows only for at most `EXACT_ROWS` keys).
     start_revs: Revisions,
     start_keys: Vec<Vec<u8>>,
     start_live: Vec<KeyValue>,
@@ -461,8 +462,13 @@ where
             },
         };
         self.start_revs = revs;
-        self.start_keys = keys.iter().map(|key| key.to_vec()).collect();
-        self.start_live.clone_from(&live);
+        // Kept to learn from and to check a speculation, which only small
+        // batches do: a large batch's rows are not copied. (What it
+        // writes is still learned; what it only read was not changed.)
+        if keys.len() <= write_sql::EXACT_ROWS {
+            self.start_keys = keys.iter().map(|key| key.to_vec()).collect();
+            self.start_live.clone_from(&live);
+        }
         Ok((revs, live))
     }
 
