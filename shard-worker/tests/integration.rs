@@ -893,6 +893,135 @@ fn put_then_delete_of_a_key_in_one_txn() {
     });
 }
 
+/// A database of schema version 2 (history indexed by key) is upgraded in
+/// place when a store opens it: the index is dropped, the version becomes 3,
+/// and its data reads as before, at the current and at older revisions. A
+/// version this kubeshard does not know is refused with a message naming it.
+#[test]
+fn schema_version_2_is_upgraded_in_place() {
+    let name = "schema_version_2_is_upgraded_in_place";
+    let rt = runtime();
+    for server in backends::servers(name) {
+        rt.block_on(async {
+            let mut db = server.create().await;
+            let mut r = Runner::new(&*db.store);
+            r.write(WriteRequest::Put(put("a", "1"))); // 2
+            r.write(WriteRequest::Put(put("a", "2"))); // 3
+            r.write(WriteRequest::Put(put("b", "x"))); // 4
+            r.write(WriteRequest::DeleteRange(delete("b", "", false))); // 5
+            flush(&mut r).await;
+            drop(r);
+            let (index_count, add_index) = match server.kind {
+                Kind::Sqlite => (
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' \
+                     AND name = 'ks_history_key'",
+                    "CREATE UNIQUE INDEX ks_history_key ON ks_history (key_bytes, revision, sub)",
+                ),
+                Kind::Postgres => (
+                    "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'ks_history' \
+                     AND indexname = 'ks_history_key'",
+                    "CREATE UNIQUE INDEX ks_history_key ON ks_history (key_bytes, revision, sub)",
+                ),
+                Kind::Mysql => (
+                    "SELECT COUNT(DISTINCT index_name) FROM information_schema.statistics \
+                     WHERE table_schema = DATABASE() AND table_name = 'ks_history' \
+                     AND index_name = 'ks_history_key'",
+                    "ALTER TABLE ks_history ADD UNIQUE KEY ks_history_key (key_bytes, revision, sub)",
+                ),
+            };
+            assert_eq!(db.sql(index_count).await, Some(0), "{:?}: a new database has no key index", server.kind);
+            db.sql(add_index).await;
+            db.sql("UPDATE ks_meta SET schema_version = 2 WHERE id = 1").await;
+            assert_eq!(db.sql(index_count).await, Some(1), "{:?}: index added", server.kind);
+
+            let upgraded = db.open_another().await;
+            assert_eq!(db.sql(index_count).await, Some(0), "{:?}: index dropped", server.kind);
+            assert_eq!(
+                db.sql("SELECT schema_version FROM ks_meta WHERE id = 1").await,
+                Some(3)
+            );
+            let now = upgraded.range(&get("a", "\0", 0)).await.expect("range");
+            assert_eq!(now.kvs, vec![kv("a", "2", 2, 3, 2)]);
+            let old = upgraded.range(&get("a", "\0", 4)).await.expect("range at 4");
+            assert_eq!(old.kvs, vec![kv("a", "2", 2, 3, 2), kv("b", "x", 4, 4, 1)]);
+            let older = upgraded.range(&get("a", "\0", 2)).await.expect("range at 2");
+            assert_eq!(older.kvs, vec![kv("a", "1", 2, 2, 1)]);
+            // Opening it again finds version 3 and changes nothing.
+            drop(db.open_another().await);
+
+            db.sql("UPDATE ks_meta SET schema_version = 4 WHERE id = 1").await;
+            match db.try_open_another().await {
+                Err(e) => assert!(
+                    e.to_string().contains("schema version 4"),
+                    "{:?}: {e}",
+                    server.kind
+                ),
+                Ok(_) => panic!("{:?}: a store opened a database of schema version 4", server.kind),
+            }
+            drop(upgraded);
+            db.drop_db().await;
+        });
+    }
+}
+
+/// The purge after a compaction at C keeps exactly the rows that reads and
+/// watches at or after C need: each key's newest row at or below C, if it
+/// is not a tombstone, and everything newer than C. Reads cannot tell a
+/// row left behind, so this counts the rows.
+#[test]
+fn purge_keeps_only_what_reads_after_compaction_need() {
+    let name = "purge_keeps_only_what_reads_after_compaction_need";
+    let rt = runtime();
+    for server in backends::servers(name) {
+        for batch in [1, 3, 100] {
+            rt.block_on(async {
+                let mut db = server.create().await;
+                let store = db.store.clone();
+                let mut r = Runner::new(&*store);
+                r.write(WriteRequest::Put(put("a", "1"))); // 2
+                r.write(WriteRequest::Put(put("a", "2"))); // 3: a's row at C
+                r.write(WriteRequest::Put(put("b", "x"))); // 4
+                r.write(WriteRequest::DeleteRange(delete("b", "", false))); // 5
+                r.write(WriteRequest::Put(put("c", "1"))); // 6: c's row at C
+                r.write(WriteRequest::Txn(txn(
+                    vec![],
+                    vec![
+                        op(Request::RequestTxn(txn(
+                            vec![],
+                            vec![op(Request::RequestPut(put("d", "1")))],
+                            vec![],
+                        ))),
+                        op(Request::RequestTxn(txn(
+                            vec![],
+                            vec![op(Request::RequestDeleteRange(delete("d", "", false)))],
+                            vec![],
+                        ))),
+                    ],
+                    vec![],
+                ))); // 7: d put and deleted
+                r.write(WriteRequest::Put(put("e", "1"))); // 8
+                r.write(WriteRequest::Put(put("e", "2"))); // 9: e's row at C
+                r.write(WriteRequest::Put(put("c", "2"))); // 10, after C
+                r.write(WriteRequest::Put(put("e", "3"))); // 11, after C
+                r.write(WriteRequest::Compact { revision: 9 });
+                flush(&mut r).await;
+                assert_eq!(r.model.rev, 11);
+                r.purge(batch).await.expect("purge");
+                assert_eq!(
+                    db.sql("SELECT COUNT(*) FROM ks_history").await,
+                    Some(5),
+                    "{:?}, windows of {batch}: rows a@3, c@6, e@9, c@10, e@11",
+                    server.kind
+                );
+                check_all(&mut r).await;
+                drop(r);
+                drop(store);
+                db.drop_db().await;
+            });
+        }
+    }
+}
+
 /// Compaction at the revision of a txn that put a key and then deleted it
 /// removes both rows, as etcd drops the key's whole generation when its
 /// tombstone is at or below the compaction revision (a fresh CI run of the

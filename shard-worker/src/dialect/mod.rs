@@ -16,7 +16,10 @@ pub use sqlite::Sqlite;
 /// Schema version written to `ks_meta`; bumped with every incompatible change.
 /// 2: a key may have two history rows in one revision (put, then delete by a
 /// later nested txn), so the history index is (key, revision, sub).
-pub const SCHEMA_VERSION: i64 = 2;
+/// 3: no history index by key; old-revision reads and compaction follow
+/// `prev_revision` through the primary key instead. A version-2 database
+/// is upgraded in place by dropping the index (`SqlShard::migrate`).
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The SQL differences between the supported databases.
 pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
@@ -69,23 +72,42 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     /// One statement returning the database size in bytes.
     fn db_size(&self) -> &'static str;
 
-    /// Deletes, for revisions in [lo, hi), history rows that compaction at
-    /// `compact` made unreachable: tombstones, and rows superseded by a newer
-    /// row of the same key at or below `compact`. Parameters bind in the order
-    /// (compact, lo, hi).
-    fn compact_window(&self) -> String;
+    /// Compaction's purge of the revisions [lo, hi), all at or below the
+    /// compaction revision, as two statements run in this order, each
+    /// binding (lo, hi): first delete the rows that the window's rows
+    /// replaced (found by `prev_revision` through the primary key), then
+    /// the window's rows that are tombstones or that a later row of the
+    /// same key in the same revision replaced. In the other order a
+    /// tombstone would be gone before the row it replaced.
+    fn purge_window(&self) -> [String; 2];
+
+    /// Whether the `(key_bytes, revision, sub)` history index of schema
+    /// version 2 is still there: a query returning a count.
+    fn history_key_index_count(&self) -> &'static str;
+
+    /// Drops that index.
+    fn drop_history_key_index(&self) -> &'static str;
 
     /// Statements run by Maintenance.Defragment to give space back.
     fn defragment(&self) -> &'static [&'static str];
 }
 
-/// The compaction delete for dialects whose placeholders can carry their
-/// number, given in the order (compact, lo, hi).
-pub(crate) fn compact_window_numbered([compact, lo, hi]: &[&str; 3]) -> String {
-    format!(
-        "DELETE FROM ks_history WHERE revision >= {lo} AND revision < {hi} AND (deleted = 1 OR EXISTS \
-         (SELECT 1 FROM ks_history n WHERE n.key_bytes = ks_history.key_bytes \
-         AND (n.revision > ks_history.revision OR (n.revision = ks_history.revision AND n.sub > ks_history.sub)) \
-         AND n.revision <= {compact}))",
-    )
+/// [`Dialect::purge_window`] for dialects whose placeholders can carry
+/// their number, given as (lo, hi). (The row-value `IN` of the first
+/// statement is planned as primary-key lookups; with a `UNION` of both
+/// parts inside, SQLite scanned the whole table instead.)
+pub(crate) fn purge_window_numbered([lo, hi]: [&str; 2]) -> [String; 2] {
+    [
+        format!(
+            "DELETE FROM ks_history WHERE (revision, sub) IN (SELECT p.revision, p.sub \
+             FROM ks_history n JOIN ks_history p ON p.revision = n.prev_revision \
+             AND p.key_bytes = n.key_bytes WHERE n.revision >= {lo} AND n.revision < {hi} \
+             AND n.prev_revision > 0)"
+        ),
+        format!(
+            "DELETE FROM ks_history WHERE revision >= {lo} AND revision < {hi} AND (deleted = 1 \
+             OR EXISTS (SELECT 1 FROM ks_history s WHERE s.revision = ks_history.revision \
+             AND s.key_bytes = ks_history.key_bytes AND s.sub > ks_history.sub))"
+        ),
+    ]
 }

@@ -5,8 +5,9 @@ use super::Dialect;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mysql;
 
-/// Longest key: an InnoDB index entry is at most 3072 bytes, and the history
-/// index also holds the 8-byte revision.
+/// Longest key: an InnoDB index entry is at most 3072 bytes, and `ks_live`
+/// is keyed by it (the column is `VARBINARY(3000)`; databases of schema
+/// version 2 also had it in a history index with the 8-byte revision).
 const MAX_KEY_LEN: usize = 3000;
 
 const SCHEMA: &[&str] = &[
@@ -15,7 +16,7 @@ const SCHEMA: &[&str] = &[
         revision BIGINT NOT NULL,
         compact_revision BIGINT NOT NULL,
         schema_version BIGINT NOT NULL) ENGINE=InnoDB",
-    "INSERT IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 2)",
+    "INSERT IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 3)",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision BIGINT NOT NULL,
         sub BIGINT NOT NULL,
@@ -26,8 +27,7 @@ const SCHEMA: &[&str] = &[
         version BIGINT NOT NULL,
         lease BIGINT NOT NULL,
         value_bytes LONGBLOB NOT NULL,
-        PRIMARY KEY (revision, sub),
-        UNIQUE KEY ks_history_key (key_bytes, revision, sub)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+        PRIMARY KEY (revision, sub)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
     "CREATE TABLE IF NOT EXISTS ks_live (
         key_bytes VARBINARY(3000) NOT NULL PRIMARY KEY,
         create_revision BIGINT NOT NULL,
@@ -82,13 +82,28 @@ impl Dialect for Mysql {
         "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
          FROM information_schema.tables WHERE table_schema = DATABASE()"
     }
-    fn compact_window(&self) -> String {
+    fn purge_window(&self) -> [String; 2] {
         // MySQL refuses a subquery on the table being deleted from; a
         // multi-table DELETE with a join says the same thing.
-        "DELETE h FROM ks_history h LEFT JOIN ks_history n ON n.key_bytes = h.key_bytes \
-         AND (n.revision > h.revision OR (n.revision = h.revision AND n.sub > h.sub)) AND n.revision <= ? \
-         WHERE h.revision >= ? AND h.revision < ? AND (h.deleted = 1 OR n.revision IS NOT NULL)"
-            .to_string()
+        [
+            "DELETE p FROM ks_history n JOIN ks_history p ON p.revision = n.prev_revision \
+             AND p.key_bytes = n.key_bytes \
+             WHERE n.revision >= ? AND n.revision < ? AND n.prev_revision > 0"
+                .to_string(),
+            "DELETE w FROM ks_history w LEFT JOIN ks_history s ON s.revision = w.revision \
+             AND s.key_bytes = w.key_bytes AND s.sub > w.sub \
+             WHERE w.revision >= ? AND w.revision < ? AND (w.deleted = 1 OR s.revision IS NOT NULL)"
+                .to_string(),
+        ]
+    }
+    fn history_key_index_count(&self) -> &'static str {
+        "SELECT COUNT(DISTINCT index_name) FROM information_schema.statistics \
+         WHERE table_schema = DATABASE() \
+         AND table_name = 'ks_history' AND index_name = 'ks_history_key'"
+    }
+    fn drop_history_key_index(&self) -> &'static str {
+        // No IF EXISTS in MySQL: `history_key_index_count` asks first.
+        "ALTER TABLE ks_history DROP INDEX ks_history_key"
     }
     fn defragment(&self) -> &'static [&'static str] {
         &["OPTIMIZE TABLE ks_history, ks_live, ks_lease"]

@@ -11,7 +11,7 @@ const SCHEMA: &[&str] = &[
         revision BIGINT NOT NULL,
         compact_revision BIGINT NOT NULL,
         schema_version BIGINT NOT NULL)",
-    "INSERT INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 2)
+    "INSERT INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 3)
         ON CONFLICT (id) DO NOTHING",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision BIGINT NOT NULL,
@@ -24,7 +24,6 @@ const SCHEMA: &[&str] = &[
         lease BIGINT NOT NULL,
         value_bytes BYTEA NOT NULL,
         PRIMARY KEY (revision, sub))",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ks_history_key ON ks_history (key_bytes, revision, sub)",
     "CREATE TABLE IF NOT EXISTS ks_live (
         key_bytes BYTEA NOT NULL PRIMARY KEY,
         create_revision BIGINT NOT NULL,
@@ -82,14 +81,23 @@ impl Dialect for Postgres {
         Some("xmin::text")
     }
     fn max_key_len(&self) -> Option<usize> {
-        // A btree entry must fit in a third of a page (2704 bytes), with the revision.
+        // A btree entry must fit in a third of a page (2704 bytes); kept
+        // below that with room for a revision, as when schema version 2
+        // indexed history by (key, revision).
         Some(2600)
     }
     fn db_size(&self) -> &'static str {
         "SELECT pg_database_size(current_database())"
     }
-    fn compact_window(&self) -> String {
-        super::compact_window_numbered(&["$1", "$2", "$3"])
+    fn purge_window(&self) -> [String; 2] {
+        super::purge_window_numbered(["$1", "$2"])
+    }
+    fn history_key_index_count(&self) -> &'static str {
+        "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() \
+         AND tablename = 'ks_history' AND indexname = 'ks_history_key'"
+    }
+    fn drop_history_key_index(&self) -> &'static str {
+        "DROP INDEX IF EXISTS ks_history_key"
     }
     fn defragment(&self) -> &'static [&'static str] {
         &["VACUUM ks_history", "VACUUM ks_live", "VACUUM ks_lease"]

@@ -11,7 +11,7 @@ const SCHEMA: &[&str] = &[
         revision INTEGER NOT NULL,
         compact_revision INTEGER NOT NULL,
         schema_version INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 2)",
+    "INSERT OR IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 3)",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision INTEGER NOT NULL,
         sub INTEGER NOT NULL,
@@ -23,7 +23,6 @@ const SCHEMA: &[&str] = &[
         lease INTEGER NOT NULL,
         value_bytes BLOB NOT NULL,
         PRIMARY KEY (revision, sub))",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ks_history_key ON ks_history (key_bytes, revision, sub)",
     "CREATE TABLE IF NOT EXISTS ks_live (
         key_bytes BLOB NOT NULL PRIMARY KEY,
         create_revision INTEGER NOT NULL,
@@ -81,9 +80,14 @@ impl Dialect for Sqlite {
     fn db_size(&self) -> &'static str {
         "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
     }
-    fn compact_window(&self) -> String {
-        // Three parameters, out of binding order: numbered ones are cheap here.
-        super::compact_window_numbered(&["?1", "?2", "?3"])
+    fn purge_window(&self) -> [String; 2] {
+        super::purge_window_numbered(["?1", "?2"])
+    }
+    fn history_key_index_count(&self) -> &'static str {
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'ks_history_key'"
+    }
+    fn drop_history_key_index(&self) -> &'static str {
+        "DROP INDEX IF EXISTS ks_history_key"
     }
     fn defragment(&self) -> &'static [&'static str] {
         &["PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM"]

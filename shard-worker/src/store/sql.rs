@@ -194,7 +194,10 @@ where
         let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
             .fetch_one(&mut *conn)
             .await?;
-        let version: i64 = row.try_get(0)?;
+        let mut version: i64 = row.try_get(0)?;
+        if version == 2 {
+            version = self.upgrade_from_2(&mut conn).await?;
+        }
         if version != crate::dialect::SCHEMA_VERSION {
             return Err(ShardError::Corrupt(format!(
                 "schema version {version} in the database, this kubeshard knows {}",
@@ -202,6 +205,39 @@ where
             )));
         }
         Ok(version)
+    }
+
+    /// Version 2 to 3: drops the history index by key, which nothing reads
+    /// any more (every write paid a random index page for it). Routers that
+    /// start together may race here: the drop is skipped once the index is
+    /// gone, and the version only moves from 2 to 3.
+    async fn upgrade_from_2(&self, conn: &mut PoolConnection<DB>) -> Result<i64> {
+        let row = sqlx::query(self.dialect.history_key_index_count())
+            .fetch_one(&mut **conn)
+            .await?;
+        let present: i64 = row.try_get(0)?;
+        if present > 0 {
+            tracing::info!("schema version 2: dropping the history index ks_history_key");
+            if let Err(e) = sqlx::query(self.dialect.drop_history_key_index())
+                .execute(&mut **conn)
+                .await
+            {
+                // Another router may have dropped it first.
+                let row = sqlx::query(self.dialect.history_key_index_count())
+                    .fetch_one(&mut **conn)
+                    .await?;
+                if row.try_get::<i64, _>(0)? > 0 {
+                    return Err(e.into());
+                }
+            }
+        }
+        sqlx::query("UPDATE ks_meta SET schema_version = 3 WHERE id = 1 AND schema_version = 2")
+            .execute(&mut **conn)
+            .await?;
+        let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
+            .fetch_one(&mut **conn)
+            .await?;
+        Ok(row.try_get(0)?)
     }
 
     fn statement<'a>(&self, text: impl Into<String>) -> Statement<'a> {
@@ -852,16 +888,20 @@ where
         let Some(mut lo) = row.try_get::<Option<i64>, _>(0)? else {
             return Ok(0);
         };
-        let text = self.dialect.compact_window();
+        // Windows run in revision order from the oldest row, so a row is
+        // gone only after what it replaced is.
+        let texts = self.dialect.purge_window();
         let mut removed = 0;
         while lo <= upto {
             let hi = (lo + batch).min(upto + 1);
-            let st = Statement {
-                dialect: self.dialect,
-                text: text.clone(),
-                args: vec![Arg::Int(upto), Arg::Int(lo), Arg::Int(hi)],
-            };
-            removed += Self::execute_in(&mut conn, &st).await?;
+            for text in &texts {
+                let st = Statement {
+                    dialect: self.dialect,
+                    text: text.clone(),
+                    args: vec![Arg::Int(lo), Arg::Int(hi)],
+                };
+                removed += Self::execute_in(&mut conn, &st).await?;
+            }
             lo = hi;
         }
         Ok(removed)

@@ -221,6 +221,44 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("open {} again: {e}", self.endpoint))
     }
 
+    /// [`TestDb::open_another`], returning the error instead of panicking.
+    pub async fn try_open_another(
+        &self,
+    ) -> Result<Arc<dyn ShardStore>, kubeshard_shard_worker::ShardError> {
+        open_store(&self.endpoint, self.class).await
+    }
+
+    /// Runs `sql` on the database directly; returns the first column of the
+    /// first row as an integer if it returns rows.
+    pub async fn sql(&mut self, sql: &str) -> Option<i64> {
+        use sqlx::Row;
+        let rows = match (&mut self.conn, &self.endpoint) {
+            (Some(Conn::Pg(c)), _) => sqlx::query(sql)
+                .fetch_all(&mut *c)
+                .await
+                .map(|rows| rows.first().map(|r| r.get::<i64, _>(0))),
+            (Some(Conn::My(c)), _) => sqlx::query(sql)
+                .fetch_all(&mut *c)
+                .await
+                .map(|rows| rows.first().map(|r| r.get::<i64, _>(0))),
+            (None, Endpoint::Sqlite { path }) => {
+                let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .connect()
+                    .await
+                    .expect("open the SQLite file");
+                let r = sqlx::query(sql)
+                    .fetch_all(&mut c)
+                    .await
+                    .map(|rows| rows.first().map(|r| r.get::<i64, _>(0)));
+                let _ = c.close().await;
+                r
+            }
+            _ => unreachable!("PostgreSQL and MySQL test databases have a connection"),
+        };
+        rows.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Makes the store fresh: a new SQLite file, or emptied tables.
     pub async fn fresh(&mut self) {
         match &mut self.conn {
