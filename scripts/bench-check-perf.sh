@@ -46,8 +46,10 @@ run_loads() { # round system-name endpoint pid
     cat "$out" >&2
     local tput slowest stddev
     tput=$(grep -oE '[0-9]+ writes/s' "$out" | grep -oE '[0-9]+' || echo "?")
-    slowest=$(grep -oE 'Slowest request took [0-9.]+s' "$out" | grep -oE '[0-9.]+' || echo "?")
-    stddev=$(grep -oE 'Stddev is [0-9.]+s' "$out" | grep -oE '[0-9.]+' || echo "?")
+    # A failed check words its line differently ("took too long: 0.98s",
+    # "Stddev too high: 0.1s"); the figure is wanted either way.
+    slowest=$(grep -oE 'Slowest request took (too long: )?[0-9.]+s' "$out" | grep -oE '[0-9.]+' || echo "?")
+    stddev=$(grep -oE 'Stddev (is|too high:) [0-9.]+s' "$out" | grep -oE '[0-9.]+' || echo "?")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$load" "$verdict" "$tput" "$slowest" "$stddev" "$((peak_rss / 1024))" >>"$results"
   done
 }
