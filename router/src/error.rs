@@ -75,7 +75,9 @@ pub fn shard_status(e: ShardError) -> Status {
         ShardError::LeaseNotFound => EtcdError::LeaseNotFound.into(),
         ShardError::LeaseExists => EtcdError::LeaseExists.into(),
         ShardError::KeyNotFound => EtcdError::KeyNotFound.into(),
-        ShardError::KeyTooLong { .. } => Status::invalid_argument(format!("etcdserver: {e}")),
+        ShardError::KeyTooLong { .. } | ShardError::InvalidSelector(_) => {
+            Status::invalid_argument(format!("etcdserver: {e}"))
+        }
         // Unavailable is what etcd clients retry on.
         ShardError::Database(_)
         | ShardError::Sqlite(_)

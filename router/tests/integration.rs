@@ -13,6 +13,8 @@
 mod errors;
 #[path = "integration/lifecycle.rs"]
 mod lifecycle;
+#[path = "integration/selectors.rs"]
+mod selectors;
 #[path = "integration/sharded.rs"]
 mod sharded;
 #[path = "integration/support.rs"]
@@ -33,6 +35,8 @@ on_all_backends!(
     sharded::leases_compaction_and_idle_shards,
     sharded::two_routers_over_the_same_shards,
     sharded::long_history_beside_idle_shards,
+    selectors::selectors_on_one_shard,
+    selectors::selectors_across_shards,
 );
 
 on_postgres!(lifecycle::database_outage_is_unavailable_then_recovers);

@@ -25,6 +25,9 @@ pub enum ShardError {
         max: usize,
         backend: &'static str,
     },
+    /// A label or field selector (kubeshard's extension) that does not parse.
+    #[error("{0}")]
+    InvalidSelector(kubeshard_selector::SelectorError),
     /// The database failed or went away; the request may be retried.
     /// (Not a `source`: the text already says it, and logs would repeat it.)
     #[error("database error: {0}")]

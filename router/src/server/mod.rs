@@ -6,6 +6,7 @@ mod kv;
 pub(crate) mod lease;
 mod maintenance;
 mod watch;
+mod watch_selector;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use super::Core;
+use super::watch_selector::{DecodedBatch, WatchSelector};
 use crate::error::shard_status;
 use crate::shards::Shards;
 
@@ -90,6 +91,8 @@ struct Watcher {
     no_put: bool,
     no_delete: bool,
     prev_kv: bool,
+    /// Label and field selectors (kubeshard's extension), if any.
+    selector: Option<WatchSelector>,
     progress_notify: bool,
     /// Events went out since the last periodic progress notification.
     sent_since_tick: bool,
@@ -114,11 +117,19 @@ impl Watcher {
     }
 
     /// Queues the events of the shard at `pos` in `shards` that this watch wants.
-    fn enqueue(&mut self, pos: usize, events: &[Event]) {
-        let wanted: Vec<Event> = events
+    fn enqueue(&mut self, pos: usize, batch: &DecodedBatch<'_>) {
+        let wanted: Vec<Event> = batch
+            .events()
             .iter()
-            .filter(|e| self.wants(e))
-            .map(|e| self.shape(e))
+            .enumerate()
+            .filter(|(i, e)| {
+                self.wants(e)
+                    && self
+                        .selector
+                        .as_ref()
+                        .is_none_or(|s| batch.decoded(*i).is_none_or(|decoded| s.wants(decoded)))
+            })
+            .map(|(_, e)| self.shape(e))
             .collect();
         if let Some(queue) = self.queues.get_mut(pos) {
             queue.extend(wanted);
@@ -345,6 +356,16 @@ impl Session {
         };
         let mut created = self.response(current, id);
         created.created = true;
+        let selector = match WatchSelector::of(&create) {
+            Ok(selector) => selector,
+            Err(e) => {
+                // etcd refuses one watch of a shared stream this way (as it
+                // does when permission is denied), leaving the others be.
+                created.canceled = true;
+                created.cancel_reason = format!("etcdserver: {e}");
+                return self.send(created).await;
+            }
+        };
         self.send(created).await?;
         if start < compacted {
             return self.cancel_compacted(id, compacted).await;
@@ -357,6 +378,7 @@ impl Session {
             no_put: create.filters.contains(&(FilterType::Noput as i32)),
             no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
             prev_kv: create.prev_kv,
+            selector,
             progress_notify: create.progress_notify,
             sent_since_tick: false,
         };
@@ -409,7 +431,7 @@ impl Session {
                 {
                     Ok(page) => {
                         if let Some(w) = self.watchers.get_mut(&id) {
-                            w.enqueue(pos, &page.events);
+                            w.enqueue(pos, &DecodedBatch::new(&page.events));
                         }
                         cursors[pos] = if page.more {
                             page.closed + 1
@@ -462,9 +484,10 @@ impl Session {
         if events.is_empty() {
             return;
         }
+        let batch = DecodedBatch::new(events);
         for w in self.watchers.values_mut() {
             if let Some(pos) = w.shards.iter().position(|s| *s == shard) {
-                w.enqueue(pos, events);
+                w.enqueue(pos, &batch);
             }
         }
     }

@@ -27,7 +27,7 @@ const PAGE: i64 = 7;
 
 /// The shard of each writer's keys: /k/0/ on the default shard, /k/1/ and
 /// /k/2/ on the others.
-fn topology(endpoints: &[String; 3]) -> Topology {
+pub(crate) fn topology(endpoints: &[String; 3]) -> Topology {
     let toml = format!(
         r#"
 default_shard = "zero"
@@ -59,7 +59,7 @@ shard = "two"
 
 /// Three databases next to the test's own: the test's endpoint with the
 /// database (or file) name suffixed.
-fn shard_endpoints(ctx: &Ctx) -> [String; 3] {
+pub(crate) fn shard_endpoints(ctx: &Ctx) -> [String; 3] {
     std::array::from_fn(|i| match (&ctx.endpoint, &ctx.admin_url, &ctx.database) {
         (Endpoint::Sqlite { path }, _, _) => {
             format!(
@@ -77,7 +77,7 @@ fn shard_database(database: &str, i: usize) -> String {
 }
 
 /// A router over the test's three shards.
-async fn start_router(ctx: &Ctx, endpoints: &[String; 3]) -> RunningServer {
+pub(crate) async fn start_router(ctx: &Ctx, endpoints: &[String; 3]) -> RunningServer {
     let mut options = ServerOptions::for_endpoint(ctx.endpoint.clone(), "127.0.0.1:0");
     options.topology = topology(endpoints);
     kubeshard::start(options)
@@ -85,14 +85,14 @@ async fn start_router(ctx: &Ctx, endpoints: &[String; 3]) -> RunningServer {
         .unwrap_or_else(|e| panic!("sharded server did not start: {e}"))
 }
 
-async fn stop_router(server: RunningServer) {
+pub(crate) async fn stop_router(server: RunningServer) {
     tokio::time::timeout(Duration::from_secs(20), server.shutdown())
         .await
         .expect("server shutdown hung")
         .expect("server shutdown failed");
 }
 
-fn drop_shard_databases(ctx: &Ctx) {
+pub(crate) fn drop_shard_databases(ctx: &Ctx) {
     if let (Some(url), Some(database)) = (&ctx.admin_url, &ctx.database) {
         for i in 0..3 {
             drop_database(ctx.backend, url, &shard_database(database, i));

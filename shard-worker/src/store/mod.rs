@@ -13,6 +13,7 @@
 mod guarded_writes;
 mod page_counts;
 mod range;
+mod selection;
 mod sql;
 mod sqlite_reads;
 mod sqlite_writes;

@@ -16,6 +16,7 @@ use sqlx::{
 use super::guarded_writes::{self, GuardPause, GuardedTx, KnownState, SpeculationPause, Start};
 use super::page_counts::PageCounts;
 use super::range::PreparedRange;
+use super::selection::SelectedRange;
 use super::sqlite_reads::SqliteReads;
 use super::sqlite_writes::SqliteWriter;
 use super::write::{self, HistoryRow, TxOps};
@@ -698,6 +699,23 @@ where
     usize: ColumnIndex<DB::Row>,
     DB::QueryResult: RowsAffected,
 {
+    /// A Range without selectors (see `selection.rs` for those).
+    async fn range_unfiltered(&self, request: &RangeRequest) -> Result<RangeResponse> {
+        if let Some(reads) = &self.direct_reads {
+            return reads.range(request, &self.page_counts);
+        }
+        if is_plain_get(request) {
+            return self.plain_get(request).await;
+        }
+        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
+        let revs = Self::read_revisions(&mut tx).await?;
+        let response = self
+            .range_in(&mut tx, request, revs, Some(&self.page_counts))
+            .await?;
+        tx.commit().await?;
+        Ok(response)
+    }
+
     /// One batch on the writer's connection: guarded where the dialect and
     /// the batch allow it (`guarded_writes.rs`), else, or if the guard
     /// fails, in a transaction under the revision lock.
@@ -795,19 +813,11 @@ where
     }
 
     async fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
-        if let Some(reads) = &self.direct_reads {
-            return reads.range(request, &self.page_counts);
+        if let Some(selected) = SelectedRange::of(request)? {
+            let read = self.range_unfiltered(&selected.unfiltered).await?;
+            return Ok(selected.answer(request, read));
         }
-        if is_plain_get(request) {
-            return self.plain_get(request).await;
-        }
-        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
-        let revs = Self::read_revisions(&mut tx).await?;
-        let response = self
-            .range_in(&mut tx, request, revs, Some(&self.page_counts))
-            .await?;
-        tx.commit().await?;
-        Ok(response)
+        self.range_unfiltered(request).await
     }
 
     async fn commit_batch(

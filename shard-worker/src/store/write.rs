@@ -23,6 +23,7 @@ use kubeshard_proto::etcdserverpb::{
 use kubeshard_proto::mvccpb::event::EventType;
 use kubeshard_proto::mvccpb::{Event, KeyValue};
 
+use super::selection::SelectedRange;
 use super::{LeaseRecord, RevisionClass, Revisions, WriteRequest, WriteResponse};
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
@@ -724,6 +725,16 @@ impl BatchState<'_> {
 
     /// A Range inside a txn: sees the txn's own earlier writes.
     async fn read(&mut self, r: &RangeRequest, w: &Writer) -> Result<RangeResponse> {
+        match SelectedRange::of(r)? {
+            Some(selected) => {
+                let read = self.read_unfiltered(&selected.unfiltered, w).await?;
+                Ok(selected.answer(r, read))
+            }
+            None => self.read_unfiltered(r, w).await,
+        }
+    }
+
+    async fn read_unfiltered(&mut self, r: &RangeRequest, w: &Writer) -> Result<RangeResponse> {
         let point = r.range_end.is_empty()
             && r.revision == 0
             && r.min_mod_revision == 0

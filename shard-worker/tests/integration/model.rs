@@ -14,6 +14,7 @@ use kubeshard_proto::etcdserverpb::{
     RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
+use kubeshard_selector::Selector;
 use kubeshard_shard_worker::WriteRequest;
 
 /// An error answer, by `ShardError` variant.
@@ -145,6 +146,10 @@ impl Model {
             return Err(Fail::Compacted(self.compacted));
         }
         let mut kvs = self.snapshot(&r.key, &r.range_end, at);
+        // kubeshard's selectors: the range holds only the matching keys.
+        let selector = Selector::parse(&r.label_selector, &r.field_selector)
+            .map_err(|e| Fail::Other(e.to_string()))?;
+        kvs.retain(|kv| selector.matches_value(&kv.value));
         let count = kvs.len() as i64;
         if r.count_only {
             kvs.clear();

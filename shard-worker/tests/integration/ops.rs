@@ -13,7 +13,72 @@ use proptest::prelude::*;
 use super::model::in_range;
 
 pub const KEYS: [&str; 6] = ["a", "b", "c", "d/1", "d/2", "e"];
-pub const VALUES: [&str; 4] = ["", "x", "y", "zz"];
+/// How many distinct values puts write (see `value`).
+pub const VALUES: usize = 9;
+
+/// Label and field selectors ranges carry (kubeshard's extension), drawn
+/// by index; the first of each is none.
+pub const LABEL_SELECTORS: [&str; 7] = [
+    "",
+    "app=web",
+    "app!=web",
+    "app in (web,db),tier",
+    "!app",
+    "tier notin (a)",
+    "app=db,tier=a",
+];
+pub const FIELD_SELECTORS: [&str; 5] = [
+    "",
+    "metadata.name=b",
+    "metadata.namespace!=ns1",
+    "spec.x=1",
+    "metadata.name=a,spec.x!=2",
+];
+
+/// Value number `i`: plain bytes, Kubernetes objects in JSON and in
+/// kube-apiserver's protobuf envelope, and one encrypted at rest.
+pub fn value(i: usize) -> Vec<u8> {
+    match i % VALUES {
+        0 => Vec::new(),
+        1 => b"x".to_vec(),
+        2 => b"y".to_vec(),
+        3 => b"zz".to_vec(),
+        4 => br#"{"kind":"Thing","metadata":{"name":"a","labels":{"app":"web"}},"spec":{"x":1}}"#
+            .to_vec(),
+        5 => br#"{"kind":"Thing","metadata":{"name":"b","namespace":"ns1","labels":{"app":"db","tier":"a"}},"spec":{"x":2}}"#
+            .to_vec(),
+        6 => protobuf_object("a", "ns1", &[("app", "web"), ("tier", "b")]),
+        7 => protobuf_object("b", "ns2", &[]),
+        _ => b"k8s:enc:aescbc:v1:key1:\x01\x02\x03".to_vec(),
+    }
+}
+
+fn proto_field(out: &mut Vec<u8>, field: u8, data: &[u8]) {
+    // Lengths stay below 128 here: one varint byte.
+    out.push(field << 3 | 2);
+    out.push(data.len() as u8);
+    out.extend_from_slice(data);
+}
+
+/// `k8s\0` + runtime.Unknown { raw = object { metadata = ObjectMeta } }.
+fn protobuf_object(name: &str, namespace: &str, labels: &[(&str, &str)]) -> Vec<u8> {
+    let mut meta = Vec::new();
+    proto_field(&mut meta, 1, name.as_bytes());
+    proto_field(&mut meta, 3, namespace.as_bytes());
+    for (k, v) in labels {
+        let mut entry = Vec::new();
+        proto_field(&mut entry, 1, k.as_bytes());
+        proto_field(&mut entry, 2, v.as_bytes());
+        proto_field(&mut meta, 11, &entry);
+    }
+    let mut object = Vec::new();
+    proto_field(&mut object, 1, &meta);
+    let mut unknown = Vec::new();
+    proto_field(&mut unknown, 2, &object);
+    let mut out = b"k8s\0".to_vec();
+    out.extend_from_slice(&unknown);
+    out
+}
 
 /// Which keys a request addresses.
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +138,8 @@ pub struct RangeG {
     pub sort_order: i32,
     /// min_mod, max_mod, min_create, max_create
     pub filters: [Rev; 4],
+    /// Indexes into LABEL_SELECTORS and FIELD_SELECTORS.
+    pub selectors: (usize, usize),
 }
 
 #[derive(Debug, Clone)]
@@ -202,8 +269,16 @@ fn range_g() -> impl Strategy<Value = RangeG> {
         prop_oneof![1 => Just(0i32), 1 => 0..3i32],
         [rev(6), rev(6), rev(6), rev(6)],
     );
-    (shape, order).prop_map(
-        |((sel, rev, limit, count_only, keys_only), (sort_target, sort_order, filters))| RangeG {
+    let selectors = prop_oneof![
+        2 => Just((0, 0)),
+        3 => (0..LABEL_SELECTORS.len(), 0..FIELD_SELECTORS.len()),
+    ];
+    (shape, order, selectors).prop_map(
+        |(
+            (sel, rev, limit, count_only, keys_only),
+            (sort_target, sort_order, filters),
+            selectors,
+        )| RangeG {
             sel,
             rev,
             limit,
@@ -212,6 +287,7 @@ fn range_g() -> impl Strategy<Value = RangeG> {
             sort_target,
             sort_order,
             filters,
+            selectors,
         },
     )
 }
@@ -219,7 +295,7 @@ fn range_g() -> impl Strategy<Value = RangeG> {
 fn put_g() -> impl Strategy<Value = PutG> {
     (
         0..KEYS.len(),
-        0..VALUES.len(),
+        0..VALUES,
         prop_oneof![16 => Just(0i64), 3 => 1..4i64, 1 => Just(9i64)],
         any::<bool>(),
         0..20u8,
@@ -326,13 +402,15 @@ pub fn range_req(g: &RangeG, cur: i64) -> RangeRequest {
         max_mod_revision: g.filters[1].at(cur),
         min_create_revision: g.filters[2].at(cur),
         max_create_revision: g.filters[3].at(cur),
+        label_selector: LABEL_SELECTORS[g.selectors.0 % LABEL_SELECTORS.len()].to_string(),
+        field_selector: FIELD_SELECTORS[g.selectors.1 % FIELD_SELECTORS.len()].to_string(),
     }
 }
 
 pub fn put_req(g: &PutG) -> PutRequest {
     PutRequest {
         key: KEYS[g.key].as_bytes().to_vec(),
-        value: VALUES[g.value].as_bytes().to_vec(),
+        value: value(g.value),
         lease: g.lease,
         prev_kv: g.prev_kv,
         ignore_value: g.ignore_value,
@@ -354,7 +432,7 @@ fn compare(g: &CmpG, cur: i64) -> Compare {
     let target = CompareTarget::try_from(g.target).unwrap_or(CompareTarget::Version);
     let small = i64::from(g.operand % 4);
     let union = match target {
-        CompareTarget::Value => TargetUnion::Value(VALUES[usize::from(g.operand) % 4].into()),
+        CompareTarget::Value => TargetUnion::Value(value(usize::from(g.operand) % 4)),
         CompareTarget::Version => TargetUnion::Version(small),
         CompareTarget::Create => TargetUnion::CreateRevision(Rev::Pick(g.operand).at(cur) - 1),
         CompareTarget::Mod => TargetUnion::ModRevision(Rev::Pick(g.operand).at(cur) - 1),
@@ -364,7 +442,7 @@ fn compare(g: &CmpG, cur: i64) -> Compare {
         0 => Some(union),
         1 => Some(match union {
             TargetUnion::Value(_) => TargetUnion::Version(small),
-            _ => TargetUnion::Value(VALUES[usize::from(g.operand) % 4].into()),
+            _ => TargetUnion::Value(value(usize::from(g.operand) % 4)),
         }),
         _ => None,
     };
