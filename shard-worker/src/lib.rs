@@ -7,6 +7,7 @@ pub mod connect;
 pub mod dialect;
 pub mod error;
 pub mod keys;
+pub mod labels;
 pub mod store;
 pub mod watch;
 pub mod writer;

@@ -8,6 +8,7 @@ use kubeshard_config::Endpoint;
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
+use crate::labels::{LabelIndexer, run_label_indexer};
 use crate::store::{RevisionClass, ShardStore};
 use crate::watch::{WatchHub, run_poller};
 use crate::writer::ShardWriter;
@@ -19,7 +20,10 @@ pub struct Shard {
     pub store: Arc<dyn ShardStore>,
     pub writer: ShardWriter,
     pub hub: Arc<WatchHub>,
+    /// Keeps the label index of selected ranges; started by the first one.
+    pub labels: Arc<LabelIndexer>,
     poller: JoinHandle<()>,
+    indexer: JoinHandle<()>,
 }
 
 impl Shard {
@@ -45,18 +49,27 @@ impl Shard {
         let hub = WatchHub::new(start);
         let writer = ShardWriter::spawn(name, store.clone(), hub.clone()).await?;
         let poller = tokio::spawn(run_poller(store.clone(), hub.clone(), poll_interval));
+        let labels = Arc::new(LabelIndexer::default());
+        let indexer = tokio::spawn(run_label_indexer(
+            store.clone(),
+            hub.clone(),
+            labels.clone(),
+        ));
         Ok(Shard {
             name: name.to_string(),
             store,
             writer,
             hub,
+            labels,
             poller,
+            indexer,
         })
     }
 
-    /// Stops the writer and the poller.
+    /// Stops the writer, the poller and the label indexer.
     pub fn stop(&self) {
         self.writer.stop();
         self.poller.abort();
+        self.indexer.abort();
     }
 }

@@ -238,6 +238,12 @@ impl Kv for KvService {
         self.core.limits.check_size(&request)?;
         validate::check_range(&request)?;
         let ids = self.core.shards.for_range(&request.key, &request.range_end);
+        if !request.label_selector.is_empty() || !request.field_selector.is_empty() {
+            // Selected ranges read through the label index: keep it.
+            for id in &ids {
+                self.core.shards.get(*id).labels.activate();
+            }
+        }
         let mut response = match ids.as_slice() {
             [id] => self.range_one(*id, &request).await?,
             _ => self.range_many(&ids, &request).await?,

@@ -19,6 +19,10 @@ pub use sqlite::Sqlite;
 /// 3: no history index by key; old-revision reads and compaction follow
 /// `prev_revision` through the primary key instead. A version-2 database
 /// is upgraded in place by dropping the index (`SqlShard::migrate`).
+/// The label index's tables (`ks_label`, `ks_label_mark`) came later
+/// without a new version: they are created when missing, routers that do
+/// not know them leave them alone, and the index is right whatever it missed
+/// (see `store/label_index.rs`).
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The SQL differences between the supported databases.
@@ -90,6 +94,12 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
 
     /// Statements run by Maintenance.Defragment to give space back.
     fn defragment(&self) -> &'static [&'static str];
+
+    /// Inside a write transaction: locks the label index's mark row
+    /// (`store/label_index.rs`) and reads the revision it is at.
+    fn lock_label_mark(&self) -> &'static str {
+        "SELECT revision FROM ks_label_mark WHERE id = 1 FOR UPDATE"
+    }
 }
 
 /// [`Dialect::purge_window`] for dialects whose placeholders can carry

@@ -46,6 +46,15 @@ const SCHEMA: &[&str] = &[
         owner VARCHAR(255) NOT NULL,
         until_ms BIGINT NOT NULL) ENGINE=InnoDB",
     "INSERT IGNORE INTO ks_lock (name, owner, until_ms) VALUES ('lease-expirer', '', 0)",
+    "CREATE TABLE IF NOT EXISTS ks_label (
+        key_bytes VARBINARY(3000) NOT NULL,
+        term BIGINT NOT NULL,
+        PRIMARY KEY (key_bytes, term),
+        KEY ks_label_term (term, key_bytes)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+    "CREATE TABLE IF NOT EXISTS ks_label_mark (
+        id BIGINT PRIMARY KEY,
+        revision BIGINT NOT NULL) ENGINE=InnoDB",
+    "INSERT IGNORE INTO ks_label_mark (id, revision) VALUES (1, 0)",
 ];
 
 impl Dialect for Mysql {

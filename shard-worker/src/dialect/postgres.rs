@@ -43,6 +43,15 @@ const SCHEMA: &[&str] = &[
         until_ms BIGINT NOT NULL)",
     "INSERT INTO ks_lock (name, owner, until_ms) VALUES ('lease-expirer', '', 0)
         ON CONFLICT (name) DO NOTHING",
+    "CREATE TABLE IF NOT EXISTS ks_label (
+        key_bytes BYTEA NOT NULL,
+        term BIGINT NOT NULL,
+        PRIMARY KEY (key_bytes, term))",
+    "CREATE INDEX IF NOT EXISTS ks_label_term ON ks_label (term, key_bytes)",
+    "CREATE TABLE IF NOT EXISTS ks_label_mark (
+        id BIGINT PRIMARY KEY,
+        revision BIGINT NOT NULL)",
+    "INSERT INTO ks_label_mark (id, revision) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
 ];
 
 impl Dialect for Postgres {

@@ -41,6 +41,15 @@ const SCHEMA: &[&str] = &[
         owner TEXT NOT NULL,
         until_ms INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO ks_lock (name, owner, until_ms) VALUES ('lease-expirer', '', 0)",
+    "CREATE TABLE IF NOT EXISTS ks_label (
+        key_bytes BLOB NOT NULL,
+        term INTEGER NOT NULL,
+        PRIMARY KEY (key_bytes, term)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS ks_label_term ON ks_label (term, key_bytes)",
+    "CREATE TABLE IF NOT EXISTS ks_label_mark (
+        id INTEGER PRIMARY KEY,
+        revision INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO ks_label_mark (id, revision) VALUES (1, 0)",
 ];
 
 impl Dialect for Sqlite {
@@ -58,6 +67,10 @@ impl Dialect for Sqlite {
     }
     fn begin_write(&self) -> &'static str {
         "BEGIN IMMEDIATE"
+    }
+    fn lock_label_mark(&self) -> &'static str {
+        // BEGIN IMMEDIATE already holds the database's write lock.
+        "SELECT revision FROM ks_label_mark WHERE id = 1"
     }
     fn begin_read(&self) -> &'static str {
         // A deferred transaction pins its WAL snapshot at the first read.

@@ -503,7 +503,7 @@ where
         // Two statements at most (rows, count); counted as two reads.
         self.reads += 2;
         self.shard
-            .range_in(&mut *self.conn, request, revs, None)
+            .range_in(&mut *self.conn, request, revs, None, None)
             .await
     }
 

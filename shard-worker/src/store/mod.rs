@@ -11,12 +11,14 @@
 //! - `ks_lease`: leases with absolute deadlines (they survive restarts).
 
 mod guarded_writes;
+mod label_index;
 mod page_counts;
 mod range;
 mod selection;
 mod sql;
 mod sqlite_reads;
 mod sqlite_writes;
+mod statement;
 mod write;
 mod write_sql;
 
@@ -30,6 +32,7 @@ use kubeshard_proto::mvccpb::Event;
 use crate::error::Result;
 use crate::keys::KeyRange;
 
+pub use label_index::{LabelChange, LabelIndexOutcome};
 pub use sql::SqlShard;
 pub(crate) use sqlite_reads::SqliteReads;
 pub(crate) use sqlite_writes::SqliteWriter;
@@ -213,6 +216,16 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
         to: i64,
         max_events: usize,
     ) -> Result<EventPage>;
+
+    /// Brings the label index (`label_index.rs`) from its mark up to `to`
+    /// with the final state of every key changed in revisions (from, to],
+    /// if its mark is in [from, to); otherwise reports where it is.
+    async fn index_labels(
+        &self,
+        from: i64,
+        to: i64,
+        changes: &[LabelChange],
+    ) -> Result<LabelIndexOutcome>;
 
     /// Physically deletes history made unreachable by compaction at `upto`,
     /// `batch` revisions per statement. Returns the rows removed.

@@ -6,8 +6,9 @@ use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader}
 use kubeshard_proto::mvccpb::KeyValue;
 
 use super::Revisions;
+use super::label_index::{Narrowing, push_candidate_live};
 use super::page_counts::{PageCounts, is_page};
-use super::sql::Statement;
+use super::statement::Statement;
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
@@ -56,8 +57,9 @@ impl<'a> PreparedRange<'a> {
         revs: Revisions,
         range: &'a KeyRange,
         page_counts: Option<&PageCounts>,
+        narrowing: Option<&Narrowing>,
     ) -> Result<Self> {
-        let plan = build_range(dialect, request, revs, range)?;
+        let plan = build_range(dialect, request, revs, range, narrowing)?;
         // build_range accepted it: at or below the current revision and
         // not compacted.
         let revision = if request.revision <= 0 {
@@ -153,10 +155,17 @@ pub(crate) fn push_key_filter<'a>(st: &mut Statement<'a>, col: &str, range: &'a 
 /// `(revision, sub)` primary key, so a read at a recent revision only visits
 /// history written after it, and no index by key is needed on the history
 /// (one random index page less per written key).
-fn push_source_at<'a>(st: &mut Statement<'a>, range: &'a KeyRange, rev: i64, value_col: &str) {
+fn push_source_at<'a>(
+    st: &mut Statement<'a>,
+    range: &'a KeyRange,
+    rev: i64,
+    value_col: &str,
+    narrowing: Option<&Narrowing>,
+) {
     st.sql("(SELECT key_bytes, create_revision, mod_revision, version, lease, ")
         .sql(value_col)
-        .sql(" AS value_bytes FROM ks_live WHERE ");
+        .sql(" AS value_bytes FROM ");
+    push_live(st, range, narrowing);
     push_key_filter(st, "key_bytes", range);
     st.sql(" AND mod_revision <= ").int(rev);
     st.sql(" UNION ALL SELECT p.key_bytes, p.create_revision, p.revision, p.version, p.lease, ");
@@ -185,12 +194,29 @@ fn push_source_at<'a>(st: &mut Statement<'a>, range: &'a KeyRange, rev: i64, val
     );
 }
 
-/// Plans a Range at the revisions of the snapshot it runs in.
+/// `ks_live WHERE `, or only the live rows of a selected range's
+/// candidates (`label_index.rs`).
+fn push_live<'a>(st: &mut Statement<'a>, range: &'a KeyRange, narrowing: Option<&Narrowing>) {
+    match narrowing {
+        Some(n) => {
+            push_candidate_live(st, range, n);
+            st.sql(" WHERE ");
+        }
+        None => {
+            st.sql("ks_live WHERE ");
+        }
+    }
+}
+
+/// Plans a Range at the revisions of the snapshot it runs in. With a
+/// narrowing (a selected range) only candidates are read, and not counted:
+/// the count is the selector's.
 pub(crate) fn build_range<'a>(
     dialect: &'static dyn Dialect,
     request: &'a RangeRequest,
     revs: Revisions,
     range: &'a KeyRange,
+    narrowing: Option<&Narrowing>,
 ) -> Result<RangePlan<'a>> {
     if request.revision > revs.current {
         return Err(ShardError::FutureRevision);
@@ -228,7 +254,7 @@ pub(crate) fn build_range<'a>(
     // statement instead of two for the most common request (a Get).
     let counted_by_rows = matches!(range, KeyRange::Single(_)) && conditions.is_empty();
 
-    let count = if counted_by_rows {
+    let count = if counted_by_rows || narrowing.is_some() {
         None
     } else {
         let mut count = Statement::new(dialect, "SELECT COUNT(*) FROM ");
@@ -236,11 +262,11 @@ pub(crate) fn build_range<'a>(
             count.sql("ks_live WHERE ");
             push_key_filter(&mut count, "key_bytes", range);
         } else {
-            push_source_at(&mut count, range, rev, dialect.empty_bytes());
+            push_source_at(&mut count, range, rev, dialect.empty_bytes(), None);
         }
         Some(count)
     };
-    if request.count_only && !counted_by_rows {
+    if request.count_only && !counted_by_rows && narrowing.is_none() {
         return Ok(RangePlan::Query {
             header,
             count,
@@ -258,7 +284,8 @@ pub(crate) fn build_range<'a>(
         "SELECT key_bytes, create_revision, mod_revision, version, lease, ",
     );
     if at_current {
-        rows.sql(value_col).sql(" FROM ks_live WHERE ");
+        rows.sql(value_col).sql(" FROM ");
+        push_live(&mut rows, range, narrowing);
         push_key_filter(&mut rows, "key_bytes", range);
         for (cond, v) in conditions {
             rows.sql(" AND ").sql(cond).int(v);
@@ -274,7 +301,7 @@ pub(crate) fn build_range<'a>(
             value_col
         };
         rows.sql(value_col).sql(" FROM ");
-        push_source_at(&mut rows, range, rev, source_value);
+        push_source_at(&mut rows, range, rev, source_value, narrowing);
         for (i, (cond, v)) in conditions.into_iter().enumerate() {
             rows.sql(if i == 0 { " WHERE " } else { " AND " })
                 .sql(cond)
@@ -340,20 +367,20 @@ mod tests {
         let mut future = r.clone();
         future.revision = 11;
         assert!(matches!(
-            build_range(&Postgres, &future, REVS, &range),
+            build_range(&Postgres, &future, REVS, &range, None),
             Err(ShardError::FutureRevision)
         ));
         let mut old = r.clone();
         old.revision = 2;
         assert!(matches!(
-            build_range(&Postgres, &old, REVS, &range),
+            build_range(&Postgres, &old, REVS, &range, None),
             Err(ShardError::Compacted {
                 compact_revision: 3
             })
         ));
         let mut at_compact = r;
         at_compact.revision = 3;
-        assert!(build_range(&Postgres, &at_compact, REVS, &range).is_ok());
+        assert!(build_range(&Postgres, &at_compact, REVS, &range, None).is_ok());
     }
 
     #[test]
@@ -364,7 +391,7 @@ mod tests {
             count: Some(count),
             rows,
             ..
-        }) = build_range(&Postgres, &r, REVS, &range)
+        }) = build_range(&Postgres, &r, REVS, &range, None)
         else {
             panic!("no plan");
         };
@@ -385,7 +412,7 @@ mod tests {
         let range = KeyRange::new(&r.key, &r.range_end);
         let Ok(RangePlan::Query {
             rows: Some(rows), ..
-        }) = build_range(&Mysql, &r, REVS, &range)
+        }) = build_range(&Mysql, &r, REVS, &range, None)
         else {
             panic!("no plan");
         };
@@ -401,14 +428,14 @@ mod tests {
             count: None,
             rows: Some(_),
             ..
-        }) = build_range(&Postgres, &r, REVS, &range)
+        }) = build_range(&Postgres, &r, REVS, &range, None)
         else {
             panic!("a get needs no count statement");
         };
         let mut filtered = r.clone();
         filtered.min_mod_revision = 4;
         assert!(matches!(
-            build_range(&Postgres, &filtered, REVS, &range),
+            build_range(&Postgres, &filtered, REVS, &range, None),
             Ok(RangePlan::Query { count: Some(_), .. })
         ));
     }

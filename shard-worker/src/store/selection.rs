@@ -6,13 +6,19 @@
 //! `more`, `count_only` and `keys_only` apply. Sort order and revision work
 //! as on any range.
 //!
-//! This reads every key of the range at the revision: the answer is exact
-//! on every backend and at every revision, at O(keys in range).
+//! The range read is narrowed to the selector's candidates through the
+//! label index (`label_index.rs`) when the selector has a requirement the
+//! index knows (an equality or `in` on a label, `metadata.name` or
+//! `metadata.namespace`): about as many rows as match. Otherwise (only
+//! negations, or other fields) every key of the range is read. Either way
+//! the selector then decides exactly, on the values read.
 
 use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use kubeshard_selector::Selector;
 
+use super::label_index::{Narrowing, driving_terms};
 use crate::error::{Result, ShardError};
+use crate::keys::KeyRange;
 
 /// A selector-carrying range, split into the unfiltered range to read and
 /// what to do with its answer.
@@ -21,6 +27,7 @@ pub(crate) struct SelectedRange {
     selector: Selector,
     /// The range to read: every key in range, with values, in order.
     pub(crate) unfiltered: RangeRequest,
+    narrowing: Option<Narrowing>,
 }
 
 impl SelectedRange {
@@ -43,10 +50,24 @@ impl SelectedRange {
             field_selector: String::new(),
             ..request.clone()
         };
+        let single = matches!(
+            KeyRange::new(&request.key, &request.range_end),
+            KeyRange::Single(_)
+        );
+        let narrowing = driving_terms(&selector)
+            .filter(|_| !single)
+            .map(|terms| Narrowing { terms });
         Ok(Some(SelectedRange {
             selector,
             unfiltered,
+            narrowing,
         }))
+    }
+
+    /// The candidates to read instead of the whole range, if the index
+    /// can tell them.
+    pub(crate) fn narrowing(&self) -> Option<&Narrowing> {
+        self.narrowing.as_ref()
     }
 
     /// The answer to `request` from the answer to `self.unfiltered`.

@@ -14,11 +14,13 @@ use sqlx::{
 };
 
 use super::guarded_writes::{self, GuardPause, GuardedTx, KnownState, SpeculationPause, Start};
+use super::label_index::{self, LabelChange, LabelIndexOutcome, Narrowing};
 use super::page_counts::PageCounts;
 use super::range::PreparedRange;
 use super::selection::SelectedRange;
 use super::sqlite_reads::SqliteReads;
 use super::sqlite_writes::SqliteWriter;
+use super::statement::{Arg, Statement};
 use super::write::{self, HistoryRow, TxOps};
 use super::write_sql;
 use super::{
@@ -28,60 +30,6 @@ use super::{
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
-
-/// A parameter of a dynamically assembled statement.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg<'a> {
-    Int(i64),
-    Bytes(&'a [u8]),
-    Text(&'a str),
-}
-
-/// A statement being assembled together with its parameters, in binding order.
-pub(crate) struct Statement<'a> {
-    dialect: &'static dyn Dialect,
-    pub(crate) text: String,
-    pub(crate) args: Vec<Arg<'a>>,
-}
-
-impl<'a> Statement<'a> {
-    pub(crate) fn new(dialect: &'static dyn Dialect, text: impl Into<String>) -> Self {
-        Statement {
-            dialect,
-            text: text.into(),
-            args: Vec::new(),
-        }
-    }
-
-    pub(crate) fn sql(&mut self, text: &str) -> &mut Self {
-        self.text.push_str(text);
-        self
-    }
-
-    pub(crate) fn arg(&mut self, arg: Arg<'a>) -> &mut Self {
-        self.args.push(arg);
-        let placeholder = self.dialect.param(self.args.len());
-        self.text.push_str(&placeholder);
-        self
-    }
-
-    pub(crate) fn int(&mut self, v: i64) -> &mut Self {
-        self.arg(Arg::Int(v))
-    }
-
-    pub(crate) fn bytes(&mut self, v: &'a [u8]) -> &mut Self {
-        self.arg(Arg::Bytes(v))
-    }
-}
-
-impl fmt::Debug for Statement<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Statement")
-            .field("text", &self.text)
-            .field("args", &self.args.len())
-            .finish()
-    }
-}
 
 /// One shard's database: typed connection pools and the dialect.
 pub struct SqlShard<DB: Database> {
@@ -338,9 +286,11 @@ where
         request: &RangeRequest,
         revs: Revisions,
         page_counts: Option<&PageCounts>,
+        narrowing: Option<&Narrowing>,
     ) -> Result<RangeResponse> {
         let range = KeyRange::new(&request.key, &request.range_end);
-        let prepared = PreparedRange::new(self.dialect, request, revs, &range, page_counts)?;
+        let prepared =
+            PreparedRange::new(self.dialect, request, revs, &range, page_counts, narrowing)?;
         let mut kvs = Vec::new();
         if let Some(st) = prepared.rows() {
             for row in Self::fetch_all_in(conn, st).await? {
@@ -626,7 +576,9 @@ where
     }
 
     async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse> {
-        self.shard.range_in(&mut self.tx, request, revs, None).await
+        self.shard
+            .range_in(&mut self.tx, request, revs, None, None)
+            .await
     }
 
     async fn write_history(&mut self, rows: &[HistoryRow]) -> Result<()> {
@@ -699,18 +651,23 @@ where
     usize: ColumnIndex<DB::Row>,
     DB::QueryResult: RowsAffected,
 {
-    /// A Range without selectors (see `selection.rs` for those).
-    async fn range_unfiltered(&self, request: &RangeRequest) -> Result<RangeResponse> {
+    /// A Range without selectors (see `selection.rs` for those), of only
+    /// the candidates of a narrowing if there is one.
+    async fn range_unfiltered(
+        &self,
+        request: &RangeRequest,
+        narrowing: Option<&Narrowing>,
+    ) -> Result<RangeResponse> {
         if let Some(reads) = &self.direct_reads {
-            return reads.range(request, &self.page_counts);
+            return reads.range(request, &self.page_counts, narrowing);
         }
-        if is_plain_get(request) {
+        if is_plain_get(request) && narrowing.is_none() {
             return self.plain_get(request).await;
         }
         let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
         let revs = Self::read_revisions(&mut tx).await?;
         let response = self
-            .range_in(&mut tx, request, revs, Some(&self.page_counts))
+            .range_in(&mut tx, request, revs, Some(&self.page_counts), narrowing)
             .await?;
         tx.commit().await?;
         Ok(response)
@@ -814,10 +771,12 @@ where
 
     async fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
         if let Some(selected) = SelectedRange::of(request)? {
-            let read = self.range_unfiltered(&selected.unfiltered).await?;
+            let read = self
+                .range_unfiltered(&selected.unfiltered, selected.narrowing())
+                .await?;
             return Ok(selected.answer(request, read));
         }
-        self.range_unfiltered(request).await
+        self.range_unfiltered(request, None).await
     }
 
     async fn commit_batch(
@@ -888,6 +847,38 @@ where
             closed,
             more: closed < to,
         })
+    }
+
+    async fn index_labels(
+        &self,
+        from: i64,
+        to: i64,
+        changes: &[LabelChange],
+    ) -> Result<LabelIndexOutcome> {
+        let mut tx = self.pool.begin_with(self.dialect.begin_write()).await?;
+        let rows = sqlx::query(self.dialect.lock_label_mark())
+            .fetch_all(&mut *tx)
+            .await?;
+        let mark: i64 = match rows.first() {
+            Some(row) => row.try_get(0)?,
+            None => {
+                return Err(ShardError::Corrupt("ks_label_mark has no row".to_string()));
+            }
+        };
+        if mark >= to {
+            tx.rollback().await?;
+            return Ok(LabelIndexOutcome::Ahead { mark });
+        }
+        if mark < from {
+            tx.rollback().await?;
+            return Ok(LabelIndexOutcome::Gap { mark });
+        }
+        let terms = label_index::term_rows(changes);
+        for st in label_index::apply_statements(self.dialect, changes, &terms, to) {
+            Self::execute_in(&mut tx, &st).await?;
+        }
+        tx.commit().await?;
+        Ok(LabelIndexOutcome::Applied)
     }
 
     async fn purge_compacted(&self, upto: i64, batch: i64) -> Result<u64> {

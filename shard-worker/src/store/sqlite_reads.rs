@@ -25,9 +25,11 @@ use rusqlite::types::{ToSql, ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, Row, params_from_iter};
 
 use super::Revisions;
+use super::label_index::Narrowing;
 use super::page_counts::{PageCounts, is_page};
 use super::range::PreparedRange;
-use super::sql::{Arg, Statement, plain_get_answer, plain_get_statement};
+use super::sql::{plain_get_answer, plain_get_statement};
+use super::statement::{Arg, Statement};
 use crate::dialect;
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
@@ -107,8 +109,16 @@ pub(super) fn range_in(
     range: &KeyRange,
     revs: Revisions,
     page_counts: Option<&PageCounts>,
+    narrowing: Option<&Narrowing>,
 ) -> Result<RangeResponse> {
-    let prepared = PreparedRange::new(&dialect::Sqlite, request, revs, range, page_counts)?;
+    let prepared = PreparedRange::new(
+        &dialect::Sqlite,
+        request,
+        revs,
+        range,
+        page_counts,
+        narrowing,
+    )?;
     let rows = match prepared.rows() {
         Some(st) => kvs(conn, st)?,
         None => Vec::new(),
@@ -173,13 +183,14 @@ impl SqliteReads {
         &self,
         request: &RangeRequest,
         page_counts: &PageCounts,
+        narrowing: Option<&Narrowing>,
     ) -> Result<RangeResponse> {
         // Inline only what is bounded by its limit: one key, or a list page
         // whose count is already known (no COUNT over the rest). A first
         // page's COUNT, other sort orders, filters and unlimited ranges may
         // scan the whole range.
         let range = KeyRange::new(&request.key, &request.range_end);
-        let small = matches!(range, KeyRange::Single(_))
+        let small = (matches!(range, KeyRange::Single(_)) && narrowing.is_none())
             || (is_page(request, &range)
                 && request.limit <= INLINE_LIMIT
                 && request.revision > 0
@@ -187,9 +198,9 @@ impl SqliteReads {
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if small || !multi_thread {
-            self.range_now(request, &range, page_counts)
+            self.range_now(request, &range, page_counts, narrowing)
         } else {
-            tokio::task::block_in_place(|| self.range_now(request, &range, page_counts))
+            tokio::task::block_in_place(|| self.range_now(request, &range, page_counts, narrowing))
         }
     }
 
@@ -198,8 +209,9 @@ impl SqliteReads {
         request: &RangeRequest,
         range: &KeyRange,
         page_counts: &PageCounts,
+        narrowing: Option<&Narrowing>,
     ) -> Result<RangeResponse> {
-        if super::sql::is_plain_get(request) {
+        if super::sql::is_plain_get(request) && narrowing.is_none() {
             return self.plain_get(request);
         }
         self.with_connection(|conn| {
@@ -207,7 +219,7 @@ impl SqliteReads {
             // counter and every statement.
             let tx = conn.unchecked_transaction()?;
             let revs = revisions(&tx)?;
-            let response = range_in(&tx, request, range, revs, Some(page_counts))?;
+            let response = range_in(&tx, request, range, revs, Some(page_counts), narrowing)?;
             tx.commit()?;
             Ok(response)
         })

@@ -21,8 +21,8 @@ use rusqlite::{Connection, OpenFlags, params_from_iter};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::sql::Statement;
 use super::sqlite_reads::{kvs, params, range_in, revisions};
+use super::statement::Statement;
 use super::write::{self, HistoryRow, TxOps};
 use super::{CommittedBatch, LeaseRecord, RevisionClass, Revisions, WriteRequest, write_sql};
 use crate::dialect::{self, Dialect};
@@ -303,7 +303,7 @@ impl TxOps for SqliteTx<'_> {
 
     async fn range(&mut self, request: &RangeRequest, revs: Revisions) -> Result<RangeResponse> {
         let range = KeyRange::new(&request.key, &request.range_end);
-        range_in(self.conn, request, &range, revs, None)
+        range_in(self.conn, request, &range, revs, None, None)
     }
 
     async fn write_history(&mut self, rows: &[HistoryRow]) -> Result<()> {

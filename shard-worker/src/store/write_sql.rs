@@ -4,7 +4,7 @@
 
 use kubeshard_proto::mvccpb::KeyValue;
 
-use super::sql::{Arg, Statement};
+use super::statement::{Arg, Statement};
 use super::write::HistoryRow;
 use super::{LeaseRecord, Revisions};
 use crate::dialect::Dialect;

@@ -104,10 +104,12 @@ pub struct TestDb {
     conn: Option<Conn>,
 }
 
-const RESET: [&str; 4] = [
+const RESET: [&str; 6] = [
     "DELETE FROM ks_history",
     "DELETE FROM ks_live",
     "DELETE FROM ks_lease",
+    "DELETE FROM ks_label",
+    "UPDATE ks_label_mark SET revision = 0 WHERE id = 1",
     "UPDATE ks_meta SET revision = 1, compact_revision = 0 WHERE id = 1",
 ];
 

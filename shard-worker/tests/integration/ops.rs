@@ -211,12 +211,17 @@ pub enum Op {
     Purge {
         batch: i64,
     },
+    /// The label indexer catches up to the current revision.
+    IndexLabels,
 }
 
 impl Op {
     /// Whether the op goes through `apply_batch`.
     pub fn is_write(&self) -> bool {
-        !matches!(self, Op::Range(_) | Op::Renew { .. } | Op::Purge { .. })
+        !matches!(
+            self,
+            Op::Range(_) | Op::Renew { .. } | Op::Purge { .. } | Op::IndexLabels
+        )
     }
 }
 
@@ -373,6 +378,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(|p| Op::Compact(Rev::Pick(p))),
         1 => (0..5i64).prop_map(Op::Bump),
         1 => (1..5i64).prop_map(|batch| Op::Purge { batch }),
+        2 => Just(Op::IndexLabels),
     ]
 }
 
@@ -504,7 +510,7 @@ pub fn write_req(op: &Op, cur: i64) -> Option<WriteRequest> {
             revision: r.at(cur).max(1),
         },
         Op::Bump(by) => WriteRequest::Bump { floor: cur + by },
-        Op::Range(_) | Op::Renew { .. } | Op::Purge { .. } => return None,
+        Op::Range(_) | Op::Renew { .. } | Op::Purge { .. } | Op::IndexLabels => return None,
     })
 }
 

@@ -215,6 +215,7 @@ impl<'s> Runner<'s> {
                 Ok(())
             }
             Op::Purge { batch } => self.purge(*batch).await,
+            Op::IndexLabels => self.index_labels().await,
             _ => Err(format!("not a read: {op:?}")),
         }
     }
@@ -232,8 +233,47 @@ impl<'s> Runner<'s> {
         Ok(())
     }
 
+    /// The label indexer brings the index to the current revision.
+    pub async fn index_labels(&mut self) -> Result<(), String> {
+        let upto = self.model.rev;
+        self.steps.push(format!("index labels up to {upto}"));
+        kubeshard_shard_worker::labels::catch_up(self.store, upto)
+            .await
+            .map_err(|e| format!("index labels up to {upto}: {e}"))
+    }
+
+    /// Every selector over every key at some of the revisions kept.
+    pub async fn check_selected(&mut self) -> Result<(), String> {
+        let (cur, compacted) = (self.model.rev, self.model.compacted);
+        let from = compacted.max(1);
+        let mut revisions: Vec<i64> = (0..5).map(|i| from + (cur - from) * i / 4).collect();
+        revisions.dedup();
+        let pairs = ops::LABEL_SELECTORS
+            .iter()
+            .map(|l| (*l, ""))
+            .chain(ops::FIELD_SELECTORS.iter().map(|f| ("", *f)))
+            .chain([("app in (web,db)", "metadata.name=a")]);
+        for (labels, fields) in pairs {
+            {
+                for &at in &revisions {
+                    self.range(&RangeRequest {
+                        key: vec![0],
+                        range_end: vec![0],
+                        revision: at,
+                        label_selector: labels.to_string(),
+                        field_selector: fields.to_string(),
+                        ..Default::default()
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs a generated case, then reads everything back, before and after
-    /// purging compacted history.
+    /// purging compacted history, with selectors before and after the
+    /// label index caught up.
     pub async fn run(&mut self, case: &Case) -> Result<(), String> {
         for (op, split) in &case.ops {
             if *split || !op.is_write() {
@@ -246,8 +286,11 @@ impl<'s> Runner<'s> {
         }
         self.flush().await?;
         self.check_all(case.page).await?;
+        self.check_selected().await?;
         self.purge(2).await?;
-        self.check_all(case.page).await
+        self.check_all(case.page).await?;
+        self.index_labels().await?;
+        self.check_selected().await
     }
 
     /// Every revision's full snapshot, the history and the leases.

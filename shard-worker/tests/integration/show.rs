@@ -70,6 +70,14 @@ pub fn range_req(r: &RangeRequest) -> String {
         }
     };
     flag(r.revision != 0, format!("rev={}", r.revision));
+    flag(
+        !r.label_selector.is_empty(),
+        format!("labels={:?}", r.label_selector),
+    );
+    flag(
+        !r.field_selector.is_empty(),
+        format!("fields={:?}", r.field_selector),
+    );
     flag(r.limit != 0, format!("limit={}", r.limit));
     flag(r.count_only, "count_only".into());
     flag(r.keys_only, "keys_only".into());
