@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use super::Core;
-use super::watch_selector::{DecodedBatch, WatchSelector};
+use super::watch_selector::{DecodedBatch, WatchIndex, WatchSelector};
 use crate::error::shard_status;
 use crate::shards::Shards;
 
@@ -69,6 +69,8 @@ impl Watch for WatchService {
             core: self.core.clone(),
             tx,
             watchers: BTreeMap::new(),
+            index: WatchIndex::default(),
+            pending: BTreeSet::new(),
             next_id: 0,
             marks: vec![0; self.core.shards.len()],
             progress_waiting: Vec::new(),
@@ -116,12 +118,23 @@ impl Watcher {
         event
     }
 
-    /// Queues the events of the shard at `pos` in `shards` that this watch wants.
-    fn enqueue(&mut self, pos: usize, batch: &DecodedBatch<'_>) {
-        let wanted: Vec<Event> = batch
-            .events()
-            .iter()
-            .enumerate()
+    /// Queues the events of the shard at `pos` in `shards` that this watch
+    /// wants; true if it queued any.
+    fn enqueue(&mut self, pos: usize, batch: &DecodedBatch<'_>) -> bool {
+        self.enqueue_some(pos, batch, 0..batch.events().len())
+    }
+
+    /// The same, over the events at `indexes` (in order) only.
+    fn enqueue_some(
+        &mut self,
+        pos: usize,
+        batch: &DecodedBatch<'_>,
+        indexes: impl IntoIterator<Item = usize>,
+    ) -> bool {
+        let events = batch.events();
+        let wanted: Vec<Event> = indexes
+            .into_iter()
+            .filter_map(|i| events.get(i).map(|e| (i, e)))
             .filter(|(i, e)| {
                 self.wants(e)
                     && self
@@ -131,9 +144,11 @@ impl Watcher {
             })
             .map(|(_, e)| self.shape(e))
             .collect();
+        let queued = !wanted.is_empty();
         if let Some(queue) = self.queues.get_mut(pos) {
             queue.extend(wanted);
         }
+        queued
     }
 
     /// Takes the queued events at or below `bound`, in revision order.
@@ -178,6 +193,10 @@ struct Session {
     shards: Arc<Shards>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
+    /// The watches by a label their selector requires.
+    index: WatchIndex,
+    /// The watches with queued events: the only ones a batch can release.
+    pending: BTreeSet<i64>,
     next_id: i64,
     /// Per shard: every event of the shard at or below this revision has
     /// been queued for (or sent to) the watches covering the shard.
@@ -283,7 +302,7 @@ impl Session {
             Some(RequestUnion::CreateRequest(create)) => self.create(create).await,
             Some(RequestUnion::CancelRequest(cancel)) => {
                 // etcd answers only the cancellation of a watch that exists.
-                if self.watchers.remove(&cancel.watch_id).is_some() {
+                if self.remove_watcher(cancel.watch_id) {
                     self.core.metrics.watches.dec();
                     let mut r = self.response(self.shards.floor(), cancel.watch_id);
                     r.canceled = true;
@@ -366,6 +385,13 @@ impl Session {
                 return self.send(created).await;
             }
         };
+        if selector.is_some() {
+            self.core
+                .metrics
+                .selected_requests
+                .with_label_values(&["watch"])
+                .inc();
+        }
         self.send(created).await?;
         if start < compacted {
             return self.cancel_compacted(id, compacted).await;
@@ -386,6 +412,7 @@ impl Session {
             .shards
             .iter()
             .any(|s| start <= self.marks[s.index()]);
+        self.index.insert(id, watcher.selector.as_ref());
         self.watchers.insert(id, watcher);
         self.core.metrics.watches.inc();
         if catch_up {
@@ -430,8 +457,10 @@ impl Session {
                     .await
                 {
                     Ok(page) => {
-                        if let Some(w) = self.watchers.get_mut(&id) {
-                            w.enqueue(pos, &DecodedBatch::new(&page.events));
+                        if let Some(w) = self.watchers.get_mut(&id)
+                            && w.enqueue(pos, &DecodedBatch::new(&page.events))
+                        {
+                            self.pending.insert(id);
                         }
                         cursors[pos] = if page.more {
                             page.closed + 1
@@ -440,7 +469,7 @@ impl Session {
                         };
                     }
                     Err(ShardError::Compacted { compact_revision }) => {
-                        if self.watchers.remove(&id).is_some() {
+                        if self.remove_watcher(id) {
                             self.core.metrics.watches.dec();
                         }
                         return self.cancel_compacted(id, compact_revision).await;
@@ -485,9 +514,40 @@ impl Session {
             return;
         }
         let batch = DecodedBatch::new(events);
-        for w in self.watchers.values_mut() {
-            if let Some(pos) = w.shards.iter().position(|s| *s == shard) {
-                w.enqueue(pos, &batch);
+        if !self.index.has_indexed() {
+            for (id, w) in self.watchers.iter_mut() {
+                if let Some(pos) = w.shards.iter().position(|s| *s == shard)
+                    && w.enqueue(pos, &batch)
+                {
+                    self.pending.insert(*id);
+                }
+            }
+            return;
+        }
+        // Each event goes to the watches the index finds for it (plus
+        // those it cannot index), so the cost per event does not grow with
+        // the number of selected watches.
+        let mut per_watch: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        for id in self.index.unindexed() {
+            per_watch.insert(*id, (0..events.len()).collect());
+        }
+        let mut found = BTreeSet::new();
+        for i in 0..events.len() {
+            let Some(decoded) = batch.decoded(i) else {
+                continue;
+            };
+            found.clear();
+            self.index.candidates(decoded, &mut found);
+            for id in &found {
+                per_watch.entry(*id).or_default().push(i);
+            }
+        }
+        for (id, indexes) in per_watch {
+            if let Some(w) = self.watchers.get_mut(&id)
+                && let Some(pos) = w.shards.iter().position(|s| *s == shard)
+                && w.enqueue_some(pos, &batch, indexes)
+            {
+                self.pending.insert(id);
             }
         }
     }
@@ -517,7 +577,7 @@ impl Session {
                 }
                 Err(ShardError::Compacted { compact_revision }) => {
                     for id in self.covering(shard) {
-                        if self.watchers.remove(&id).is_some() {
+                        if self.remove_watcher(id) {
                             self.core.metrics.watches.dec();
                         }
                         self.cancel_compacted(id, compact_revision).await?;
@@ -539,12 +599,33 @@ impl Session {
             .collect()
     }
 
-    /// Sends what every watch covering `shard` can have now.
+    /// Sends what every watch covering `shard` can have now. Only watches
+    /// with queued events have anything to send.
     async fn release_covering(&mut self, shard: ShardId) -> Result<(), Gone> {
-        for id in self.covering(shard) {
+        let ready: Vec<i64> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.watchers
+                    .get(id)
+                    .is_some_and(|w| w.shards.contains(&shard))
+            })
+            .collect();
+        for id in ready {
             self.release(id).await?;
         }
         Ok(())
+    }
+
+    /// Forgets watch `id`; false if there was none.
+    fn remove_watcher(&mut self, id: i64) -> bool {
+        let Some(w) = self.watchers.remove(&id) else {
+            return false;
+        };
+        self.index.remove(id, w.selector.as_ref());
+        self.pending.remove(&id);
+        true
     }
 
     /// Sends watch `id` its queued events up to where all its shards are
@@ -600,6 +681,9 @@ impl Session {
         }
         let events = w.take_until(bound);
         w.next = bound + 1;
+        if w.queues.iter().all(VecDeque::is_empty) {
+            self.pending.remove(&id);
+        }
         if events.is_empty() {
             return Ok(());
         }

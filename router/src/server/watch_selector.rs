@@ -5,14 +5,17 @@
 //! matches: the watcher may get more than it selected, never less.
 //!
 //! A batch of events is decoded at most once per stream, however many of
-//! its watches carry selectors (`DecodedBatch`).
+//! its watches carry selectors (`DecodedBatch`), and a stream with many
+//! selected watches finds the few an event may concern through an index by
+//! label (`WatchIndex`) instead of testing every watch.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use kubeshard_proto::etcdserverpb::WatchCreateRequest;
 use kubeshard_proto::mvccpb::Event;
 use kubeshard_proto::mvccpb::event::EventType;
-use kubeshard_selector::{Object, Selector, SelectorError};
+use kubeshard_selector::{LabelOp, Object, Selector, SelectorError};
 
 /// The selectors of one watch.
 #[derive(Debug)]
@@ -26,6 +29,17 @@ impl WatchSelector {
         }
         let selector = Selector::parse(&create.label_selector, &create.field_selector)?;
         Ok((!selector.is_empty()).then_some(WatchSelector(selector)))
+    }
+
+    /// A label requirement every match meets: its key and values (the
+    /// `=`/`in` requirement with the fewest values), if there is one.
+    fn index_key(&self) -> Option<(&str, &[String])> {
+        self.0
+            .labels
+            .iter()
+            .filter(|r| r.op == LabelOp::In)
+            .min_by_key(|r| r.values.len())
+            .map(|r| (r.key.as_str(), r.values.as_slice()))
     }
 
     pub(super) fn wants(&self, event: &DecodedEvent) -> bool {
@@ -71,6 +85,90 @@ impl DecodedEvent {
             _ => Before::Unknown,
         };
         DecodedEvent { now, before }
+    }
+}
+
+/// The watches of one stream by a label their selector requires, so that
+/// an event is tested only against watches that may want it.
+#[derive(Debug, Default)]
+pub(super) struct WatchIndex {
+    /// Watches without a label requirement to index them by: every event
+    /// is tested against them.
+    unindexed: BTreeSet<i64>,
+    /// Label key, then value: the watches requiring it.
+    by_label: HashMap<String, HashMap<String, BTreeSet<i64>>>,
+    /// Every watch in `by_label` (for objects that cannot be decoded).
+    indexed: BTreeSet<i64>,
+}
+
+impl WatchIndex {
+    pub(super) fn insert(&mut self, id: i64, selector: Option<&WatchSelector>) {
+        match selector.and_then(WatchSelector::index_key) {
+            Some((key, values)) => {
+                let by_value = self.by_label.entry(key.to_string()).or_default();
+                for v in values {
+                    by_value.entry(v.clone()).or_default().insert(id);
+                }
+                self.indexed.insert(id);
+            }
+            None => {
+                self.unindexed.insert(id);
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: i64, selector: Option<&WatchSelector>) {
+        self.unindexed.remove(&id);
+        if !self.indexed.remove(&id) {
+            return;
+        }
+        if let Some((key, values)) = selector.and_then(WatchSelector::index_key)
+            && let Some(by_value) = self.by_label.get_mut(key)
+        {
+            for v in values {
+                if let Some(ids) = by_value.get_mut(v) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        by_value.remove(v);
+                    }
+                }
+            }
+            if by_value.is_empty() {
+                self.by_label.remove(key);
+            }
+        }
+    }
+
+    /// Watches every event is tested against.
+    pub(super) fn unindexed(&self) -> &BTreeSet<i64> {
+        &self.unindexed
+    }
+
+    pub(super) fn has_indexed(&self) -> bool {
+        !self.indexed.is_empty()
+    }
+
+    /// Adds the indexed watches that may want `event` to `out`.
+    pub(super) fn candidates(&self, event: &DecodedEvent, out: &mut BTreeSet<i64>) {
+        let before = match &event.before {
+            Before::Absent => None,
+            Before::Unknown => {
+                out.extend(&self.indexed);
+                return;
+            }
+            Before::Object(o) => Some(o),
+        };
+        for object in event.now.iter().chain(before) {
+            let Some(meta) = object.meta() else {
+                out.extend(&self.indexed);
+                return;
+            };
+            for (key, value) in &meta.labels {
+                if let Some(ids) = self.by_label.get(key).and_then(|m| m.get(value)) {
+                    out.extend(ids);
+                }
+            }
+        }
     }
 }
 
@@ -162,6 +260,57 @@ mod tests {
         let mut opaque = kv("db", 1);
         opaque.value = b"k8s:enc:aescbc:v1:k:xyz".to_vec();
         assert!(wants(&put(opaque, None)));
+    }
+
+    #[test]
+    fn the_index_finds_every_watch_an_event_may_concern() {
+        let selectors = [
+            Some("app=web"),
+            Some("app in (web,db),tier=x"),
+            Some("app!=web"),
+            None,
+            Some("tier=x"),
+        ];
+        let watches: Vec<Option<WatchSelector>> = selectors
+            .iter()
+            .map(|s| {
+                s.and_then(|s| {
+                    let create = WatchCreateRequest {
+                        label_selector: s.into(),
+                        ..Default::default()
+                    };
+                    WatchSelector::of(&create).ok().flatten()
+                })
+            })
+            .collect();
+        let mut index = WatchIndex::default();
+        for (id, w) in watches.iter().enumerate() {
+            index.insert(id as i64, w.as_ref());
+        }
+        let events = [
+            put(kv("web", 1), None),
+            put(kv("db", 2), Some(kv("web", 1))),
+            put(kv("other", 2), Some(kv("db", 1))),
+            delete(Some(kv("web", 1))),
+            delete(None),
+        ];
+        for event in &events {
+            let decoded = DecodedEvent::of(event);
+            let mut found: BTreeSet<i64> = index.unindexed().clone();
+            index.candidates(&decoded, &mut found);
+            for (id, w) in watches.iter().enumerate() {
+                let wants = w.as_ref().is_none_or(|w| w.wants(&decoded));
+                if wants {
+                    assert!(found.contains(&(id as i64)), "watch {id} missed {event:?}");
+                }
+            }
+        }
+        // Removed watches are gone from it.
+        for (id, w) in watches.iter().enumerate() {
+            index.remove(id as i64, w.as_ref());
+        }
+        assert!(!index.has_indexed() && index.unindexed().is_empty());
+        assert!(index.by_label.is_empty());
     }
 
     #[test]
