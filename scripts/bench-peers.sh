@@ -3,7 +3,11 @@
 # the repository, once per version: etcd and etcdctl 3.6 (bench/peers/etcd)
 # and kine (bench/peers/kine). Prints the folder holding etcd, etcdctl and
 # kine: ${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}/peers-<etcd>-<kine>/.
+# With --etcd-only, only etcd (the reference of scripts/kube-e2e.sh's
+# selector push-down run, which kube-apiserver 1.34 needs at 3.5 or above).
 set -euo pipefail
+etcd_only=0
+[[ ${1:-} == --etcd-only ]] && etcd_only=1
 cd "$(dirname "$0")/../bench/peers"
 etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2}' etcd/go.mod)
 kine_version=$(awk '$1 == "github.com/k3s-io/kine" || ($1 == "require" && $2 == "github.com/k3s-io/kine") {print $NF}' kine/go.mod | head -1)
@@ -19,6 +23,7 @@ build() { # MODULE_DIR PACKAGE NAME VERSION
   fi
 }
 build etcd go.etcd.io/etcd/server/v3 etcd "$etcd_version"
+((etcd_only)) && { echo "$out"; exit 0; }
 build etcd go.etcd.io/etcd/etcdctl/v3 etcdctl "$etcd_version"
 build kine github.com/k3s-io/kine kine "$kine_version"
 echo "$out"

@@ -5,7 +5,11 @@
 #   2. one SQLite shard, watch cache off;
 #   3. pods, events, leases and custom resources each on their own shard
 #      (PostgreSQL and MariaDB) next to a default shard, watch cache on;
-#   4. the same topology, watch cache off.
+#   4. the same topology, watch cache off;
+# and, first, the selector push-down run (tests/kubernetes/pushdown_e2e.py):
+# kube-apiserver patched by scripts/kube-build-pushdown.sh, watch cache off,
+# over kubeshard on one SQLite shard and on four, against the stock
+# kube-apiserver over etcd 3.6 (scripts/bench-peers.sh --etcd-only).
 # Needs: go, python3, openssl, target/debug/kubeshard (or KUBESHARD_BIN), and
 # the database URLs scripts/test.sh exports.
 set -euo pipefail
@@ -108,6 +112,57 @@ e2e() { # NAME ARGS...
     status=1
   fi
 }
+# Selector push-down: the patched kube-apiserver, watch cache off, over
+# kubeshard answers as the stock one over etcd 3.6 (tests/kubernetes/pushdown_e2e.py).
+pushdown_apiserver=$(scripts/kube-build-pushdown.sh)/kube-apiserver
+reference_etcd=$(scripts/bench-peers.sh --etcd-only)/etcd
+pushdown() { # NAME ARGS...
+  local name=$1
+  shift
+  echo "==> selector push-down end to end: $name" >&2
+  if python3 tests/kubernetes/pushdown_e2e.py --kube-bin "$kube_bin" \
+    --pushdown-apiserver "$pushdown_apiserver" --etcd "$reference_etcd" \
+    --kubeshard "$kubeshard" --work "$work/$name" "$@"; then
+    echo "    $name: passed" >&2
+  else
+    echo "    $name: FAILED (logs in $work/$name)" >&2
+    status=1
+  fi
+}
+# Widgets hashed by namespace over two shards, pods on a third: lists
+# across namespaces merge selected ranges of several shards.
+cat >"$work/pushdown-sharded.toml" <<TOML
+default_shard = "core"
+
+[[shards]]
+name = "core"
+endpoint = "sqlite://$work/pushdown-core.db"
+
+[[shards]]
+name = "widgets-1"
+endpoint = "sqlite://$work/pushdown-widgets-1.db"
+
+[[shards]]
+name = "widgets-2"
+endpoint = "sqlite://$work/pushdown-widgets-2.db"
+
+[[shards]]
+name = "pods"
+endpoint = "sqlite://$work/pushdown-pods.db"
+
+[[routes]]
+group = "pushdown.e2e.io"
+resource = "widgets"
+shards = ["widgets-1", "widgets-2"]
+hash = "resource-namespace"
+
+[[routes]]
+resource = "pods"
+shard = "pods"
+TOML
+pushdown pushdown-sqlite --endpoint "sqlite://$work/pushdown.db"
+pushdown pushdown-sharded --config "$work/pushdown-sharded.toml"
+
 e2e sqlite-watch-cache-on --endpoint "sqlite://$work/sqlite-on.db" --watch-cache on
 e2e sqlite-watch-cache-off --endpoint "sqlite://$work/sqlite-off.db" --watch-cache off
 sharded_topology "$work/sharded-on.toml"

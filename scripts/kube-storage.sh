@@ -4,7 +4,9 @@
 # and against kubeshard: one SQLite shard; three SQLite shards (pods hashed
 # over two by namespace); six shards on PostgreSQL + MariaDB (the same, plus
 # events, leases and custom resources on their own shards). Every test that passes on etcd must pass on
-# each kubeshard target. Prints a table of pass counts (also written to
+# each kubeshard target. The *-pushdown targets run the suite built over the
+# store patched to send label and field selectors (scripts/kube-build-pushdown.sh),
+# so the suite's selected lists and watches are filtered by kubeshard too. Prints a table of pass counts (also written to
 # $KUBE_RESULTS, default target/kube-storage.md).
 #
 # Needs: go, etcd (ETCD_BIN), target/debug/kubeshard (or KUBESHARD_BIN), and
@@ -32,11 +34,13 @@ fi
 # Logs of each run stay here for reading after a failure.
 work=$root/target/kube-storage
 rm -rf "$work" && mkdir -p "$work"
-run() { # name target shards
+pushdown_bin=$(scripts/kube-build-pushdown.sh --storage-suite)/storage-$(cat tests/kubernetes/storage/*.go | sha256sum | cut -c1-16).test
+[[ -x $pushdown_bin ]] || { echo "kube-storage: $pushdown_bin was not built" >&2; exit 1; }
+run() { # name target shards [suite binary]
   echo "==> storage suite on $1" >&2
-  local started=$SECONDS
+  local started=$SECONDS suite=${4:-$bin}
   # -test.v prints one "--- PASS/FAIL/SKIP: TestX" line per top-level test.
-  STORAGE_TARGET=$2 STORAGE_SHARDS=$3 "$bin" -test.v -test.count=1 -test.timeout=30m \
+  STORAGE_TARGET=$2 STORAGE_SHARDS=$3 "$suite" -test.v -test.count=1 -test.timeout=30m \
     -test.run "${KUBE_STORAGE_RUN:-.}" \
     >"$work/$1.log" 2>&1 || true
   grep -aE '^--- (PASS|FAIL|SKIP): ' "$work/$1.log" | awk '{print $3, $2}' | tr -d ':' | sort >"$work/$1.results"
@@ -45,7 +49,9 @@ run() { # name target shards
 run etcd etcd ""
 run kubeshard-sqlite kubeshard ""
 run kubeshard-3-sqlite kubeshard-sharded sqlite
-targets=(kubeshard-sqlite kubeshard-3-sqlite)
+run kubeshard-sqlite-pushdown kubeshard "" "$pushdown_bin"
+run kubeshard-3-sqlite-pushdown kubeshard-sharded sqlite "$pushdown_bin"
+targets=(kubeshard-sqlite kubeshard-3-sqlite kubeshard-sqlite-pushdown kubeshard-3-sqlite-pushdown)
 if [[ -n ${KUBESHARD_TEST_POSTGRES_URL:-} && -n ${KUBESHARD_TEST_MYSQL_URL:-} ]]; then
   run kubeshard-6-postgres-mariadb kubeshard-sharded postgres-mariadb
   targets+=(kubeshard-6-postgres-mariadb)

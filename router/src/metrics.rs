@@ -51,6 +51,8 @@ pub struct Metrics {
     pub watches: IntGauge,
     pub watch_events: IntCounter,
     pub leases_expired: IntCounter,
+    /// Ranges and watches carrying selectors (kubeshard's push-down).
+    pub selected_requests: IntCounterVec,
     shard_revision: IntGaugeVec,
     shard_compact_revision: IntGaugeVec,
 }
@@ -78,6 +80,13 @@ impl Metrics {
         let watch_events = IntCounter::new("watch_events_sent_total", "Events sent to watches")?;
         let leases_expired =
             IntCounter::new("leases_expired_total", "Leases expired by this router")?;
+        let selected_requests = IntCounterVec::new(
+            Opts::new(
+                "selected_requests_total",
+                "Ranges and watches with label or field selectors, by kind",
+            ),
+            &["kind"],
+        )?;
         let shard_revision = IntGaugeVec::new(
             Opts::new(
                 "shard_revision",
@@ -95,6 +104,7 @@ impl Metrics {
         registry.register(Box::new(watches.clone()))?;
         registry.register(Box::new(watch_events.clone()))?;
         registry.register(Box::new(leases_expired.clone()))?;
+        registry.register(Box::new(selected_requests.clone()))?;
         registry.register(Box::new(shard_revision.clone()))?;
         registry.register(Box::new(shard_compact_revision.clone()))?;
         Ok(Metrics {
@@ -105,6 +115,7 @@ impl Metrics {
             watches,
             watch_events,
             leases_expired,
+            selected_requests,
             shard_revision,
             shard_compact_revision,
         })

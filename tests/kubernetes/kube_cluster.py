@@ -31,8 +31,10 @@ def check(condition, message):
 
 
 class Cluster:
-    def __init__(self, kube_bin, work):
+    def __init__(self, kube_bin, work, apiserver=None):
         self.kube_bin = Path(kube_bin)
+        # Another kube-apiserver binary (the patched one) instead of kube_bin's.
+        self.apiserver = Path(apiserver) if apiserver else self.kube_bin / "kube-apiserver"
         self.work = Path(work)
         self.procs = []
         self.logs = {}
@@ -133,7 +135,7 @@ class Cluster:
         api_port = free_port()
         self.write_kubeconfig(api_port)
         proc = self.spawn("kube-apiserver", [
-            str(self.kube_bin / "kube-apiserver"),
+            str(self.apiserver),
             f"--etcd-servers={etcd_servers}",
             f"--watch-cache={'true' if watch_cache else 'false'}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",

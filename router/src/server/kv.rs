@@ -239,6 +239,11 @@ impl Kv for KvService {
         validate::check_range(&request)?;
         let ids = self.core.shards.for_range(&request.key, &request.range_end);
         if !request.label_selector.is_empty() || !request.field_selector.is_empty() {
+            self.core
+                .metrics
+                .selected_requests
+                .with_label_values(&["range"])
+                .inc();
             // Selected ranges read through the label index: keep it.
             for id in &ids {
                 self.core.shards.get(*id).labels.activate();
