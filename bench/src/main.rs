@@ -15,6 +15,7 @@
 
 mod kube;
 mod report;
+mod selected;
 mod workloads;
 
 use std::time::Duration;
@@ -120,6 +121,18 @@ pub enum Workload {
         #[arg(long, default_value = "/kubeshard-bench/watch/")]
         prefix: String,
     },
+    /// `watchers` watches over a prefix on one stream, each with its own
+    /// label selector `app=a<i>` (kubeshard's push-down extension), while
+    /// `clients` writers put objects each labelled for one of them;
+    /// reports event latency and events delivered per second.
+    WatchSelected {
+        #[arg(long, default_value_t = 10)]
+        watchers: usize,
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        #[arg(long, default_value = "/kubeshard-bench/watch-selected/")]
+        prefix: String,
+    },
     /// The Kubernetes custom-resource workload through kube-apiserver
     /// (HTTPS, not etcd): `--endpoint` and `--conns` do not apply.
     Kube(kube::KubeArgs),
@@ -155,7 +168,14 @@ async fn main() -> anyhow::Result<()> {
         total: cli.total,
         key_size: cli.key_size,
     };
-    let measured = workloads::run(&run, &cli.workload).await?;
+    let measured = match &cli.workload {
+        Workload::WatchSelected {
+            watchers,
+            value_size,
+            prefix,
+        } => selected::run(&run, &cli.endpoint, *watchers, *value_size, prefix).await?,
+        other => workloads::run(&run, other).await?,
+    };
     let rss = cli.server_pid.and_then(report::peak_rss_mib);
     let line = if cli.json {
         measured.json(&cli.endpoint, cli.clients, cli.conns, rss)

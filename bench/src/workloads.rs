@@ -25,7 +25,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn connection(&self, i: usize) -> Client {
+    pub fn connection(&self, i: usize) -> Client {
         self.connections[i % self.connections.len()].clone()
     }
 }
@@ -101,6 +101,7 @@ pub async fn run(run: &Run, workload: &Workload) -> anyhow::Result<Measured> {
             prefix,
         } => watch(run, *watchers, *value_size, prefix).await,
         Workload::Kube(_) => bail!("the kube workload speaks to kube-apiserver, not etcd"),
+        Workload::WatchSelected { .. } => bail!("watch-selected runs from selected.rs"),
     }
 }
 
@@ -403,13 +404,13 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-fn unique_suffix() -> u128 {
+pub fn unique_suffix() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
 }
 
-fn now_us() -> u64 {
+pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
