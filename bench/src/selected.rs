@@ -87,6 +87,50 @@ pub async fn run(
     sender.await.context("watch creation task")?;
     let created_in = create_started.elapsed();
 
+    // The stream is read all along (a reader that waited for the writers
+    // would hold the server back and measure its own delay), until every
+    // watch has its events: `expected` is known once the writers are done.
+    let (expected_tx, mut expected_rx) = tokio::sync::watch::channel::<Option<usize>>(None);
+    let reader = tokio::spawn(async move {
+        let mut seen: HashMap<i64, usize> = HashMap::new();
+        let mut result = ClientResult::default();
+        let mut delivered = 0usize;
+        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+        loop {
+            let expected = *expected_rx.borrow();
+            if expected.is_some_and(|e| delivered >= e) {
+                break;
+            }
+            tokio::select! {
+                changed = expected_rx.changed(), if expected.is_none() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+                }
+                message = tokio::time::timeout_at(deadline, stream.message()) => {
+                    let Ok(Ok(Some(r))) = message else { break };
+                    let now = now_us();
+                    for e in &r.events {
+                        delivered += 1;
+                        *seen.entry(r.watch_id).or_default() += 1;
+                        let sent = e
+                            .kv
+                            .as_ref()
+                            .and_then(|kv| kv.value.get(8..28))
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok());
+                        match sent {
+                            Some(sent) => result.ok(Duration::from_micros(now.saturating_sub(sent))),
+                            None => result.failed("an event without a send time"),
+                        }
+                    }
+                }
+            }
+        }
+        (seen, result, delivered, Instant::now())
+    });
+
     // Writers: objects labelled app=a<some watch>, their send time first,
     // for the run's duration.
     let pad = value_size.saturating_sub(120);
@@ -130,34 +174,11 @@ pub async fn run(
         }
     }
     let writing = started.elapsed();
-
-    // Read until every watch has its events.
     let expected: usize = per_watch.values().sum();
-    let mut seen: HashMap<i64, usize> = HashMap::new();
-    let mut result = ClientResult::default();
-    let mut delivered = 0usize;
-    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
-    while delivered < expected {
-        let message = tokio::time::timeout_at(deadline, stream.message()).await;
-        let Ok(Ok(Some(r))) = message else {
-            break;
-        };
-        let now = now_us();
-        for e in &r.events {
-            delivered += 1;
-            *seen.entry(r.watch_id).or_default() += 1;
-            let sent =
-                e.kv.as_ref()
-                    .and_then(|kv| kv.value.get(8..28))
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-            match sent {
-                Some(sent) => result.ok(Duration::from_micros(now.saturating_sub(sent))),
-                None => result.failed("an event without a send time"),
-            }
-        }
-    }
-    let elapsed = started.elapsed();
+    let _ = expected_tx.send(Some(expected));
+    let (seen, result, delivered, last_event) = reader.await.context("the watch reader failed")?;
+
+    let elapsed = last_event.duration_since(started);
     drop(tx);
     let mut measured = Measured {
         workload: "watch-selected",
