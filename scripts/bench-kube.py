@@ -30,7 +30,7 @@ BENCH_USER = "kubeshard-bench"
 def run(args):
     work = Path(args.work or tempfile.mkdtemp(prefix="kubeshard-bench-kube-"))
     work.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(args.kube_bin, work)
+    cluster = Cluster(args.kube_bin, work, apiserver=args.apiserver)
     plurals = sorted(json.loads(Path(args.payloads).read_text()).keys())
     try:
         cluster.make_certs()
@@ -65,21 +65,41 @@ def run(args):
             "kube", "--api-server", cluster.server, "--cert", str(cert), "--key", str(key),
             "--payloads", args.payloads, "--vus", str(args.vus),
             "--apiserver-pid", str(apiserver.pid),
-        ], capture_output=True, text=True, timeout=args.seconds + 300)
-        sys.stderr.write(p.stderr)
-        if p.returncode != 0:
+            "--report-every", str(args.report_every), "--max-objects", str(args.max_objects),
+            *(["--storage-postgres"] if args.storage_postgres else []),
+        ], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Interval lines (--report-every) are recorded as they come, so a
+        # long run that dies keeps what it measured.
+        tag = {"system": args.system, "watch_cache": args.watch_cache}
+        last = None
+        for text in p.stdout:
+            text = text.strip()
+            if not text:
+                continue
+            line = json.loads(text)
+            if "interval" in line:
+                record(args.results, {**tag, "kind": "interval", **line})
+                print(f"   {text}", file=sys.stderr)
+            else:
+                last = line
+        p.wait(timeout=300)
+        sys.stderr.write(p.stderr.read())
+        if p.returncode != 0 or last is None:
             raise Failure(f"kubeshard-bench kube failed ({p.returncode})")
-        line = json.loads(p.stdout.strip().splitlines()[-1])
-        line = {"system": args.system, "watch_cache": args.watch_cache, **line,
+        line = {**tag, **({"kind": "summary"} if args.report_every else {}), **last,
                 "cpu_seconds": cpu.split()}
         print(f"   {json.dumps(line)}", file=sys.stderr)
-        with open(args.results, "a") as out:
-            out.write(json.dumps(line) + "\n")
+        record(args.results, line)
     except (Failure, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"{args.system}: {e}\n{cluster.log_tails()}", file=sys.stderr)
         cluster.stop()
         sys.exit(1)
     cluster.stop()
+
+
+def record(results, line):
+    with open(results, "a") as out:
+        out.write(json.dumps(line) + "\n")
 
 
 def cpu_seconds(pid):
@@ -232,6 +252,11 @@ def main():
     r.add_argument("--watch-cache", choices=["on", "off"], default="on")
     r.add_argument("--results", required=True)
     r.add_argument("--work")
+    r.add_argument("--apiserver", help="another kube-apiserver binary (the patched one)")
+    r.add_argument("--report-every", type=int, default=0, help="seconds per interval line")
+    r.add_argument("--max-objects", type=int, default=0)
+    r.add_argument("--storage-postgres", action="store_true",
+                   help="count PostgreSQL's processes into the storage's memory")
     p = sub.add_parser("report")
     p.add_argument("results")
     p.add_argument("out")

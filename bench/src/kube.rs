@@ -7,9 +7,15 @@
 //! the object just created). Every HTTP request is one sample; a request
 //! fails on a wrong status, a transport error, or a list that does not hold
 //! exactly the created object (the public runs checked status codes only).
+//!
+//! For runs at scale, `--report-every` prints one JSON line per interval
+//! (requests, failures, percentiles, objects created so far, memory of
+//! kube-apiserver and of the storage now), and `--max-objects` ends the run
+//! once that many objects exist.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -17,7 +23,7 @@ use clap::Args;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use crate::report::{peak_rss_mib, percentile_ms};
+use crate::report::{peak_rss_mib, percentile_ms, pids_named, pss_mib};
 
 #[derive(Debug, Args)]
 pub struct KubeArgs {
@@ -41,6 +47,38 @@ pub struct KubeArgs {
     /// kube-apiserver's process id: its peak RSS is reported.
     #[arg(long)]
     apiserver_pid: Option<u32>,
+    /// Print a JSON line of the last interval every this many seconds
+    /// (0: only the summary at the end).
+    #[arg(long, default_value_t = 0)]
+    report_every: u64,
+    /// End the run once this many objects were created (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_objects: u64,
+    /// Count every PostgreSQL process into the storage's memory in the
+    /// interval reports.
+    #[arg(long)]
+    storage_postgres: bool,
+}
+
+/// What the virtual users share: the samples of the current interval and
+/// the objects created so far.
+#[derive(Debug, Default)]
+struct Shared {
+    interval: Mutex<Samples>,
+    created: AtomicU64,
+    max_objects: u64,
+}
+
+impl Shared {
+    fn record(&self, took: Duration, outcome: &Result<(), String>) {
+        if let Ok(mut interval) = self.interval.lock() {
+            interval.record(took, outcome.clone());
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.max_objects > 0 && self.created.load(Ordering::Relaxed) >= self.max_objects
+    }
 }
 
 /// One custom resource kind: where to POST and LIST it, and its body.
@@ -198,10 +236,11 @@ async fn virtual_user(
     client: reqwest::Client,
     kinds: Arc<Vec<Kind>>,
     deadline: Instant,
+    shared: Arc<Shared>,
 ) -> Samples {
     let mut samples = Samples::default();
     let mut iteration = 0u64;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !shared.full() {
         let created_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -217,6 +256,10 @@ async fn virtual_user(
             }
         });
         for (took, outcome) in futures::future::join_all(creates).await {
+            if outcome.is_ok() {
+                shared.created.fetch_add(1, Ordering::Relaxed);
+            }
+            shared.record(took, &outcome);
             samples.record(took, outcome);
         }
         let lists = kinds.iter().map(|kind| {
@@ -229,10 +272,58 @@ async fn virtual_user(
             }
         });
         for (took, outcome) in futures::future::join_all(lists).await {
+            shared.record(took, &outcome);
             samples.record(took, outcome);
         }
     }
     samples
+}
+
+/// Prints one JSON line per `every`: the interval's requests, failures,
+/// rate and percentiles, the objects created so far, and the memory
+/// (proportional set size) of kube-apiserver and of the storage now.
+async fn report_intervals(
+    shared: Arc<Shared>,
+    every: Duration,
+    apiserver_pid: Option<u32>,
+    storage_pid: Option<u32>,
+    storage_postgres: bool,
+    started: Instant,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut last = Instant::now();
+    for interval in 1.. {
+        ticks.tick().await;
+        let now = Instant::now();
+        let samples = match shared.interval.lock() {
+            Ok(mut s) => std::mem::take(&mut *s),
+            Err(_) => return,
+        };
+        let secs = now.duration_since(last).as_secs_f64().max(1e-9);
+        last = now;
+        let mut sorted = samples.latencies_us;
+        sorted.sort_unstable();
+        let p = |q| percentile_ms(&sorted, q);
+        let mib = |pids: &[u32]| -> u64 { pids.iter().filter_map(|p| pss_mib(*p)).sum() };
+        let mut storage: Vec<u32> = storage_pid.into_iter().collect();
+        if storage_postgres {
+            storage.extend(pids_named("postgres"));
+        }
+        let apiserver = apiserver_pid.map_or(0, |p| mib(&[p]));
+        println!(
+            "{{\"interval\":{interval},\"elapsed_s\":{:.0},\"objects\":{},\"requests\":{},\"failed\":{},\"per_second\":{:.1},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p95_ms\":{:.2},\"p99_ms\":{:.2},\"apiserver_mib\":{apiserver},\"storage_mib\":{}}}",
+            now.duration_since(started).as_secs_f64(),
+            shared.created.load(Ordering::Relaxed),
+            sorted.len(),
+            samples.failed,
+            sorted.len() as f64 / secs,
+            p(0.5),
+            p(0.9),
+            p(0.95),
+            p(0.99),
+            mib(&storage),
+        );
+    }
 }
 
 /// The public score: `floor(requests / (0.2*p50 + 0.3*p90 + 0.5*p95) *
@@ -266,6 +357,20 @@ pub async fn run(
     let identity = reqwest::Identity::from_pem(&pem).context("client certificate or key")?;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
+    let shared = Arc::new(Shared {
+        max_objects: args.max_objects,
+        ..Default::default()
+    });
+    let reporter = (args.report_every > 0).then(|| {
+        tokio::spawn(report_intervals(
+            shared.clone(),
+            Duration::from_secs(args.report_every),
+            args.apiserver_pid,
+            storage_pid,
+            args.storage_postgres,
+            started,
+        ))
+    });
     let mut users = JoinSet::new();
     for vu in 0..args.vus {
         // kube-apiserver serves a self-signed certificate of its own
@@ -278,13 +383,23 @@ pub async fn run(
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| anyhow::anyhow!("HTTP client: {e:?}"))?;
-        users.spawn(virtual_user(vu, client, kinds.clone(), deadline));
+        users.spawn(virtual_user(
+            vu,
+            client,
+            kinds.clone(),
+            deadline,
+            shared.clone(),
+        ));
     }
     let mut samples = Samples::default();
     while let Some(done) = users.join_next().await {
         samples.absorb(done.context("a virtual user panicked")?);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
+    let objects = shared.created.load(Ordering::Relaxed);
     let mut sorted = samples.latencies_us.clone();
     sorted.sort_unstable();
     let requests = sorted.len() as u64;
@@ -307,7 +422,7 @@ pub async fn run(
     let (apiserver_rss, storage_rss) = (rss(args.apiserver_pid), rss(storage_pid));
     if json {
         println!(
-            "{{\"workload\":\"kube-crs\",\"vus\":{},\"seconds\":{seconds},\"requests\":{requests},\"failed\":{},\"per_second\":{per_second:.1},\"p50_ms\":{p50:.2},\"p90_ms\":{p90:.2},\"p95_ms\":{p95:.2},\"p99_ms\":{p99:.2},\"score\":{score},\"apiserver_peak_rss_mib\":{apiserver_rss},\"server_peak_rss_mib\":{storage_rss}}}",
+            "{{\"workload\":\"kube-crs\",\"vus\":{},\"seconds\":{seconds},\"elapsed_s\":{elapsed:.1},\"objects\":{objects},\"requests\":{requests},\"failed\":{},\"per_second\":{per_second:.1},\"p50_ms\":{p50:.2},\"p90_ms\":{p90:.2},\"p95_ms\":{p95:.2},\"p99_ms\":{p99:.2},\"score\":{score},\"apiserver_peak_rss_mib\":{apiserver_rss},\"server_peak_rss_mib\":{storage_rss}}}",
             args.vus, samples.failed
         );
     } else {

@@ -113,6 +113,30 @@ pub fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
 }
 
 /// The peak resident set size of a process (VmHWM), in MiB, if readable.
+/// A process's memory now, in MiB: its proportional set size (shared pages
+/// divided among the processes sharing them, so that PostgreSQL's shared
+/// buffers count once over its processes), or None if it is gone.
+pub fn pss_mib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// The ids of the processes named `comm` (e.g. every PostgreSQL backend).
+pub fn pids_named(comm: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
 pub fn peak_rss_mib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

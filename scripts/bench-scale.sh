@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Benchmark (not a test), issue 17 §5a: the custom-resource workload of
+# shared/bench/README.md at the public challenge's scale. Objects pile up;
+# each system runs until MAX_OBJECTS exist or MINUTES pass, whichever comes
+# first, reporting every minute: req/s, p50/p90/p95/p99, failures, objects,
+# and the memory (PSS) of kube-apiserver and of the storage (PostgreSQL's
+# processes included). Systems, one after the other, each on fresh storage:
+#   etcd-cache-on     etcd 3.6.8, stock kube-apiserver, watch cache on (the default)
+#   etcd-cache-off    the same, watch cache off
+#   kubeshard-postgres-pushdown    kubeshard on one PostgreSQL database,
+#                     kube-apiserver patched to send selectors (scripts/kube-build-pushdown.sh),
+#                     watch cache off
+#   kubeshard-6-postgres-pushdown  the same over six databases, one CRD kind each
+#
+# Resumable: results are appended to target/bench-scale/results.jsonl, and a
+# system that already has its summary line there is skipped, so a run can
+# span sessions (rm the file to start over). Then writes
+# docs/benchmarks-scale.md and docs/img/scale-*.png.
+#
+# Usage: scripts/bench-scale.sh  (knobs: SYSTEMS, VUS (120), MINUTES (30),
+# MAX_OBJECTS (200000), KUBE_BENCH_DIR)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+vus=${VUS:-120}
+minutes=${MINUTES:-30}
+max_objects=${MAX_OBJECTS:-200000}
+systems=${SYSTEMS:-"etcd-cache-on etcd-cache-off kubeshard-postgres-pushdown kubeshard-6-postgres-pushdown"}
+workload=${KUBE_BENCH_DIR:-$(cd .. && pwd)/shared/bench}
+[[ -f $workload/payloads.json && -d $workload/crds ]] ||
+  { echo "no workload at $workload (want payloads.json and crds/); set KUBE_BENCH_DIR" >&2; exit 2; }
+. scripts/bench-lib.sh
+
+echo "== building kubeshard and kubeshard-bench (release), Kubernetes and the peers" >&2
+cargo build --release --locked --bin kubeshard --bin kubeshard-bench >&2
+kube_bin=$(scripts/kube-build.sh)
+pushdown=$(scripts/kube-build-pushdown.sh)/kube-apiserver
+peers=$(scripts/bench-peers.sh --etcd-only)
+out=target/bench-scale
+results=$out/results.jsonl
+mkdir -p "$out" docs/img
+touch "$results"
+stamp=$(date +%s)
+port=24700
+for system in $systems; do
+  port=$((port + 10))
+  if grep -q "\"system\": \"$system\", \"watch_cache\": \"[a-z]*\", \"kind\": \"summary\"" "$results"; then
+    echo "== $system: done in an earlier run, skipped" >&2
+    continue
+  fi
+  # A system cut short before its summary is measured again from scratch.
+  python3 - "$results" "$system" <<'PY'
+import json, sys
+path, system = sys.argv[1], sys.argv[2]
+keep = [l for l in open(path) if l.strip() and json.loads(l)["system"] != system]
+open(path, "w").writelines(keep)
+PY
+  cache=off apiserver=$pushdown postgres=()
+  case $system in
+    etcd-cache-on) cache=on apiserver=$kube_bin/kube-apiserver
+      start_etcd "$port" $((port + 1)) "$peers/etcd" ;;
+    etcd-cache-off) apiserver=$kube_bin/kube-apiserver
+      start_etcd "$port" $((port + 1)) "$peers/etcd" ;;
+    kubeshard-postgres-pushdown) postgres=(--storage-postgres)
+      newdb "ks_scale_${stamp}_one"; start_kubeshard "$port" "$db_url" ;;
+    kubeshard-6-postgres-pushdown) postgres=(--storage-postgres)
+      file=$work/topology-$port.toml
+      echo 'default_shard = "s0"' >"$file"
+      for i in 0 1 2 3 4 5; do
+        newdb "ks_scale_${stamp}_six_$i"
+        printf '\n[[shards]]\nname = "s%d"\nendpoint = "%s"\n' "$i" "$db_url" >>"$file"
+      done
+      i=0
+      for plural in addresses firewalls globaladdresses networks routers subnetworks; do
+        printf '\n[[routes]]\ngroup = "compute.gcp.crossplane.io"\nresource = "%s"\nshard = "s%d"\n' \
+          "$plural" "$i" >>"$file"
+        i=$((i + 1))
+      done
+      start_kubeshard_config "$port" "$file" ;;
+    *) echo "unknown system $system" >&2; exit 2 ;;
+  esac
+  echo "== $system: $vus VUs until $max_objects objects or $minutes minutes (watch cache $cache)" >&2
+  python3 scripts/bench-kube.py run --system "$system" --etcd-servers "http://127.0.0.1:$port" \
+    --storage-pid "$server_pid" --kube-bin "$kube_bin" --apiserver "$apiserver" \
+    --bench target/release/kubeshard-bench --payloads "$workload/payloads.json" \
+    --crds "$workload/crds" --vus "$vus" --seconds $((minutes * 60)) --watch-cache "$cache" \
+    --report-every 60 --max-objects "$max_objects" "${postgres[@]}" \
+    --results "$results" --work "$work/kube-$port" || echo "   $system failed" >&2
+  stop_server
+  drop_dbs
+  dbs=()
+done
+
+python=$(plots_python)
+machine="$(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+"$python" scripts/bench-scale-report.py "$results" docs/benchmarks-scale.md docs/img \
+  --vus "$vus" --minutes "$minutes" --max-objects "$max_objects" --machine "$machine" \
+  --commit "$(git rev-parse --short HEAD)"
+cat docs/benchmarks-scale.md
