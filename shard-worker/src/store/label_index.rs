@@ -99,11 +99,32 @@ pub(crate) fn driving_terms(selector: &Selector) -> Option<Vec<i64>> {
 #[derive(Debug, Clone)]
 pub(crate) struct Narrowing {
     pub(crate) terms: Vec<i64>,
+    /// The index's mark, read in the snapshot of the range (0 until then:
+    /// every key with history is a candidate). A parameter rather than a
+    /// subquery, so that PostgreSQL plans with its value: from a subquery
+    /// it guessed a third of the history, and walked the range.
+    pub(crate) mark: i64,
 }
 
-/// Appends `(candidates) cand JOIN ks_live ON ...`: the live rows of the
-/// candidates of `range`, to be followed by `WHERE` and conditions on
-/// `ks_live`'s columns (unqualified names are `ks_live`'s).
+impl Narrowing {
+    /// The same, at the index's mark read in the range's snapshot.
+    pub(crate) fn at(&self, mark: i64) -> Narrowing {
+        Narrowing {
+            terms: self.terms.clone(),
+            mark,
+        }
+    }
+}
+
+/// Reads the index's mark (0 if its row is missing).
+pub(crate) const READ_MARK: &str = "SELECT revision FROM ks_label_mark WHERE id = 1";
+
+/// Appends `(candidates) cand CROSS JOIN ks_live WHERE <join> AND `: the
+/// live rows of the candidates of `range`, to be followed by conditions on
+/// `ks_live`'s columns (unqualified names are `ks_live`'s). CROSS JOIN
+/// makes SQLite loop over the candidates and look each up by key; with a
+/// plain join it walked the whole range of `ks_live` instead, probing the
+/// candidates (PostgreSQL and MySQL read it as an inner join).
 pub(crate) fn push_candidate_live<'a>(
     st: &mut Statement<'a>,
     range: &'a KeyRange,
@@ -118,12 +139,11 @@ pub(crate) fn push_candidate_live<'a>(
     }
     st.sql(") AND ");
     push_key_filter(st, "key_bytes", range);
-    st.sql(
-        " UNION SELECT key_bytes FROM ks_history WHERE revision > \
-         COALESCE((SELECT revision FROM ks_label_mark WHERE id = 1), 0) AND ",
-    );
+    st.sql(" UNION SELECT key_bytes FROM ks_history WHERE revision > ")
+        .int(narrowing.mark)
+        .sql(" AND ");
     push_key_filter(st, "key_bytes", range);
-    st.sql(") cand JOIN ks_live ON ks_live.key_bytes = cand.ck");
+    st.sql(") cand CROSS JOIN ks_live WHERE ks_live.key_bytes = cand.ck AND ");
 }
 
 /// The state of one key after a run of events: its value, or None if it
@@ -247,6 +267,70 @@ mod tests {
         assert!(!terms_of(&values[1]).iter().any(|t| driving.contains(t)));
     }
 
+    /// SQLite plans a selected range from the label index and the live
+    /// rows' primary key: no scan of the range, at the current revision
+    /// and at an older one.
+    #[test]
+    fn sqlite_reads_candidates_through_the_indexes() -> rusqlite::Result<()> {
+        use super::super::Revisions;
+        use super::super::range::{RangePlan, build_range};
+        use super::super::sqlite_reads::params;
+        use crate::dialect::Sqlite;
+        use kubeshard_proto::etcdserverpb::RangeRequest;
+
+        let conn = rusqlite::Connection::open_in_memory()?;
+        for ddl in Sqlite.schema() {
+            conn.execute(ddl, [])?;
+        }
+        let revs = Revisions {
+            current: 100,
+            compacted: 0,
+        };
+        for revision in [0, 50] {
+            let request = RangeRequest {
+                key: b"/registry/things/".to_vec(),
+                range_end: b"/registry/things0".to_vec(),
+                revision,
+                ..Default::default()
+            };
+            let range = KeyRange::new(&request.key, &request.range_end);
+            let narrowing = Narrowing {
+                terms: vec![1, 2],
+                mark: 90,
+            };
+            let Ok(RangePlan::Query {
+                count: None,
+                rows: Some(rows),
+                ..
+            }) = build_range(&Sqlite, &request, revs, &range, Some(&narrowing))
+            else {
+                panic!("no plan");
+            };
+            let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {}", rows.text))?;
+            let plan: Vec<String> = explain
+                .query_map(rusqlite::params_from_iter(params(&rows)), |row| {
+                    row.get::<_, String>(3)
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let plan = plan.join("\n");
+            assert!(plan.contains("ks_label_term"), "at {revision}:\n{plan}");
+            // Each candidate looked up by key, not the range walked.
+            assert!(
+                plan.contains(
+                    "SEARCH ks_live USING INDEX sqlite_autoindex_ks_live_1 (key_bytes=?)"
+                ),
+                "at {revision}:\n{plan}"
+            );
+            assert!(
+                !plan
+                    .lines()
+                    .any(|l| l.starts_with("SCAN ks_live") || l.starts_with("SCAN ks_label")),
+                "at {revision}, a scan:\n{plan}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn negations_alone_drive_nothing() {
         assert_eq!(driving_terms(&selector("app!=web,!tier", "")), None);
@@ -257,15 +341,18 @@ mod tests {
     fn candidates_join_live_rows() {
         let range = KeyRange::new(b"/a/", b"/a0");
         let mut st = Statement::new(&Postgres, "SELECT key_bytes FROM ");
-        push_candidate_live(&mut st, &range, &Narrowing { terms: vec![7, 9] });
-        st.sql(" WHERE mod_revision > 0");
+        let narrowing = Narrowing {
+            terms: vec![7, 9],
+            mark: 40,
+        };
+        push_candidate_live(&mut st, &range, &narrowing);
+        st.sql("mod_revision > 0");
         assert_eq!(
             st.text,
             "SELECT key_bytes FROM (SELECT key_bytes AS ck FROM ks_label WHERE term IN ($1, $2) \
              AND key_bytes >= $3 AND key_bytes < $4 UNION SELECT key_bytes FROM ks_history \
-             WHERE revision > COALESCE((SELECT revision FROM ks_label_mark WHERE id = 1), 0) \
-             AND key_bytes >= $5 AND key_bytes < $6) cand JOIN ks_live \
-             ON ks_live.key_bytes = cand.ck WHERE mod_revision > 0"
+             WHERE revision > $5 AND key_bytes >= $6 AND key_bytes < $7) cand CROSS JOIN ks_live \
+             WHERE ks_live.key_bytes = cand.ck AND mod_revision > 0"
         );
     }
 }

@@ -198,10 +198,7 @@ fn push_source_at<'a>(
 /// candidates (`label_index.rs`).
 fn push_live<'a>(st: &mut Statement<'a>, range: &'a KeyRange, narrowing: Option<&Narrowing>) {
     match narrowing {
-        Some(n) => {
-            push_candidate_live(st, range, n);
-            st.sql(" WHERE ");
-        }
+        Some(n) => push_candidate_live(st, range, n),
         None => {
             st.sql("ks_live WHERE ");
         }

@@ -56,7 +56,7 @@ impl SelectedRange {
         );
         let narrowing = driving_terms(&selector)
             .filter(|_| !single)
-            .map(|terms| Narrowing { terms });
+            .map(|terms| Narrowing { terms, mark: 0 });
         Ok(Some(SelectedRange {
             selector,
             unfiltered,

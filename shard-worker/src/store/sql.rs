@@ -666,8 +666,27 @@ where
         }
         let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
         let revs = Self::read_revisions(&mut tx).await?;
+        let marked = match narrowing {
+            Some(n) => {
+                let row = sqlx::query(label_index::READ_MARK)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let mark = match row {
+                    Some(row) => row.try_get(0)?,
+                    None => 0,
+                };
+                Some(n.at(mark))
+            }
+            None => None,
+        };
         let response = self
-            .range_in(&mut tx, request, revs, Some(&self.page_counts), narrowing)
+            .range_in(
+                &mut tx,
+                request,
+                revs,
+                Some(&self.page_counts),
+                marked.as_ref(),
+            )
             .await?;
         tx.commit().await?;
         Ok(response)

@@ -22,7 +22,7 @@ use std::time::Duration;
 use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use kubeshard_proto::mvccpb::KeyValue;
 use rusqlite::types::{ToSql, ToSqlOutput, Value, ValueRef};
-use rusqlite::{Connection, OpenFlags, Row, params_from_iter};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params_from_iter};
 
 use super::Revisions;
 use super::label_index::Narrowing;
@@ -219,7 +219,23 @@ impl SqliteReads {
             // counter and every statement.
             let tx = conn.unchecked_transaction()?;
             let revs = revisions(&tx)?;
-            let response = range_in(&tx, request, range, revs, Some(page_counts), narrowing)?;
+            let marked = match narrowing {
+                Some(n) => {
+                    let mark = tx
+                        .query_row(super::label_index::READ_MARK, [], |row| row.get(0))
+                        .optional()?;
+                    Some(n.at(mark.unwrap_or(0)))
+                }
+                None => None,
+            };
+            let response = range_in(
+                &tx,
+                request,
+                range,
+                revs,
+                Some(page_counts),
+                marked.as_ref(),
+            )?;
             tx.commit()?;
             Ok(response)
         })
