@@ -59,7 +59,8 @@ def run(args):
             cluster.wait_for(f"{plural} served", lambda p=plural: cluster.kubectl_raw(
                 "get", "--raw", f"/apis/{GROUP}/{version_of(args.payloads, p)}/{p}") != "")
         cpu = CpuSplit(apiserver.pid, args.storage_pid)
-        p = subprocess.run([
+        bench_err = work / "kubeshard-bench.err"
+        p = subprocess.Popen([
             args.bench, "--seconds", str(args.seconds), "--json",
             *(["--server-pid", str(args.storage_pid)] if args.storage_pid else []),
             "kube", "--api-server", cluster.server, "--cert", str(cert), "--key", str(key),
@@ -67,7 +68,7 @@ def run(args):
             "--apiserver-pid", str(apiserver.pid),
             "--report-every", str(args.report_every), "--max-objects", str(args.max_objects),
             *(["--storage-postgres"] if args.storage_postgres else []),
-        ], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ], stdout=subprocess.PIPE, stderr=open(bench_err, "w"), text=True)
         # Interval lines (--report-every) are recorded as they come, so a
         # long run that dies keeps what it measured.
         tag = {"system": args.system, "watch_cache": args.watch_cache}
@@ -83,7 +84,7 @@ def run(args):
             else:
                 last = line
         p.wait(timeout=300)
-        sys.stderr.write(p.stderr.read())
+        sys.stderr.write(bench_err.read_text())
         if p.returncode != 0 or last is None:
             raise Failure(f"kubeshard-bench kube failed ({p.returncode})")
         line = {**tag, **({"kind": "summary"} if args.report_every else {}), **last,
