@@ -71,7 +71,8 @@ def run(args):
         ], stdout=subprocess.PIPE, stderr=open(bench_err, "w"), text=True)
         # Interval lines (--report-every) are recorded as they come, so a
         # long run that dies keeps what it measured.
-        tag = {"system": args.system, "watch_cache": args.watch_cache}
+        tag = {"system": args.system, "watch_cache": args.watch_cache,
+               **({"commit": args.commit} if args.commit else {})}
         last = None
         for text in p.stdout:
             text = text.strip()
@@ -254,6 +255,7 @@ def main():
     r.add_argument("--results", required=True)
     r.add_argument("--work")
     r.add_argument("--apiserver", help="another kube-apiserver binary (the patched one)")
+    r.add_argument("--commit", help="the kubeshard commit measured, recorded with each line")
     r.add_argument("--report-every", type=int, default=0, help="seconds per interval line")
     r.add_argument("--max-objects", type=int, default=0)
     r.add_argument("--storage-postgres", action="store_true",

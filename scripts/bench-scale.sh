@@ -12,10 +12,10 @@
 #                     watch cache off
 #   kubeshard-6-postgres-pushdown  the same over six databases, one CRD kind each
 #
-# Resumable: results are appended to target/bench-scale/results.jsonl, and a
-# system that already has its summary line there is skipped, so a run can
-# span sessions (rm the file to start over). Then writes
-# docs/benchmarks-scale.md and docs/img/scale-*.png.
+# Resumable: results are appended to docs/benchmarks-scale.jsonl (commit it
+# between sessions), and a system that already has its summary line there is
+# skipped, so a run can span sessions (RESULTS names another file; remove it
+# to start over). Then writes docs/benchmarks-scale.md and docs/img/scale-*.png.
 #
 # Usage: scripts/bench-scale.sh  (knobs: SYSTEMS, VUS (120), MINUTES (30),
 # MAX_OBJECTS (200000), KUBE_BENCH_DIR)
@@ -35,15 +35,14 @@ cargo build --release --locked --bin kubeshard --bin kubeshard-bench >&2
 kube_bin=$(scripts/kube-build.sh)
 pushdown=$(scripts/kube-build-pushdown.sh)/kube-apiserver
 peers=$(scripts/bench-peers.sh --etcd-only)
-out=target/bench-scale
-results=$out/results.jsonl
-mkdir -p "$out" docs/img
+results=${RESULTS:-docs/benchmarks-scale.jsonl}
+mkdir -p "$(dirname "$results")" docs/img
 touch "$results"
 stamp=$(date +%s)
 port=24700
 for system in $systems; do
   port=$((port + 10))
-  if grep -q "\"system\": \"$system\", \"watch_cache\": \"[a-z]*\", \"kind\": \"summary\"" "$results"; then
+  if grep -q "\"system\": \"$system\", \"watch_cache\": \"[a-z]*\", \"commit\": \"[0-9a-f]*\", \"kind\": \"summary\"" "$results"; then
     echo "== $system: done in an earlier run, skipped" >&2
     continue
   fi
@@ -84,6 +83,7 @@ PY
     --bench target/release/kubeshard-bench --payloads "$workload/payloads.json" \
     --crds "$workload/crds" --vus "$vus" --seconds $((minutes * 60)) --watch-cache "$cache" \
     --report-every 60 --max-objects "$max_objects" "${postgres[@]}" \
+    --commit "$(git rev-parse --short HEAD)" \
     --results "$results" --work "$work/kube-$port" || echo "   $system failed" >&2
   stop_server
   drop_dbs
