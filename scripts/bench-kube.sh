@@ -43,21 +43,8 @@ start_system() { # NAME PORT
     kubeshard-sqlite) start_kubeshard "$2" "sqlite://$work/ks-$2/state.db" ;;
     kubeshard-postgres) newdb "ks_kube_${stamp}_$2"; start_kubeshard "$2" "$db_url" ;;
     kubeshard-6-postgres)
-      # One CRD kind per database; everything else (core, RBAC, the CRDs
-      # themselves) with the first kind on s0.
-      local file=$work/topology-$2.toml i=0
-      echo 'default_shard = "s0"' >"$file"
-      for i in 0 1 2 3 4 5; do
-        newdb "ks_kube_${stamp}_$2_$i"
-        printf '\n[[shards]]\nname = "s%d"\nendpoint = "%s"\n' "$i" "$db_url" >>"$file"
-      done
-      i=0
-      for plural in addresses firewalls globaladdresses networks routers subnetworks; do
-        printf '\n[[routes]]\ngroup = "compute.gcp.crossplane.io"\nresource = "%s"\nshard = "s%d"\n' \
-          "$plural" "$i" >>"$file"
-        i=$((i + 1))
-      done
-      start_kubeshard_config "$2" "$file" ;;
+      crd_topology "$work/topology-$2.toml" "ks_kube_${stamp}_$2"
+      start_kubeshard_config "$2" "$work/topology-$2.toml" ;;
     *) echo "unknown system $1" >&2; exit 2 ;;
   esac
 }

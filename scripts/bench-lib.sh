@@ -90,6 +90,24 @@ dbs=()
 newdb() { dbs+=("$1"); db_url=$(pg_url "$1"); }
 drop_dbs() { for db in "${dbs[@]}"; do pg_drop "$db"; done; }
 
+# crd_topology FILE DB_PREFIX: six new PostgreSQL databases, one per kind
+# of the custom-resource workload; everything else (core, RBAC, the CRDs
+# themselves) with the first kind on s0.
+crd_topology() {
+  local file=$1 i=0 plural
+  echo 'default_shard = "s0"' >"$file"
+  for i in 0 1 2 3 4 5; do
+    newdb "$2_$i"
+    printf '\n[[shards]]\nname = "s%d"\nendpoint = "%s"\n' "$i" "$db_url" >>"$file"
+  done
+  i=0
+  for plural in addresses firewalls globaladdresses networks routers subnetworks; do
+    printf '\n[[routes]]\ngroup = "compute.gcp.crossplane.io"\nresource = "%s"\nshard = "s%d"\n' \
+      "$plural" "$i" >>"$file"
+    i=$((i + 1))
+  done
+}
+
 # plots_python: a Python with matplotlib, from a venv cached outside the repo.
 plots_python() {
   local venv=${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}/venv-plots

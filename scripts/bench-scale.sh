@@ -62,19 +62,8 @@ PY
     kubeshard-postgres-pushdown) postgres=(--storage-postgres)
       newdb "ks_scale_${stamp}_one"; start_kubeshard "$port" "$db_url" ;;
     kubeshard-6-postgres-pushdown) postgres=(--storage-postgres)
-      file=$work/topology-$port.toml
-      echo 'default_shard = "s0"' >"$file"
-      for i in 0 1 2 3 4 5; do
-        newdb "ks_scale_${stamp}_six_$i"
-        printf '\n[[shards]]\nname = "s%d"\nendpoint = "%s"\n' "$i" "$db_url" >>"$file"
-      done
-      i=0
-      for plural in addresses firewalls globaladdresses networks routers subnetworks; do
-        printf '\n[[routes]]\ngroup = "compute.gcp.crossplane.io"\nresource = "%s"\nshard = "s%d"\n' \
-          "$plural" "$i" >>"$file"
-        i=$((i + 1))
-      done
-      start_kubeshard_config "$port" "$file" ;;
+      crd_topology "$work/topology-$port.toml" "ks_scale_${stamp}_six"
+      start_kubeshard_config "$port" "$work/topology-$port.toml" ;;
     *) echo "unknown system $system" >&2; exit 2 ;;
   esac
   echo "== $system: $vus VUs until $max_objects objects or $minutes minutes (watch cache $cache)" >&2

@@ -17,7 +17,7 @@ mod protobuf;
 
 pub use fields::{FieldRequirement, parse_fields};
 pub use labels::{LabelOp, LabelRequirement, parse_labels};
-pub use object::{Object, ObjectMeta};
+pub use object::{Object, ObjectMeta, protobuf_object};
 
 /// A selector that could not be parsed; the text says where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

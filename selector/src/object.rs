@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::protobuf::{Fields, Wire};
+use crate::protobuf::{Fields, Wire, encode};
 
 /// kube-apiserver's protobuf storage format: this prefix, then a
 /// runtime.Unknown message whose `raw` holds the object.
@@ -178,6 +178,36 @@ fn decode_protobuf(envelope: &[u8]) -> Option<ObjectMeta> {
     Some(meta)
 }
 
+/// An object as kube-apiserver stores it in protobuf (`k8s\0` +
+/// runtime.Unknown of a v1 Pod whose ObjectMeta has these name, namespace
+/// and labels), for tests and benchmarks of the selectors.
+pub fn protobuf_object(name: &str, namespace: &str, labels: &[(&str, &str)]) -> Vec<u8> {
+    let mut meta = Vec::new();
+    encode::bytes(&mut meta, 1, name.as_bytes());
+    encode::bytes(&mut meta, 2, b"generated-");
+    encode::bytes(&mut meta, 3, namespace.as_bytes());
+    encode::int(&mut meta, 7, 3); // generation
+    for (k, v) in labels {
+        let mut entry = Vec::new();
+        encode::bytes(&mut entry, 1, k.as_bytes());
+        encode::bytes(&mut entry, 2, v.as_bytes());
+        encode::bytes(&mut meta, 11, &entry);
+    }
+    let mut object = Vec::new();
+    encode::bytes(&mut object, 1, &meta);
+    encode::bytes(&mut object, 2, b"\x0a\x04spec");
+    let mut type_meta = Vec::new();
+    encode::bytes(&mut type_meta, 1, b"v1");
+    encode::bytes(&mut type_meta, 2, b"Pod");
+    let mut unknown = Vec::new();
+    encode::bytes(&mut unknown, 1, &type_meta);
+    encode::bytes(&mut unknown, 2, &object);
+    encode::bytes(&mut unknown, 4, b"application/vnd.kubernetes.protobuf");
+    let mut value = PROTOBUF_MAGIC.to_vec();
+    value.extend_from_slice(&unknown);
+    value
+}
+
 fn utf8(b: &[u8]) -> Option<String> {
     String::from_utf8(b.to_vec()).ok()
 }
@@ -185,35 +215,6 @@ fn utf8(b: &[u8]) -> Option<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::protobuf::encode;
-
-    /// A stored object in kube-apiserver's protobuf format.
-    pub(crate) fn protobuf_object(name: &str, namespace: &str, labels: &[(&str, &str)]) -> Vec<u8> {
-        let mut meta = Vec::new();
-        encode::bytes(&mut meta, 1, name.as_bytes());
-        encode::bytes(&mut meta, 2, b"generated-");
-        encode::bytes(&mut meta, 3, namespace.as_bytes());
-        encode::int(&mut meta, 7, 3); // generation
-        for (k, v) in labels {
-            let mut entry = Vec::new();
-            encode::bytes(&mut entry, 1, k.as_bytes());
-            encode::bytes(&mut entry, 2, v.as_bytes());
-            encode::bytes(&mut meta, 11, &entry);
-        }
-        let mut object = Vec::new();
-        encode::bytes(&mut object, 1, &meta);
-        encode::bytes(&mut object, 2, b"\x0a\x04spec");
-        let mut type_meta = Vec::new();
-        encode::bytes(&mut type_meta, 1, b"v1");
-        encode::bytes(&mut type_meta, 2, b"Pod");
-        let mut unknown = Vec::new();
-        encode::bytes(&mut unknown, 1, &type_meta);
-        encode::bytes(&mut unknown, 2, &object);
-        encode::bytes(&mut unknown, 4, b"application/vnd.kubernetes.protobuf");
-        let mut value = PROTOBUF_MAGIC.to_vec();
-        value.extend_from_slice(&unknown);
-        value
-    }
 
     #[test]
     fn decodes_protobuf_envelope() {

@@ -94,9 +94,8 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
-#[cfg(test)]
 pub(crate) mod encode {
-    //! A writer for the tests' messages.
+    //! A writer of the few messages the tests and `protobuf_object` need.
 
     pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {

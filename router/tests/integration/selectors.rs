@@ -22,7 +22,7 @@ use kubeshard_proto::etcdserverpb::{
 };
 use kubeshard_proto::mvccpb::Event;
 use kubeshard_proto::mvccpb::event::EventType;
-use kubeshard_selector::{Object, Selector};
+use kubeshard_selector::{Object, Selector, protobuf_object};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
@@ -417,31 +417,4 @@ fn random_object(rng: &mut StdRng, n: usize) -> Vec<u8> {
         }
         _ => protobuf_object(&format!("obj{n}"), namespace, &labels),
     }
-}
-
-fn field(out: &mut Vec<u8>, number: u8, data: &[u8]) {
-    // Every length here is below 128: one varint byte.
-    out.push(number << 3 | 2);
-    out.push(data.len() as u8);
-    out.extend_from_slice(data);
-}
-
-/// `k8s\0` + runtime.Unknown { raw = object { metadata = ObjectMeta } }.
-fn protobuf_object(name: &str, namespace: &str, labels: &[(&str, &str)]) -> Vec<u8> {
-    let mut meta = Vec::new();
-    field(&mut meta, 1, name.as_bytes());
-    field(&mut meta, 3, namespace.as_bytes());
-    for (k, v) in labels {
-        let mut entry = Vec::new();
-        field(&mut entry, 1, k.as_bytes());
-        field(&mut entry, 2, v.as_bytes());
-        field(&mut meta, 11, &entry);
-    }
-    let mut object = Vec::new();
-    field(&mut object, 1, &meta);
-    let mut unknown = Vec::new();
-    field(&mut unknown, 2, &object);
-    let mut out = b"k8s\0".to_vec();
-    out.extend_from_slice(&unknown);
-    out
 }

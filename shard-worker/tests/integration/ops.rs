@@ -47,37 +47,10 @@ pub fn value(i: usize) -> Vec<u8> {
             .to_vec(),
         5 => br#"{"kind":"Thing","metadata":{"name":"b","namespace":"ns1","labels":{"app":"db","tier":"a"}},"spec":{"x":2}}"#
             .to_vec(),
-        6 => protobuf_object("a", "ns1", &[("app", "web"), ("tier", "b")]),
-        7 => protobuf_object("b", "ns2", &[]),
+        6 => kubeshard_selector::protobuf_object("a", "ns1", &[("app", "web"), ("tier", "b")]),
+        7 => kubeshard_selector::protobuf_object("b", "ns2", &[]),
         _ => b"k8s:enc:aescbc:v1:key1:\x01\x02\x03".to_vec(),
     }
-}
-
-fn proto_field(out: &mut Vec<u8>, field: u8, data: &[u8]) {
-    // Lengths stay below 128 here: one varint byte.
-    out.push(field << 3 | 2);
-    out.push(data.len() as u8);
-    out.extend_from_slice(data);
-}
-
-/// `k8s\0` + runtime.Unknown { raw = object { metadata = ObjectMeta } }.
-fn protobuf_object(name: &str, namespace: &str, labels: &[(&str, &str)]) -> Vec<u8> {
-    let mut meta = Vec::new();
-    proto_field(&mut meta, 1, name.as_bytes());
-    proto_field(&mut meta, 3, namespace.as_bytes());
-    for (k, v) in labels {
-        let mut entry = Vec::new();
-        proto_field(&mut entry, 1, k.as_bytes());
-        proto_field(&mut entry, 2, v.as_bytes());
-        proto_field(&mut meta, 11, &entry);
-    }
-    let mut object = Vec::new();
-    proto_field(&mut object, 1, &meta);
-    let mut unknown = Vec::new();
-    proto_field(&mut unknown, 2, &object);
-    let mut out = b"k8s\0".to_vec();
-    out.extend_from_slice(&unknown);
-    out
 }
 
 /// Which keys a request addresses.
