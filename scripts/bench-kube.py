@@ -35,7 +35,8 @@ def run(args):
     try:
         cluster.make_certs()
         cert, key = cluster.user_cert(BENCH_USER, f"/CN={BENCH_USER}")
-        apiserver = cluster.start_apiserver(args.etcd_servers, watch_cache=args.watch_cache == "on")
+        apiserver = cluster.start_apiserver(args.etcd_servers, watch_cache=args.watch_cache == "on",
+                                            extra_args=args.apiserver_arg)
         cluster.kubectl_raw("create", "-f", args.crds)
         cluster.kubectl_raw("wait", "--for=condition=Established", "crd", "--all", "--timeout=120s")
         cluster.apply({
@@ -88,8 +89,10 @@ def run(args):
         sys.stderr.write(bench_err.read_text())
         if p.returncode != 0 or last is None:
             raise Failure(f"kubeshard-bench kube failed ({p.returncode})")
+        failures = [l.split(": ", 1)[1] for l in bench_err.read_text().splitlines()
+                    if l.startswith("first failure: ")]
         line = {**tag, **({"kind": "summary"} if args.report_every else {}), **last,
-                "cpu_seconds": cpu.split()}
+                "cpu_seconds": cpu.split(), **({"first_failure": failures[0]} if failures else {})}
         print(f"   {json.dumps(line)}", file=sys.stderr)
         record(args.results, line)
     except (Failure, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
@@ -256,6 +259,8 @@ def main():
     r.add_argument("--work")
     r.add_argument("--apiserver", help="another kube-apiserver binary (the patched one)")
     r.add_argument("--commit", help="the kubeshard commit measured, recorded with each line")
+    r.add_argument("--apiserver-arg", action="append", default=[],
+                   help="an extra kube-apiserver flag (repeatable)")
     r.add_argument("--report-every", type=int, default=0, help="seconds per interval line")
     r.add_argument("--max-objects", type=int, default=0)
     r.add_argument("--storage-postgres", action="store_true",
