@@ -47,10 +47,6 @@ impl LabelIndexer {
             self.wanted.notify_one();
         }
     }
-
-    pub fn is_active(&self) -> bool {
-        self.active.load(Ordering::Acquire)
-    }
 }
 
 /// The final state of each key changed by `events` (in revision order).

@@ -514,23 +514,21 @@ impl Session {
             return;
         }
         let batch = DecodedBatch::new(events);
-        if !self.index.has_indexed() {
-            for (id, w) in self.watchers.iter_mut() {
-                if let Some(pos) = w.shards.iter().position(|s| *s == shard)
-                    && w.enqueue(pos, &batch)
-                {
-                    self.pending.insert(*id);
-                }
+        // Watches the index cannot find by label test every event; the
+        // others only the events the index finds for them, so the cost per
+        // event does not grow with the number of selected watches.
+        for id in self.index.unindexed() {
+            if let Some(w) = self.watchers.get_mut(id)
+                && let Some(pos) = w.shards.iter().position(|s| *s == shard)
+                && w.enqueue(pos, &batch)
+            {
+                self.pending.insert(*id);
             }
+        }
+        if !self.index.has_indexed() {
             return;
         }
-        // Each event goes to the watches the index finds for it (plus
-        // those it cannot index), so the cost per event does not grow with
-        // the number of selected watches.
         let mut per_watch: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
-        for id in self.index.unindexed() {
-            per_watch.insert(*id, (0..events.len()).collect());
-        }
         let mut found = BTreeSet::new();
         for i in 0..events.len() {
             let Some(decoded) = batch.decoded(i) else {
