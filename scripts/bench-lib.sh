@@ -38,13 +38,15 @@ launch() {
   wait_ready "127.0.0.1:$port"
 }
 
-# start_etcd CLIENT_PORT PEER_PORT [BINARY]: etcd (default $ETCD_BIN) on a
-# fresh data dir.
+# start_etcd CLIENT_PORT PEER_PORT [BINARY [FLAGS...]]: etcd (default
+# $ETCD_BIN) on a fresh data dir, $work/etcd-CLIENT_PORT.
 start_etcd() {
-  launch "$1" "etcd-$1.log" "${3:-$ETCD_BIN}" --name bench --data-dir "$work/etcd-$1" \
-    --listen-client-urls "http://127.0.0.1:$1" --advertise-client-urls "http://127.0.0.1:$1" \
-    --listen-peer-urls "http://127.0.0.1:$2" --initial-advertise-peer-urls "http://127.0.0.1:$2" \
-    --initial-cluster "bench=http://127.0.0.1:$2"
+  local client=$1 peer=$2 binary=${3:-$ETCD_BIN}
+  shift $(($# < 3 ? $# : 3))
+  launch "$client" "etcd-$client.log" "$binary" --name bench --data-dir "$work/etcd-$client" \
+    --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "bench=http://127.0.0.1:$peer" "$@"
 }
 
 # start_kine PORT ENDPOINT BINARY: kine, metrics on the next port. Its pool

@@ -14,8 +14,9 @@
 #![forbid(unsafe_code)]
 
 mod kube;
+mod list_selected;
 mod report;
-mod selected;
+mod watch_selected;
 mod workloads;
 
 use std::time::Duration;
@@ -71,6 +72,16 @@ pub enum Workload {
         /// several Kubernetes resource types would be.
         #[arg(long, default_value_t = 1)]
         resources: usize,
+        /// Put this text between the resource prefix and the client's
+        /// keys, `<prefix>[res<j>/]<tag><i>/<n>`, so that runs adding data
+        /// to a store do not overwrite the keys of earlier runs.
+        #[arg(long, default_value = "")]
+        tag: String,
+        /// Values of pseudo-random bytes instead of one repeated byte, so
+        /// that storage that compresses (PostgreSQL's TOAST) stores as much
+        /// as storage that does not.
+        #[arg(long)]
+        random_values: bool,
     },
     /// Gets of random keys among `keys` written first.
     Range {
@@ -110,6 +121,10 @@ pub enum Workload {
         value_size: usize,
         #[arg(long, default_value = "/kubeshard-bench/list/")]
         prefix: String,
+        /// List the `keys` keys already under the prefix instead of writing
+        /// them first.
+        #[arg(long)]
+        existing: bool,
     },
     /// `watchers` watches over a prefix while `clients` writers put into
     /// it; reports event latency (put sent to event received).
@@ -132,6 +147,28 @@ pub enum Workload {
         value_size: usize,
         #[arg(long, default_value = "/kubeshard-bench/watch-selected/")]
         prefix: String,
+    },
+    /// Lists of the `matches` objects carrying one label value among
+    /// `objects` objects labelled `app=a<n / matches>` (written first, from
+    /// `from`), selected by the server (kubeshard's push-down extension)
+    /// or by this client after listing everything.
+    ListSelected {
+        #[arg(long, default_value_t = 100_000)]
+        objects: usize,
+        /// Write objects `from..objects` first: `--from <objects>` writes
+        /// none, a smaller one grows a store measured before.
+        #[arg(long, default_value_t = 0)]
+        from: usize,
+        #[arg(long, default_value_t = 100)]
+        matches: usize,
+        #[arg(long, default_value_t = 500)]
+        page: i64,
+        #[arg(long, default_value_t = 1024)]
+        value_size: usize,
+        #[arg(long, default_value = "/kubeshard-bench/list-selected/")]
+        prefix: String,
+        #[arg(long, value_enum, default_value = "server")]
+        filter: list_selected::Filter,
     },
     /// The Kubernetes custom-resource workload through kube-apiserver
     /// (HTTPS, not etcd): `--endpoint` and `--conns` do not apply.
@@ -173,7 +210,27 @@ async fn main() -> anyhow::Result<()> {
             watchers,
             value_size,
             prefix,
-        } => selected::run(&run, &cli.endpoint, *watchers, *value_size, prefix).await?,
+        } => watch_selected::run(&run, &cli.endpoint, *watchers, *value_size, prefix).await?,
+        Workload::ListSelected {
+            objects,
+            from,
+            matches,
+            page,
+            value_size,
+            prefix,
+            filter,
+        } => {
+            let shape = list_selected::Shape {
+                objects: *objects,
+                from: *from,
+                matches: *matches,
+                page: *page,
+                value_size: *value_size,
+                prefix: prefix.clone(),
+                filter: *filter,
+            };
+            list_selected::run(&run, &cli.endpoint, &shape).await?
+        }
         other => workloads::run(&run, other).await?,
     };
     let rss = cli.server_pid.and_then(report::peak_rss_mib);

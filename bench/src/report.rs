@@ -48,8 +48,9 @@ impl Measured {
         let s = self.sorted();
         let p = |q| Self::percentile(&s, q);
         format!(
-            "{{\"workload\":\"{}\",\"endpoint\":\"{endpoint}\",\"clients\":{clients},\"conns\":{conns},\"ok\":{},\"errors\":{},\"per_second\":{:.0},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p95_ms\":{:.2},\"p99_ms\":{:.2},\"server_peak_rss_mib\":{}}}",
+            "{{\"workload\":\"{}\",\"unit\":{},\"endpoint\":\"{endpoint}\",\"clients\":{clients},\"conns\":{conns},\"ok\":{},\"errors\":{},\"per_second\":{:.0},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p95_ms\":{:.2},\"p99_ms\":{:.2},\"server_peak_rss_mib\":{}}}",
             self.workload,
+            serde_json::Value::from(self.unit.as_str()),
             s.len(),
             self.errors,
             self.rate(),
@@ -149,9 +150,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_and_rate() {
+    fn percentiles_and_rate() -> serde_json::Result<()> {
         let m = Measured {
             workload: "put",
+            unit: "1 KiB \"values\"".into(),
             latencies_us: (1..=100).map(|i| i * 1000).collect(),
             elapsed: Duration::from_secs(10),
             ..Default::default()
@@ -163,6 +165,9 @@ mod tests {
         let json = m.json("http://x", 1, 1, Some(12));
         assert!(json.contains("\"per_second\":10,"), "{json}");
         assert!(json.contains("\"server_peak_rss_mib\":12}"), "{json}");
+        let parsed: serde_json::Value = serde_json::from_str(&json)?;
+        assert_eq!(parsed["unit"], "1 KiB \"values\"");
+        Ok(())
     }
 
     #[test]

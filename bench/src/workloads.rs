@@ -57,7 +57,7 @@ impl Budget {
     }
 
     /// Takes one operation from the budget; false once it is spent.
-    fn more(&self) -> bool {
+    pub fn more(&self) -> bool {
         if Instant::now() >= self.deadline {
             return false;
         }
@@ -76,7 +76,16 @@ pub async fn run(run: &Run, workload: &Workload) -> anyhow::Result<Measured> {
             value_size,
             prefix,
             resources,
-        } => put(run, *value_size, prefix, *resources).await,
+            tag,
+            random_values,
+        } => {
+            let values = if *random_values {
+                Values::Random
+            } else {
+                Values::Repeated
+            };
+            put(run, *value_size, prefix, *resources, tag, values).await
+        }
         Workload::Range {
             keys,
             value_size,
@@ -94,19 +103,27 @@ pub async fn run(run: &Run, workload: &Workload) -> anyhow::Result<Measured> {
             updates,
             value_size,
             prefix,
-        } => list(run, *keys, *page, *updates, *value_size, prefix).await,
+            existing,
+        } => {
+            if !existing {
+                preload(run, prefix, *keys, *value_size, 1 + updates).await?;
+            }
+            list(run, *keys, *page, *updates, prefix).await
+        }
         Workload::Watch {
             watchers,
             value_size,
             prefix,
         } => watch(run, *watchers, *value_size, prefix).await,
         Workload::Kube(_) => bail!("the kube workload speaks to kube-apiserver, not etcd"),
-        Workload::WatchSelected { .. } => bail!("watch-selected runs from selected.rs"),
+        Workload::WatchSelected { .. } | Workload::ListSelected { .. } => {
+            bail!("the selected workloads run from their own modules")
+        }
     }
 }
 
 /// Runs `client(i, connection, budget)` for every client and gathers the results.
-async fn closed_loop<F, Fut>(
+pub async fn closed_loop<F, Fut>(
     run: &Run,
     workload: &'static str,
     unit: String,
@@ -171,51 +188,78 @@ async fn preload(
     Ok(())
 }
 
+/// What the values of `put` hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// One byte repeated: compresses to nothing.
+    Repeated,
+    /// Pseudo-random bytes, different for every client: incompressible.
+    Random,
+}
+
+/// `size` bytes: `b'x'` repeated, or an xorshift sequence seeded by `seed`.
+fn value_bytes(values: Values, size: usize, seed: u64) -> Vec<u8> {
+    match values {
+        Values::Repeated => vec![b'x'; size],
+        Values::Random => {
+            let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            (0..size)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 32) as u8
+                })
+                .collect()
+        }
+    }
+}
+
 async fn put(
     run: &Run,
     value_size: usize,
     prefix: &str,
     resources: usize,
+    tag: &str,
+    values: Values,
 ) -> anyhow::Result<Measured> {
     if resources == 0 {
         bail!("--resources must be at least 1");
     }
-    let value = Arc::new(vec![b'x'; value_size]);
     let prefix = prefix.to_string();
     let key_size = run.key_size;
-    closed_loop(
-        run,
-        "put",
-        format!("{value_size} B values"),
-        |i, mut c, budget| {
-            let value = value.clone();
-            let prefix = if resources > 1 {
-                format!("{prefix}res{}/", i % resources)
-            } else {
-                prefix.clone()
-            };
-            async move {
-                let mut r = ClientResult::default();
-                let mut n: u64 = 0;
-                while budget.more() {
-                    let sent = Instant::now();
-                    match c
-                        .put(
-                            pad_key(format!("{prefix}{i}/{n}"), key_size),
-                            value.to_vec(),
-                            None,
-                        )
-                        .await
-                    {
-                        Ok(_) => r.ok(sent.elapsed()),
-                        Err(e) => r.failed(e),
-                    }
-                    n += 1;
+    let unit = match values {
+        Values::Repeated => format!("{value_size} B values"),
+        Values::Random => format!("{value_size} B random values"),
+    };
+    closed_loop(run, "put", unit, |i, mut c, budget| {
+        let value = Arc::new(value_bytes(values, value_size, i as u64 + 1));
+        let prefix = if resources > 1 {
+            format!("{prefix}res{}/{tag}", i % resources)
+        } else {
+            format!("{prefix}{tag}")
+        };
+        async move {
+            let mut r = ClientResult::default();
+            let mut n: u64 = 0;
+            while budget.more() {
+                let sent = Instant::now();
+                match c
+                    .put(
+                        pad_key(format!("{prefix}{i}/{n}"), key_size),
+                        value.to_vec(),
+                        None,
+                    )
+                    .await
+                {
+                    Ok(_) => r.ok(sent.elapsed()),
+                    Err(e) => r.failed(e),
                 }
-                r
+                n += 1;
             }
-        },
-    )
+            r
+        }
+    })
     .await
 }
 
@@ -323,18 +367,17 @@ async fn txn(
     .await
 }
 
+/// Lists the `keys` keys under `prefix`, written by the caller.
 async fn list(
     run: &Run,
     keys: usize,
     page: i64,
     updates: usize,
-    value_size: usize,
     prefix: &str,
 ) -> anyhow::Result<Measured> {
     if page < 1 {
         bail!("--page must be at least 1");
     }
-    preload(run, prefix, keys, value_size, 1 + updates).await?;
     let prefix = prefix.to_string();
     let end = prefix_end(&prefix);
     closed_loop(
@@ -393,7 +436,7 @@ async fn list_once(
 }
 
 /// The end of the range of keys starting with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -608,7 +651,7 @@ impl Measured {
 
 #[cfg(test)]
 mod tests {
-    use super::{pad_key, prefix_end};
+    use super::{Values, pad_key, prefix_end, value_bytes};
 
     #[test]
     fn keys_are_padded_at_the_end() {
@@ -616,6 +659,22 @@ mod tests {
         assert_eq!(pad_key("/p/1".into(), 7), "/p/1___");
         assert_eq!(pad_key("/p/12345".into(), 4), "/p/12345");
         assert!(pad_key("/p/00000001".into(), 64) < pad_key("/p/00000002".into(), 64));
+    }
+
+    #[test]
+    fn random_values_differ_between_clients_and_do_not_repeat() {
+        let a = value_bytes(Values::Random, 4096, 1);
+        let b = value_bytes(Values::Random, 4096, 2);
+        assert_eq!(a.len(), 4096);
+        assert_ne!(a, b);
+        // Every byte value occurs: nothing for a compressor to fold.
+        let mut seen = [false; 256];
+        a.iter().for_each(|&x| seen[x as usize] = true);
+        assert!(
+            seen.iter().all(|&s| s),
+            "a value uses only some byte values"
+        );
+        assert_eq!(value_bytes(Values::Repeated, 3, 1), b"xxx".to_vec());
     }
 
     #[test]
