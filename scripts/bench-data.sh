@@ -15,7 +15,8 @@
 # short is measured again from scratch. Then writes docs/benchmarks-data.md
 # and docs/img/data-*.png.
 #
-# Usage: scripts/bench-data.sh  (knobs: SYSTEMS, LEVELS (1,2,4,8,12), RESULTS)
+# Usage: scripts/bench-data.sh  (knobs: SYSTEMS, LEVELS (1,2,4,8,12), RESULTS,
+# MIN_FREE_GB (40): the free disk a system needs to start)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 systems=${SYSTEMS:-"etcd kubeshard-sqlite kubeshard-postgres kubeshard-6-postgres"}
@@ -42,6 +43,13 @@ path, system = sys.argv[1], sys.argv[2]
 keep = [l for l in open(path) if l.strip() and json.loads(l)["system"] != system]
 open(path, "w").writelines(keep)
 PY
+  # 12 GB of values take 34 GB in PostgreSQL (each value twice, plus
+  # TOAST), 28 GB in SQLite: refuse to start a system that would fill the disk.
+  free_gb=$(df --output=avail -BG "$work" | tail -1 | tr -dc 0-9)
+  if ((free_gb < ${MIN_FREE_GB:-40})); then
+    echo "== $system: only $free_gb GB free on $(df --output=target "$work" | tail -1); need ${MIN_FREE_GB:-40} (MIN_FREE_GB)" >&2
+    exit 1
+  fi
   where=()
   case $system in
     etcd)
