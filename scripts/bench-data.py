@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_proc import postgres_pids
+
 GB = 10**9
 VALUE_SIZE = 4096
 RESOURCES = 6
@@ -59,16 +61,6 @@ def pss_kib(pid):
     return 0
 
 
-def postgres_pids():
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if (d / "comm").read_text().strip() == "postgres":
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 class Memory:

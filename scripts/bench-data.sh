@@ -33,16 +33,7 @@ stamp=$(date +%s)
 port=24800
 for system in $systems; do
   port=$((port + 10))
-  if grep -q "\"system\": \"$system\", \"commit\": \"[0-9a-f]*\", \"kind\": \"summary\"" "$results"; then
-    echo "== $system: done in an earlier run, skipped" >&2
-    continue
-  fi
-  python3 - "$results" "$system" <<'PY'
-import json, sys
-path, system = sys.argv[1], sys.argv[2]
-keep = [l for l in open(path) if l.strip() and json.loads(l)["system"] != system]
-open(path, "w").writelines(keep)
-PY
+  done_before "$results" "$system" "\"system\": \"$system\", \"commit\": \"[0-9a-f]*\", \"kind\": \"summary\"" && continue
   # 12 GB of values take 34 GB in PostgreSQL (each value twice, plus
   # TOAST), 28 GB in SQLite: refuse to start a system that would fill the disk.
   free_gb=$(df --output=avail -BG "$work" | tail -1 | tr -dc 0-9)

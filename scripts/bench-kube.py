@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "kubernetes"))
 from kube_cluster import Cluster, Failure  # noqa: E402
+from bench_proc import postgres_pids  # noqa: E402
 
 GROUP = "compute.gcp.crossplane.io"
 BENCH_USER = "kubeshard-bench"
@@ -116,16 +117,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def postgres_pids():
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if (d / "comm").read_text().strip() == "postgres":
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 def machine_busy_seconds():

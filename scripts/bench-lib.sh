@@ -72,6 +72,24 @@ start_kubeshard_config() {
     --metrics-bind-address '' --config "$2"
 }
 
+# done_before RESULTS SYSTEM PATTERN: for resumable runs. True when a line
+# of RESULTS (JSON lines) matches PATTERN, the mark of SYSTEM's finished
+# measurement; otherwise drops SYSTEM's lines (a system cut short is
+# measured again from scratch) and returns false.
+done_before() {
+  if grep -q "$3" "$1"; then
+    echo "== $2: done in an earlier run, skipped" >&2
+    return 0
+  fi
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+path, system = sys.argv[1], sys.argv[2]
+keep = [l for l in open(path) if l.strip() and json.loads(l)["system"] != system]
+open(path, "w").writelines(keep)
+PY
+  return 1
+}
+
 stop_server() {
   kill "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true

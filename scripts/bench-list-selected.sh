@@ -31,16 +31,7 @@ port=24900
 for system in $systems; do
   port=$((port + 10))
   last=${sizes##* }
-  if grep -q "\"system\": \"$system\", \"objects\": $last," "$results"; then
-    echo "== $system: done in an earlier run, skipped" >&2
-    continue
-  fi
-  python3 - "$results" "$system" <<'PY'
-import json, sys
-path, system = sys.argv[1], sys.argv[2]
-keep = [l for l in open(path) if l.strip() and json.loads(l)["system"] != system]
-open(path, "w").writelines(keep)
-PY
+  done_before "$results" "$system" "\"system\": \"$system\", \"objects\": $last," && continue
   filter=server total=200
   case $system in
     etcd) start_etcd "$port" $((port + 1)) "$peers/etcd" --quota-backend-bytes=$((8 << 30))

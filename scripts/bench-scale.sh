@@ -46,17 +46,7 @@ stamp=$(date +%s)
 port=24700
 for system in $systems; do
   port=$((port + 10))
-  if grep -q "\"system\": \"$system\", \"watch_cache\": \"[a-z]*\", \"commit\": \"[0-9a-f]*\", \"kind\": \"summary\"" "$results"; then
-    echo "== $system: done in an earlier run, skipped" >&2
-    continue
-  fi
-  # A system cut short before its summary is measured again from scratch.
-  python3 - "$results" "$system" <<'PY'
-import json, sys
-path, system = sys.argv[1], sys.argv[2]
-keep = [l for l in open(path) if l.strip() and json.loads(l)["system"] != system]
-open(path, "w").writelines(keep)
-PY
+  done_before "$results" "$system" "\"system\": \"$system\", \"watch_cache\": \"[a-z]*\", \"commit\": \"[0-9a-f]*\", \"kind\": \"summary\"" && continue
   cache=off apiserver=$pushdown postgres=()
   case $system in
     etcd-cache-on) cache=on apiserver=$kube_bin/kube-apiserver
