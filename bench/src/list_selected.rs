@@ -17,11 +17,10 @@ use anyhow::{Context, bail};
 use clap::ValueEnum;
 use kubeshard_proto::etcdserverpb::RangeRequest;
 use kubeshard_proto::etcdserverpb::kv_client::KvClient;
-use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use crate::report::{ClientResult, Measured};
-use crate::workloads::{Budget, Run, closed_loop, prefix_end};
+use crate::workloads::{Budget, Run, closed_loop, prefix_end, write_keys};
 
 /// Where the selection happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,37 +121,13 @@ fn object(n: usize, matches: usize, value_size: usize) -> String {
     format!("{head}{}\"}}}}", "p".repeat(pad))
 }
 
-fn key(prefix: &str, n: usize) -> String {
-    format!("{prefix}{n:08}")
-}
-
 /// Puts objects `from..objects`, over every connection.
 async fn write_objects(run: &Run, shape: &Shape) -> anyhow::Result<()> {
-    let workers = run.connections.len().max(1) * 8;
-    let mut tasks = JoinSet::new();
-    for w in 0..workers {
-        let mut c = run.connection(w);
-        let shape = shape.clone();
-        tasks.spawn(async move {
-            let mut n = shape.from + w;
-            while n < shape.objects {
-                let key = key(&shape.prefix, n);
-                c.put(
-                    key.clone(),
-                    object(n, shape.matches, shape.value_size),
-                    None,
-                )
-                .await
-                .with_context(|| format!("put {key}"))?;
-                n += workers;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.context("a writer task failed")??;
-    }
-    Ok(())
+    let (matches, value_size) = (shape.matches, shape.value_size);
+    write_keys(run, &shape.prefix, shape.from..shape.objects, move |n| {
+        object(n, matches, value_size).into_bytes()
+    })
+    .await
 }
 
 /// Lists until three lists in a row take about as long, or the limit.

@@ -160,30 +160,45 @@ async fn preload(
     value_size: usize,
     rounds: usize,
 ) -> anyhow::Result<()> {
-    let value = vec![b'v'; value_size];
-    let workers = run.connections.len().max(1) * 4;
     for _ in 0..rounds.max(1) {
-        let mut tasks = JoinSet::new();
-        for w in 0..workers {
-            let mut c = run.connection(w);
-            let prefix = prefix.to_string();
-            let value = value.clone();
-            let key_size = run.key_size;
-            tasks.spawn(async move {
-                let mut n = w;
-                while n < keys {
-                    let key = pad_key(format!("{prefix}{n:08}"), key_size);
-                    c.put(key.clone(), value.clone(), None)
-                        .await
-                        .with_context(|| format!("preload put {key}"))?;
-                    n += workers;
-                }
-                anyhow::Ok(())
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            done.context("a preload task failed")??;
-        }
+        write_keys(run, prefix, 0..keys, move |_| vec![b'v'; value_size]).await?;
+    }
+    Ok(())
+}
+
+/// Puts keys `<prefix><n>` (n zero-padded to 8 digits, the key padded to
+/// `run.key_size`) for every n in `range`, with `value(n)`, over all
+/// connections.
+pub async fn write_keys<V>(
+    run: &Run,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    value: V,
+) -> anyhow::Result<()>
+where
+    V: Fn(usize) -> Vec<u8> + Clone + Send + 'static,
+{
+    let workers = run.connections.len().max(1) * 4;
+    let mut tasks = JoinSet::new();
+    for w in 0..workers {
+        let mut c = run.connection(w);
+        let prefix = prefix.to_string();
+        let value = value.clone();
+        let (key_size, end) = (run.key_size, range.end);
+        let mut n = range.start + w;
+        tasks.spawn(async move {
+            while n < end {
+                let key = pad_key(format!("{prefix}{n:08}"), key_size);
+                c.put(key.clone(), value(n), None)
+                    .await
+                    .with_context(|| format!("put {key}"))?;
+                n += workers;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a writer task failed")??;
     }
     Ok(())
 }
