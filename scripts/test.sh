@@ -26,7 +26,8 @@
 #   3. Start MariaDB on 127.0.0.1:3306 with max_connections=300 and a user
 #      kubeshard/kubeshard (@'%', @'localhost', @'127.0.0.1') with ALL
 #      PRIVILEGES ON *.*.
-#   4. Export KUBESHARD_TEST_POSTGRES_URL, KUBESHARD_TEST_MYSQL_URL, ETCD_BIN,
+#   4. Export KUBESHARD_TEST_POSTGRES_URL, KUBESHARD_TEST_MYSQL_URL (and the
+#      same through Unix sockets, *_SOCKET_URL), ETCD_BIN,
 #      ETCDCTL_BIN and KUBESHARD_TEST_REQUIRE_ALL=1 (a missing backend makes
 #      the tests fail instead of skip).
 #   5. cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test.
@@ -72,6 +73,12 @@ APT_PACKAGES=(postgresql mariadb-server etcd-server etcd-client protobuf-compile
 
 export KUBESHARD_TEST_POSTGRES_URL="postgres://kubeshard:kubeshard@127.0.0.1:${PG_PORT}/postgres"
 export KUBESHARD_TEST_MYSQL_URL="mysql://kubeshard:kubeshard@127.0.0.1:${MYSQL_PORT}/mysql"
+# The same servers through their Unix sockets, in the forms users write
+# (kine's unix(...) for MySQL): a private network namespace (the Kubernetes
+# e2e harness) reaches the databases only this way.
+PG_SOCKET_DIR=/var/run/postgresql
+export KUBESHARD_TEST_POSTGRES_SOCKET_URL="postgres://kubeshard:kubeshard@/postgres?host=${PG_SOCKET_DIR}&port=${PG_PORT}"
+export KUBESHARD_TEST_MYSQL_SOCKET_URL="mysql://kubeshard:kubeshard@unix(${MYSQL_SOCKET})/mysql"
 export KUBESHARD_TEST_REQUIRE_ALL=1
 # CI replays a fixed set of property-test cases, so a red run always points
 # at a change; developers' runs draw new random cases each time (a failure
@@ -221,6 +228,14 @@ EOF
         echo 'host    all             all             127.0.0.1/32            scram-sha-256' >>"$hba"
         without_extra_fds pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload </dev/null >&2
     fi
+    # Debian authenticates every socket login by the OS user (peer); the
+    # kubeshard role logs in over the socket with its password, so its rule
+    # goes first (the first matching line wins).
+    if [[ -f $hba ]] && ! grep -Eq '^[[:space:]]*local[[:space:]]+all[[:space:]]+kubeshard[[:space:]]' "$hba"; then
+        info "adding a 'local all kubeshard scram-sha-256' rule first in $hba"
+        sed -i '0,/^[[:space:]]*local[[:space:]]/s//local   all             kubeshard                               scram-sha-256\n&/' "$hba"
+        without_extra_fds pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload </dev/null >&2
+    fi
 
     info "ensuring role kubeshard (SUPERUSER, password kubeshard)"
     pg_psql_admin <<'EOF'
@@ -320,7 +335,7 @@ setup_etcd_bins() {
 
 print_exports() {
     local v
-    for v in KUBESHARD_TEST_POSTGRES_URL KUBESHARD_TEST_MYSQL_URL ETCD_BIN ETCDCTL_BIN KUBESHARD_TEST_REQUIRE_ALL; do
+    for v in KUBESHARD_TEST_POSTGRES_URL KUBESHARD_TEST_MYSQL_URL KUBESHARD_TEST_POSTGRES_SOCKET_URL KUBESHARD_TEST_MYSQL_SOCKET_URL ETCD_BIN ETCDCTL_BIN KUBESHARD_TEST_REQUIRE_ALL; do
         printf 'export %s=%q\n' "$v" "${!v}"
     done
 }

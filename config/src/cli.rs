@@ -36,7 +36,9 @@ pub struct Cli {
 
     /// Database of the single shard: sqlite://PATH (relative) or sqlite:///ABS/PATH,
     /// postgres://USER:PASS@HOST:PORT/DB, mysql://USER:PASS@tcp(HOST:PORT)/DB
-    /// (kine's form) or mysql://USER:PASS@HOST:PORT/DB. The database and the
+    /// (kine's form) or mysql://USER:PASS@HOST:PORT/DB; over Unix sockets
+    /// postgres://USER:PASS@/DB?host=/var/run/postgresql and
+    /// mysql://USER:PASS@unix(/run/mysqld/mysqld.sock)/DB. The database and the
     /// schema are created when missing. Default (without --config):
     /// sqlite://./db/state.db.
     #[arg(long, env = "KUBESHARD_ENDPOINT", value_name = "URL")]

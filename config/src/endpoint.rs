@@ -53,6 +53,14 @@ pub enum EndpointError {
         "endpoint {endpoint:?}: database name {database:?} may only use letters, digits, '_' and '-'"
     )]
     BadDatabaseName { endpoint: String, database: String },
+    #[error(
+        "endpoint {0:?}: no host; name one, or a Unix socket folder with ?host=/var/run/postgresql"
+    )]
+    MissingHost(String),
+    #[error(
+        "endpoint {0:?}: unix( without its closing ')'; kine's form is mysql://USER:PASS@unix(/run/mysqld/mysqld.sock)/DB"
+    )]
+    BadSocketAddress(String),
 }
 
 /// The database names we create ourselves are interpolated into DDL, so they
@@ -69,6 +77,12 @@ impl Endpoint {
     /// Parses the forms kine accepts plus plain URLs:
     /// `sqlite://./rel.db`, `sqlite:///abs.db`, `postgres://u:p@h:5432/db`,
     /// `postgresql://...`, `mysql://u:p@tcp(h:3306)/db` and `mysql://u:p@h:3306/db`.
+    ///
+    /// Unix sockets, in the forms each database's own clients use:
+    /// `postgres://u:p@/db?host=/var/run/postgresql` (or the folder
+    /// percent-encoded as the host, `postgres://u:p@%2Fvar%2Frun%2Fpostgresql/db`),
+    /// `mysql://u:p@unix(/run/mysqld/mysqld.sock)/db` (kine's) and
+    /// `mysql://u:p@localhost/db?socket=/run/mysqld/mysqld.sock` (sqlx's).
     pub fn parse(raw: &str) -> Result<Self, EndpointError> {
         let (scheme, rest) = raw
             .split_once("://")
@@ -86,19 +100,58 @@ impl Endpoint {
                 })
             }
             "postgres" | "postgresql" => {
-                let url = parse_url(raw, &format!("postgres://{rest}"))?;
+                let url = parse_url(
+                    raw,
+                    &format!("postgres://{}", with_postgres_host(raw, rest)?),
+                )?;
                 let database = database_of(raw, &url)?;
                 Ok(Endpoint::Postgres { url, database })
             }
             "mysql" => {
-                // kine (go-sql-driver) writes the address as tcp(host:port).
-                let plain = rewrite_go_mysql_address(rest);
-                let url = parse_url(raw, &format!("mysql://{plain}"))?;
+                // kine (go-sql-driver) writes the address as tcp(host:port)
+                // or unix(/path/to/socket).
+                let (plain, socket) = rewrite_go_mysql_address(raw, rest)?;
+                let mut url = parse_url(raw, &format!("mysql://{plain}"))?;
+                if let Some(socket) = socket {
+                    url.query_pairs_mut().append_pair("socket", &socket);
+                }
                 let database = database_of(raw, &url)?;
                 Ok(Endpoint::Mysql { url, database })
             }
             _ => Err(EndpointError::UnknownScheme(raw.to_string())),
         }
+    }
+
+    /// Where the database server listens: `unix:PATH` for a socket (the
+    /// folder for PostgreSQL, the file for MySQL), else `host:port`, in
+    /// lower case. Two endpoints with the same server and database are the
+    /// same database. `None` for SQLite.
+    pub fn server(&self) -> Option<String> {
+        let (url, default_port, socket_key) = match self {
+            Endpoint::Sqlite { .. } => return None,
+            Endpoint::Postgres { url, .. } => (url, 5432, "host"),
+            Endpoint::Mysql { url, .. } => (url, 3306, "socket"),
+        };
+        // The last occurrence wins, as in the drivers' parsers.
+        let from_query = url
+            .query_pairs()
+            .filter(|(k, v)| k == socket_key && v.starts_with('/'))
+            .last()
+            .map(|(_, v)| v.into_owned());
+        let host = url.host_str().unwrap_or_default();
+        let decoded = percent_encoding::percent_decode_str(host).decode_utf8_lossy();
+        let socket = from_query.or_else(|| {
+            (matches!(self, Endpoint::Postgres { .. }) && decoded.starts_with('/'))
+                .then(|| decoded.to_string())
+        });
+        Some(match socket {
+            Some(path) => format!("unix:{}", path.trim_end_matches('/')),
+            None => format!(
+                "{}:{}",
+                host.to_ascii_lowercase(),
+                url.port().unwrap_or(default_port)
+            ),
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -155,23 +208,72 @@ fn database_of(raw: &str, url: &Url) -> Result<String, EndpointError> {
     Ok(database)
 }
 
-/// `user:pass@tcp(host:port)/db?x` becomes `user:pass@host:port/db?x`.
-fn rewrite_go_mysql_address(rest: &str) -> String {
-    let (userinfo, address) = match rest.rsplit_once('@') {
-        Some((user, address)) => (Some(user), address),
-        None => (None, rest),
+/// A URL cannot have credentials without a host (`u:p@/db`), which is how
+/// libpq and pgx users name a socket folder with `?host=/path`: put
+/// `localhost` in the host's place, which the driver then ignores for the
+/// socket. Without a socket folder an empty host is refused, rather than
+/// guessing where a socket might be.
+fn with_postgres_host(raw: &str, rest: &str) -> Result<String, EndpointError> {
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((user, host)) => (Some(user), host),
+        None => (None, authority),
     };
-    let address = match address.strip_prefix("tcp(") {
-        Some(inner) => match inner.split_once(')') {
+    if !host.is_empty() {
+        return Ok(rest.to_string());
+    }
+    let query = tail.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let socket_folder = url::form_urlencoded::parse(query.as_bytes())
+        .any(|(k, v)| k == "host" && v.starts_with('/'));
+    if !socket_folder {
+        return Err(EndpointError::MissingHost(raw.to_string()));
+    }
+    Ok(match userinfo {
+        Some(user) => format!("{user}@localhost{tail}"),
+        None => format!("localhost{tail}"),
+    })
+}
+
+/// `user:pass@tcp(host:port)/db?x` becomes `user:pass@host:port/db?x`, and
+/// `user:pass@unix(/path)/db?x` becomes `user:pass@localhost/db?x` with the
+/// socket's path returned beside it (for sqlx's `socket` parameter).
+fn rewrite_go_mysql_address(
+    raw: &str,
+    rest: &str,
+) -> Result<(String, Option<String>), EndpointError> {
+    // The socket's path holds slashes: find the address before splitting
+    // off the database.
+    let (userinfo, address) = match rest
+        .split_once("@tcp(")
+        .or_else(|| rest.split_once("@unix("))
+    {
+        Some((user, _)) => (Some(user), &rest[user.len() + 1..]),
+        None => match rest.rsplit_once('@') {
+            Some((user, address)) => (Some(user), address),
+            None => (None, rest),
+        },
+    };
+    let mut socket = None;
+    let address = if let Some(inner) = address.strip_prefix("tcp(") {
+        match inner.split_once(')') {
             Some((host, tail)) => format!("{host}{tail}"),
             None => address.to_string(),
-        },
-        None => address.to_string(),
+        }
+    } else if let Some(inner) = address.strip_prefix("unix(") {
+        let (path, tail) = inner
+            .split_once(')')
+            .ok_or_else(|| EndpointError::BadSocketAddress(raw.to_string()))?;
+        socket = Some(path.to_string());
+        format!("localhost{tail}")
+    } else {
+        address.to_string()
     };
-    match userinfo {
+    let plain = match userinfo {
         Some(user) => format!("{user}@{address}"),
         None => address,
-    }
+    };
+    Ok((plain, socket))
 }
 
 #[cfg(test)]
@@ -237,5 +339,92 @@ mod tests {
             panic!("not parsed");
         };
         assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn postgres_unix_socket_forms() {
+        for raw in [
+            "postgres://kubeshard:pw@/pods?host=/var/run/postgresql",
+            "postgres://kubeshard:pw@%2Fvar%2Frun%2Fpostgresql/pods",
+            "postgresql:///pods?host=/var/run/postgresql/&user=kubeshard",
+        ] {
+            let e = Endpoint::parse(raw).unwrap_or_else(|err| panic!("{raw}: {err}"));
+            let Endpoint::Postgres { ref database, .. } = e else {
+                panic!("{raw}: not postgres");
+            };
+            assert_eq!(database, "pods", "{raw}");
+            assert_eq!(
+                e.server().as_deref(),
+                Some("unix:/var/run/postgresql"),
+                "{raw}"
+            );
+        }
+        assert_eq!(
+            Endpoint::parse("postgres://u:p@/pods"),
+            Err(EndpointError::MissingHost("postgres://u:p@/pods".into()))
+        );
+    }
+
+    #[test]
+    fn postgres_socket_reaches_the_driver() {
+        let Ok(Endpoint::Postgres { url, .. }) =
+            Endpoint::parse("postgres://kubeshard:pw@/pods?host=/var/run/postgresql")
+        else {
+            panic!("not parsed");
+        };
+        assert_eq!(url.password(), Some("pw"));
+        assert_eq!(
+            url.query_pairs()
+                .find(|(k, _)| k == "host")
+                .map(|(_, v)| v.into_owned()),
+            Some("/var/run/postgresql".to_string())
+        );
+    }
+
+    #[test]
+    fn mysql_unix_socket_forms() {
+        for raw in [
+            "mysql://kubeshard:pw@unix(/run/mysqld/mysqld.sock)/events",
+            "mysql://kubeshard:pw@unix(/run/mysqld/mysqld.sock)/events?timeout=5s",
+            "mysql://kubeshard:pw@localhost/events?socket=/run/mysqld/mysqld.sock",
+        ] {
+            let e = Endpoint::parse(raw).unwrap_or_else(|err| panic!("{raw}: {err}"));
+            let Endpoint::Mysql {
+                ref url,
+                ref database,
+            } = e
+            else {
+                panic!("{raw}: not mysql");
+            };
+            assert_eq!(database, "events", "{raw}");
+            assert_eq!(url.password(), Some("pw"), "{raw}");
+            assert_eq!(
+                e.server().as_deref(),
+                Some("unix:/run/mysqld/mysqld.sock"),
+                "{raw}"
+            );
+        }
+        assert_eq!(
+            Endpoint::parse("mysql://u:p@unix(/run/mysqld/mysqld.sock/events"),
+            Err(EndpointError::BadSocketAddress(
+                "mysql://u:p@unix(/run/mysqld/mysqld.sock/events".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn server_of_tcp_endpoints() {
+        let server = |raw: &str| Endpoint::parse(raw).ok().and_then(|e| e.server());
+        assert_eq!(
+            server("postgres://u@DB.example:6000/x").as_deref(),
+            Some("db.example:6000")
+        );
+        assert_eq!(server("postgres://u@db/x").as_deref(), Some("db:5432"));
+        assert_eq!(
+            server("mysql://u@tcp(db:3307)/x").as_deref(),
+            Some("db:3307")
+        );
+        assert_eq!(server("mysql://u@db/x").as_deref(), Some("db:3306"));
+        assert_eq!(server("sqlite://x.db"), None);
     }
 }

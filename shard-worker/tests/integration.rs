@@ -471,6 +471,64 @@ fn two_stores_on_one_database_lose_no_update() {
     }
 }
 
+/// Unix-socket endpoints (`?host=/folder` for PostgreSQL, kine's `unix(...)`
+/// for MySQL) reach the same database as TCP: what one store writes, the
+/// other reads.
+#[test]
+fn unix_socket_endpoints_reach_the_same_database() {
+    const TEST: &str = "unix_socket_endpoints_reach_the_same_database";
+    let rt = runtime();
+    for server in backends::servers(TEST) {
+        rt.block_on(async {
+            let db = server.create().await;
+            let Some(endpoint) = db.socket_endpoint(TEST) else {
+                db.drop_db().await;
+                return;
+            };
+            let outcome = AssertUnwindSafe(async {
+                let server_of = endpoint.server().unwrap_or_default();
+                assert!(server_of.starts_with("unix:/"), "{endpoint}: {server_of}");
+                let over_socket = kubeshard_shard_worker::open_store(&endpoint, RevisionClass::ALL)
+                    .await
+                    .unwrap_or_else(|e| panic!("open {endpoint}: {e}"));
+                db.store
+                    .apply_batch(&[WriteRequest::Put(put("/tcp", "1"))])
+                    .await
+                    .expect("put over TCP");
+                over_socket
+                    .apply_batch(&[WriteRequest::Put(put("/socket", "2"))])
+                    .await
+                    .expect("put over the socket");
+                for store in [&db.store, &over_socket] {
+                    let got = store.range(&get("/", "0", 0)).await.expect("range");
+                    let keys: Vec<&[u8]> = got.kvs.iter().map(|kv| kv.key.as_slice()).collect();
+                    assert_eq!(keys, [b"/socket".as_slice(), b"/tcp"], "{:?}", server.kind);
+                }
+                // The socket is really used: at a path where none exists,
+                // opening fails instead of falling back to TCP.
+                let nowhere = match server.kind {
+                    Kind::Postgres => "postgres://kubeshard:kubeshard@/x?host=/nonexistent-ks",
+                    _ => "mysql://kubeshard:kubeshard@unix(/nonexistent-ks/mysqld.sock)/x",
+                };
+                let nowhere = kubeshard_config::Endpoint::parse(nowhere).expect("endpoint");
+                let opened = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    kubeshard_shard_worker::open_store(&nowhere, RevisionClass::ALL),
+                )
+                .await
+                .expect("a missing socket is refused in time");
+                assert!(opened.is_err(), "{nowhere} opened without its socket");
+            })
+            .catch_unwind()
+            .await;
+            db.drop_db().await;
+            if let Err(panic) = outcome {
+                std::panic::resume_unwind(panic);
+            }
+        });
+    }
+}
+
 /// A speculative batch (PostgreSQL) assumes that keys its writer does not
 /// know are absent. When one exists after all, the statement must write
 /// nothing, and the batch must be answered from the key's real state.

@@ -205,15 +205,10 @@ fn database_identity(endpoint: &Endpoint) -> Option<String> {
             // Every connection to ":memory:" opens a database of its own.
             (normal.as_os_str() != ":memory:").then(|| format!("sqlite:{}", normal.display()))
         }
-        Endpoint::Postgres { url, database } => Some(format!(
-            "postgres://{}:{}/{database}",
-            url.host_str().unwrap_or_default().to_ascii_lowercase(),
-            url.port().unwrap_or(5432)
-        )),
-        Endpoint::Mysql { url, database } => Some(format!(
-            "mysql://{}:{}/{database}",
-            url.host_str().unwrap_or_default().to_ascii_lowercase(),
-            url.port().unwrap_or(3306)
+        Endpoint::Postgres { database, .. } | Endpoint::Mysql { database, .. } => Some(format!(
+            "{}://{}/{database}",
+            endpoint.backend(),
+            endpoint.server().unwrap_or_default()
         )),
     }
 }

@@ -166,6 +166,33 @@ shard = "core"
 
 // ---------------------------------------------------------------- errors
 
+/// Databases of one name on two servers, told apart by socket or port.
+#[test]
+fn same_database_name_on_two_servers_is_two_databases() {
+    for (a, b) in [
+        (
+            "mysql://u:p@unix(/run/a/mysqld.sock)/k8s",
+            "mysql://u:p@unix(/run/b/mysqld.sock)/k8s",
+        ),
+        (
+            "postgres://u:p@/k8s?host=/run/a",
+            "postgres://u:p@/k8s?host=/run/b",
+        ),
+        (
+            "postgres://u:p@/k8s?host=/run/a",
+            "postgres://u:p@localhost/k8s",
+        ),
+        ("postgres://u:p@db:5432/k8s", "postgres://u:p@db:5433/k8s"),
+    ] {
+        let t = topology(
+            &TWO_SHARDS
+                .replace("sqlite://core.db", a)
+                .replace("sqlite://pods.db", b),
+        );
+        assert_eq!(t.shards.len(), 2, "{a} and {b}");
+    }
+}
+
 #[test]
 fn error_unknown_shard_in_route() {
     let text = format!("{TWO_SHARDS}[[routes]]\nprefix = \"/registry/pods/\"\nshard = \"podz\"\n");
@@ -322,6 +349,20 @@ fn error_other_cases() {
     );
     assert_error(
         &TWO_SHARDS.replace("sqlite://pods.db", "sqlite://./core.db"),
+        "7:12",
+        "shard \"pods\" uses the same database as shard \"core\" (line 4)",
+    );
+    // One MariaDB database named through its socket in kine's form and sqlx's.
+    assert_error(
+        &TWO_SHARDS
+            .replace(
+                "sqlite://core.db",
+                "mysql://u:p@unix(/run/mysqld/mysqld.sock)/k8s",
+            )
+            .replace(
+                "sqlite://pods.db",
+                "mysql://u:p@localhost/k8s?socket=/run/mysqld/mysqld.sock",
+            ),
         "7:12",
         "shard \"pods\" uses the same database as shard \"core\" (line 4)",
     );

@@ -22,6 +22,10 @@ use url::Url;
 pub const POSTGRES_ENV: &str = "KUBESHARD_TEST_POSTGRES_URL";
 pub const MYSQL_ENV: &str = "KUBESHARD_TEST_MYSQL_URL";
 pub const REQUIRE_ALL_ENV: &str = "KUBESHARD_TEST_REQUIRE_ALL";
+/// The same servers through their Unix sockets, in the endpoint forms
+/// users write (scripts/test.sh sets them).
+pub const POSTGRES_SOCKET_ENV: &str = "KUBESHARD_TEST_POSTGRES_SOCKET_URL";
+pub const MYSQL_SOCKET_ENV: &str = "KUBESHARD_TEST_MYSQL_SOCKET_URL";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -279,6 +283,31 @@ impl TestDb {
                     sqlx::query(st).execute(&mut *c).await.expect(st);
                 }
             }
+        }
+    }
+
+    /// This database through its server's Unix socket, from
+    /// `KUBESHARD_TEST_*_SOCKET_URL` (whose own database name is replaced);
+    /// None for SQLite or when the variable is not set, which fails under
+    /// `KUBESHARD_TEST_REQUIRE_ALL=1`.
+    pub fn socket_endpoint(&self, test: &str) -> Option<Endpoint> {
+        let var = match self.kind {
+            Kind::Sqlite => return None,
+            Kind::Postgres => POSTGRES_SOCKET_ENV,
+            Kind::Mysql => MYSQL_SOCKET_ENV,
+        };
+        let Some(raw) = std::env::var(var).ok().filter(|v| !v.is_empty()) else {
+            if std::env::var(REQUIRE_ALL_ENV).is_ok_and(|v| v == "1") {
+                panic!("{test}: {var} is not set, and {REQUIRE_ALL_ENV}=1 forbids skipping");
+            }
+            eprintln!("!!! SKIPPED {test} on {:?}: {var} is not set", self.kind);
+            return None;
+        };
+        let database = self.name.clone();
+        match Endpoint::parse(&raw).unwrap_or_else(|e| panic!("{var}: {e}")) {
+            Endpoint::Postgres { url, .. } => Some(Endpoint::Postgres { url, database }),
+            Endpoint::Mysql { url, .. } => Some(Endpoint::Mysql { url, database }),
+            Endpoint::Sqlite { .. } => panic!("{var}={raw:?} is not a server's URL"),
         }
     }
 
