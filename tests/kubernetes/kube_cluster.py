@@ -130,22 +130,27 @@ class Cluster:
 
     # ---- start ------------------------------------------------------------
 
-    def start_apiserver(self, etcd_servers, watch_cache=True, extra_args=()):
-        """Starts kube-apiserver over ETCD_SERVERS and waits for /readyz."""
+    def start_apiserver(self, etcd_servers, watch_cache=True, extra_args=(),
+                        advertise_address="127.0.0.1", bind_address="127.0.0.1",
+                        service_range="10.0.0.0/24"):
+        """Starts kube-apiserver over ETCD_SERVERS and waits for /readyz.
+        The clients of the cluster (kubectl, the controllers) reach it on
+        127.0.0.1 whatever BIND_ADDRESS; ADVERTISE_ADDRESS is what the
+        `kubernetes` service points at."""
         api_port = free_port()
         self.write_kubeconfig(api_port)
         proc = self.spawn("kube-apiserver", [
             str(self.apiserver),
             f"--etcd-servers={etcd_servers}",
             f"--watch-cache={'true' if watch_cache else 'false'}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--bind-address={bind_address}", f"--advertise-address={advertise_address}",
             f"--secure-port={api_port}", f"--cert-dir={self.work / 'serving'}",
             f"--client-ca-file={self.work / 'ca.crt'}",
             "--authorization-mode=Node,RBAC",
             f"--service-account-key-file={self.work / 'sa.key'}",
             f"--service-account-signing-key-file={self.work / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--service-cluster-ip-range={service_range}",
             "--enable-priority-and-fairness=false",
             "--v=1",
             *extra_args,
@@ -155,7 +160,8 @@ class Cluster:
                       timeout=180)
         return proc
 
-    def start_controller_manager(self):
+    def start_controller_manager(self, extra_args=()):
+        """Later flags in EXTRA_ARGS override the defaults here."""
         return self.spawn("kube-controller-manager", [
             str(self.kube_bin / "kube-controller-manager"),
             f"--kubeconfig={self.kubeconfig}",
@@ -165,6 +171,7 @@ class Cluster:
             "--use-service-account-credentials=false",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             "--v=1",
+            *extra_args,
         ])
 
     # ---- kubectl ----------------------------------------------------------
