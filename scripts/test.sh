@@ -34,7 +34,10 @@
 #   6. Kubernetes' own code against kubeshard (needs Go; binaries are cached in
 #      ${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}): the apiserver storage
 #      suite (scripts/kube-storage.sh), then kube-apiserver end to end
-#      (scripts/kube-e2e.sh).
+#      (scripts/kube-e2e.sh), then the [Conformance] specs of Kubernetes'
+#      sig-api-machinery e2e suite on etcd and on six kubeshard shards, with
+#      kwok's fake nodes in a private network namespace
+#      (scripts/kube-conformance-check.sh).
 #
 # Servers started by this script are deliberately LEFT RUNNING when it exits:
 # the machine is throwaway, a second run (or a developer's `cargo test`) reuses
@@ -392,6 +395,8 @@ if ((kubernetes)); then
     scripts/kube-storage.sh
     phase "Kubernetes: kube-apiserver end to end on kubeshard"
     scripts/kube-e2e.sh
+    phase "Kubernetes: e2e conformance specs on etcd and on sharded kubeshard (kwok, private network namespace)"
+    scripts/kube-conformance-check.sh
 fi
 
 phase "all tests passed"

@@ -262,33 +262,52 @@ def run_suite(args, cluster, work):
     return rc, time.time() - started
 
 
+def failure_reason(case):
+    """The first line of a failed spec's message that says something."""
+    node = case.find("failure")
+    if node is None:
+        node = case.find("error")
+    if node is None:
+        return ""
+    text = (node.get("message") or "") + "\n" + (node.text or "")
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[FAILED]") or line.startswith("[PANICKED]") or line.startswith("[TIMEDOUT]"):
+            line = line.split("]", 1)[1].strip()
+            if line and not line.startswith("in [") and not line.startswith("A suite timeout"):
+                return line[:200]
+    return ""
+
+
 def parse_junit(report):
-    """{spec: passed|failed|skipped} from the suite's JUnit files."""
-    results = {}
+    """{spec: (passed|failed|skipped, reason)} from the suite's JUnit files,
+    and the names of the suite-level nodes that failed ([SynchronizedBeforeSuite]...)."""
+    results, suite_failures = {}, []
     files = sorted(report.glob("junit*.xml"))
     check(files, f"no JUnit report in {report}")
     for path in files:
         for case in ET.parse(path).getroot().iter("testcase"):
             name = case.get("name", "")
-            if name.startswith("[SynchronizedBeforeSuite]") or name.startswith("[SynchronizedAfterSuite]") \
-                    or name.startswith("[ReportAfterSuite]") or name.startswith("[BeforeSuite]") \
-                    or name.startswith("[AfterSuite]"):
-                key = "suite " + name
-            else:
-                # As --focus and --skip see it, without the node type.
-                key = name.removeprefix("[It] ")
-            if case.find("failure") is not None or case.find("error") is not None:
-                status = "failed"
-            elif case.find("skipped") is not None:
-                status = "skipped"
-            else:
-                status = "passed"
-            results[key] = status
-    return results
+            status = case.get("status") or (
+                "failed" if case.find("failure") is not None or case.find("error") is not None
+                else "skipped" if case.find("skipped") is not None else "passed")
+            if status not in ("passed", "failed", "skipped"):
+                status = "failed"  # ginkgo's "panicked", "interrupted", "timedout"
+            if not name.startswith("[It] "):
+                if status == "failed":
+                    suite_failures.append(name)
+                continue
+            # As --focus and --skip see it, without the node type.
+            results[name.removeprefix("[It] ")] = (
+                status, failure_reason(case) if status == "failed" else "")
+    return results, suite_failures
 
 
 def write_results(work, results):
-    lines = [f"{name}\t{status}" for name, status in sorted(results.items())]
+    """WORK/results.tsv: each spec that ran, its status, and for a failure
+    the first line of its message (skipped specs are left out)."""
+    lines = [f"{name}\t{status}" + (f"\t{reason}" if reason else "")
+             for name, (status, reason) in sorted(results.items()) if status != "skipped"]
     (work / "results.tsv").write_text("\n".join(lines) + "\n")
 
 
@@ -308,7 +327,7 @@ def cmd_run(args):
         cluster.start()
         print(f"    cluster up in {time.time() - started:.0f} s; running the suite", file=sys.stderr)
         rc, elapsed = run_suite(args, cluster, work)
-        results = parse_junit(work / "report")
+        results, suite_failures = parse_junit(work / "report")
     except (Failure, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"CONFORMANCE RUN FAILED: {e}\n{cluster.log_tails(15)}", file=sys.stderr)
         cluster.stop()
@@ -317,29 +336,35 @@ def cmd_run(args):
     cluster.stop()
     drop_databases(cluster.shards)
     write_results(work, results)
-    counts = {s: sum(1 for v in results.values() if v == s) for s in ("passed", "failed", "skipped")}
+    counts = {s: sum(1 for v, _ in results.values() if v == s) for s in ("passed", "failed", "skipped")}
     ran = counts["passed"] + counts["failed"]
     summary = {"target": args.target, "focus": args.focus, "skip": args.skip, "procs": args.procs,
-               "ran": ran, **counts, "ginkgo_exit": rc, "suite_s": round(elapsed),
+               "ran": ran, **counts, "suite_failures": suite_failures,
+               "ginkgo_exit": rc, "suite_s": round(elapsed),
                "date": time.strftime("%Y-%m-%d")}
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"    {args.target}: ran {ran}, passed {counts['passed']}, failed {counts['failed']} "
           f"in {elapsed / 60:.1f} min", file=sys.stderr)
-    for name, status in sorted(results.items()):
+    for name, (status, reason) in sorted(results.items()):
         if status == "failed":
-            print(f"      FAILED {name}", file=sys.stderr)
-    return 0
+            print(f"      FAILED {name}: {reason}", file=sys.stderr)
+    for name in suite_failures:
+        print(f"      SUITE NODE FAILED {name}", file=sys.stderr)
+    # A failed suite node fails the specs it guards; the comparison sees
+    # those. No spec at all means the run itself broke.
+    return 0 if ran else 3
 
 
 # ---- comparison ----------------------------------------------------------------
 
 
 def read_results(path):
+    """{spec: status} from a results.tsv."""
     out = {}
     for line in Path(path).read_text().splitlines():
-        if "\t" in line:
-            name, status = line.rsplit("\t", 1)
-            out[name] = status
+        fields = line.split("\t")
+        if len(fields) >= 2:
+            out[fields[0].removeprefix("[It] ")] = fields[1]
     return out
 
 
@@ -360,25 +385,24 @@ def cmd_compare(args):
     target = read_results(args.target_results)
     stable = set.intersection(*(
         {n for n, s in b.items() if s == "passed"} for b in baselines))
-    counted = {n for n in stable if target.get(n) in ("passed", "failed")}
-    differences = {n for n in counted if target[n] == "failed"}
+    # A spec that passes on the baseline must pass on the target: failing
+    # there, or not running at all, is a difference.
+    differences = {n for n in stable if target.get(n) != "passed"}
     known = read_listed(args.known)
     unexpected = sorted(differences - known)
     fixed = sorted(n for n in known - differences if target.get(n) == "passed")
-    print(f"    {len(counted)} specs pass on the baseline and ran on the target; "
-          f"{len(counted) - len(differences)} pass there too, {len(differences)} fail "
-          f"({len(differences & known)} of them known differences)", file=sys.stderr)
+    print(f"    {len(stable)} specs pass on the baseline; {len(stable) - len(differences)} pass on "
+          f"the target too, {len(differences)} do not ({len(differences & known)} of them "
+          f"known differences)", file=sys.stderr)
     for n in unexpected:
-        print(f"      NEW DIFFERENCE (passes on the baseline, fails here): {n}", file=sys.stderr)
+        how = "fails" if target.get(n) == "failed" else "did not run"
+        print(f"      NEW DIFFERENCE (passes on the baseline, {how} here): {n}", file=sys.stderr)
+    for n in fixed:
+        print(f"      LISTED BUT PASSES (remove it from {args.known}): {n}", file=sys.stderr)
     if args.write_differences:
         Path(args.write_differences).write_text("".join(f"{n}\n" for n in unexpected))
     if args.write_fixed:
         Path(args.write_fixed).write_text("".join(f"{n}\n" for n in fixed))
-    for n in fixed:
-        print(f"      LISTED BUT PASSES (remove it from {args.known}): {n}", file=sys.stderr)
-    missing = sorted(n for n in stable if n not in target)
-    for n in missing[:20]:
-        print(f"      did not run on the target: {n}", file=sys.stderr)
     return 1 if unexpected or fixed else 0
 
 
