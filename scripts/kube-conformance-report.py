@@ -78,15 +78,17 @@ def main():
     counted_total = 0
     missing_steps = []
     for sig in SIGS:
-        base_runs = [runs.get((b, sig)) for b in BASELINES]
-        if not all(base_runs):
+        base_runs = [runs[b, sig] for b in BASELINES if (b, sig) in runs]
+        if not base_runs:
             missing_steps.append(sig)
             continue
         stable = set.intersection(*({n for n, (st, _) in r.items() if st == "passed"}
                                     for r, _ in base_runs))
         counted_total += len(stable)
+        how = ("in both etcd runs" if len(base_runs) == len(BASELINES)
+               else "on etcd (one run so far: flaky specs are not yet sorted out)")
         out += [f"## {sig}", "",
-                f"{len(stable)} specs pass in both etcd runs.", "",
+                f"{len(stable)} specs pass {how}.", "",
                 "| target | ran | passed | failed | of the specs that pass on etcd, pass here | minutes |",
                 "| --- | --- | --- | --- | --- | --- |"]
         differences = []
@@ -127,7 +129,7 @@ def main():
                 out.append(f"- `{n}`: {base_runs[0][0][n][1] or 'failed'}")
             out.append("")
     out += ["## All five SIGs", "",
-            f"{counted_total} specs pass in both etcd runs.", "",
+            f"{counted_total} specs pass on etcd (in every etcd run made).", "",
             "| target | ran | passed | failed | of the specs that pass on etcd, pass here |",
             "| --- | --- | --- | --- | --- |"]
     for target, label in TARGETS.items():
@@ -135,7 +137,7 @@ def main():
         out.append(f"| {label} | {ran} | {passed} | {failed} | {here} of {counted_total} |")
     out.append("")
     if missing_steps:
-        out += [f"Not complete yet (an etcd run is missing): {', '.join(missing_steps)}.", ""]
+        out += [f"Not run yet on etcd: {', '.join(missing_steps)}.", ""]
     out += [f"Skipped because they need real containers: {len(skips)} specs "
             "(`tests/kubernetes/conformance/kwok-skips.txt`).", ""]
     print("\n".join(out))
