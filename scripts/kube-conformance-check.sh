@@ -33,7 +33,7 @@ for target in $targets; do
   [[ -s $out/$target.differences.fixed ]] && status=1  # a listed spec passes: shrink the list
   if [[ -s $out/$target.differences ]]; then
     # Run the differing specs again on both, one at a time.
-    again=$(python3 -c 'import re,sys; print("|".join(re.escape(l.strip()) for l in open(sys.argv[1]) if l.strip()))' "$out/$target.differences")
+    again=$(PYTHONPATH=tests/kubernetes python3 tests/kubernetes/conformance.py regex "$out/$target.differences")
     echo "==> $(wc -l <"$out/$target.differences") differences: running them again on both" >&2
     FOCUS=$again PROCS=1 WORK=$out/etcd-again scripts/kube-conformance.sh etcd
     FOCUS=$again PROCS=1 WORK=$out/$target-again scripts/kube-conformance.sh "$target"

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "kubernetes"))
+from conformance import read_listed as listed  # noqa: E402
 KNOWN = ROOT / "tests/kubernetes/conformance/known-differences.txt"
 SKIPS = ROOT / "tests/kubernetes/conformance/kwok-skips.txt"
 SIGS = ["sig-api-machinery", "sig-apps", "sig-auth", "sig-instrumentation", "sig-scheduling"]
@@ -33,16 +35,6 @@ def read(path):
         if len(fields) >= 2:
             out[fields[0]] = (fields[1], fields[2] if len(fields) > 2 else "")
     return out
-
-
-def listed(path):
-    names = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name, _, why = line.partition("  #")
-            names[name.strip()] = why.strip()
-    return names
 
 
 def main():

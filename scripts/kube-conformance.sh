@@ -28,16 +28,7 @@ published_focus='sig-api-machinery|sig-apps|sig-auth|sig-instrumentation|sig-sch
 published_skip='Alpha|Flaky|[Aa]uto[Ss]cal|mysql|zookeeper|redis|CockroachDB|ClusterTrustBundle|SchedulerAsyncPreemption|BoundServiceAccountTokenVolume|StorageVersionAPI|StatefulUpgrade|CoordinatedLeaderElection|capture the life of a ResourceClaim|should rollback without unnecessary restarts|should grab all metrics from|compacted away'
 # Specs that cannot pass without real containers, one per line with its
 # reason: matched as literal text.
-kwok_skip=$(python3 - "$conf/kwok-skips.txt" <<'PY'
-import re, sys
-names = []
-for line in open(sys.argv[1]):
-    line = line.strip()
-    if line and not line.startswith("#"):
-        names.append(re.escape(line.split("  #", 1)[0].strip()))
-print("|".join(names))
-PY
-)
+kwok_skip=$(PYTHONPATH=tests/kubernetes python3 tests/kubernetes/conformance.py regex "$conf/kwok-skips.txt")
 skip="$published_skip${kwok_skip:+|$kwok_skip}${SKIP:+|$SKIP}"
 
 mapfile -t built < <(scripts/kube-build-conformance.sh)

@@ -244,15 +244,13 @@ fn rewrite_go_mysql_address(
 ) -> Result<(String, Option<String>), EndpointError> {
     // The socket's path holds slashes: find the address before splitting
     // off the database.
-    let (userinfo, address) = match rest
-        .split_once("@tcp(")
-        .or_else(|| rest.split_once("@unix("))
-    {
-        Some((user, _)) => (Some(user), &rest[user.len() + 1..]),
-        None => match rest.rsplit_once('@') {
-            Some((user, address)) => (Some(user), address),
-            None => (None, rest),
-        },
+    let at = rest
+        .find("@tcp(")
+        .or_else(|| rest.find("@unix("))
+        .or_else(|| rest.rfind('@'));
+    let (userinfo, address) = match at {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
     };
     let mut socket = None;
     let address = if let Some(inner) = address.strip_prefix("tcp(") {

@@ -8,7 +8,8 @@ Run by scripts/kube-conformance.sh, inside a private network namespace
 addresses which exist nowhere, and their traffic must not leave the machine.
 This script refuses to start where any interface but the loopback exists.
 
-Usage: conformance.py run --target NAME --work DIR --kube-bin DIR --suite DIR
+Usage: conformance.py regex LIST_FILE
+       conformance.py run --target NAME --work DIR --kube-bin DIR --suite DIR
            --kwok BIN [--etcd BIN] [--kubeshard BIN] [--pushdown-apiserver BIN]
            [--focus RE] [--skip RE] [--procs N] [--timeout DURATION]
        conformance.py compare --baseline A.tsv [--baseline A2.tsv ...]
@@ -330,11 +331,10 @@ def cmd_run(args):
         results, suite_failures = parse_junit(work / "report")
     except (Failure, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"CONFORMANCE RUN FAILED: {e}\n{cluster.log_tails(15)}", file=sys.stderr)
+        return 2
+    finally:
         cluster.stop()
         drop_databases(cluster.shards)
-        return 2
-    cluster.stop()
-    drop_databases(cluster.shards)
     write_results(work, results)
     counts = {s: sum(1 for v, _ in results.values() if v == s) for s in ("passed", "failed", "skipped")}
     ran = counts["passed"] + counts["failed"]
@@ -364,20 +364,29 @@ def read_results(path):
     for line in Path(path).read_text().splitlines():
         fields = line.split("\t")
         if len(fields) >= 2:
-            out[fields[0].removeprefix("[It] ")] = fields[1]
+            out[fields[0]] = fields[1]
     return out
 
 
 def read_listed(path):
-    """Spec names from a file: one per line, '#' starts a comment line, and
-    ' # reason' may follow a name."""
-    names = set()
+    """{spec name: reason} from a list (kwok-skips.txt, known-differences.txt,
+    a differences file): one name per line, '#' starts a comment line, and
+    '  # reason' may follow a name."""
+    names = {}
     if path and Path(path).exists():
         for line in Path(path).read_text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
-                names.add(line.split("  #", 1)[0].strip())
+                name, _, reason = line.partition("  #")
+                names[name.strip()] = reason.strip()
     return names
+
+
+def cmd_regex(args):
+    """Prints a regular expression (Go's syntax) matching the listed names
+    as literal text, for ginkgo's --focus and --skip."""
+    print("|".join(re.escape(n) for n in read_listed(args.file)))
+    return 0
 
 
 def cmd_compare(args):
@@ -388,7 +397,7 @@ def cmd_compare(args):
     # A spec that passes on the baseline must pass on the target: failing
     # there, or not running at all, is a difference.
     differences = {n for n in stable if target.get(n) != "passed"}
-    known = read_listed(args.known)
+    known = set(read_listed(args.known))
     unexpected = sorted(differences - known)
     fixed = sorted(n for n in known - differences if target.get(n) == "passed")
     print(f"    {len(stable)} specs pass on the baseline; {len(stable) - len(differences)} pass on "
@@ -431,10 +440,10 @@ def main():
                    help="write the unlisted differences there, one spec per line")
     c.add_argument("--write-fixed", metavar="FILE",
                    help="write the listed specs that passed there, one per line")
+    g = sub.add_parser("regex")
+    g.add_argument("file")
     args = parser.parse_args()
-    if args.command == "run":
-        sys.exit(cmd_run(args))
-    sys.exit(cmd_compare(args))
+    sys.exit({"run": cmd_run, "compare": cmd_compare, "regex": cmd_regex}[args.command](args))
 
 
 if __name__ == "__main__":
