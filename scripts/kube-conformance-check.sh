@@ -41,8 +41,9 @@ for target in $targets; do
     # failed it both times.
     python3 - "$out/$target/results.tsv" "$out/$target-again/results.tsv" >"$out/$target-both.tsv" <<'PY'
 import sys
-first = dict(l.rstrip("\n").rsplit("\t", 1) for l in open(sys.argv[1]) if "\t" in l)
-again = dict(l.rstrip("\n").rsplit("\t", 1) for l in open(sys.argv[2]) if "\t" in l)
+sys.path.insert(0, "tests/kubernetes")
+from conformance import read_results
+first, again = read_results(sys.argv[1]), read_results(sys.argv[2])
 for name, status in first.items():
     if status == "failed" and again.get(name) == "passed":
         status = "passed"

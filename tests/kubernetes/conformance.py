@@ -281,9 +281,10 @@ def failure_reason(case):
 
 
 def parse_junit(report):
-    """{spec: (passed|failed|skipped, reason)} from the suite's JUnit files,
-    and the names of the suite-level nodes that failed ([SynchronizedBeforeSuite]...)."""
-    results, suite_failures = {}, []
+    """[(spec, passed|failed|skipped, reason)] from the suite's JUnit files,
+    and the names of the suite-level nodes that failed ([SynchronizedBeforeSuite]...).
+    A name can occur twice: a few specs share theirs (one per API version)."""
+    results, suite_failures = [], []
     files = sorted(report.glob("junit*.xml"))
     check(files, f"no JUnit report in {report}")
     for path in files:
@@ -299,8 +300,8 @@ def parse_junit(report):
                     suite_failures.append(name)
                 continue
             # As --focus and --skip see it, without the node type.
-            results[name.removeprefix("[It] ")] = (
-                status, failure_reason(case) if status == "failed" else "")
+            results.append((name.removeprefix("[It] "), status,
+                            failure_reason(case) if status == "failed" else ""))
     return results, suite_failures
 
 
@@ -308,7 +309,7 @@ def write_results(work, results):
     """WORK/results.tsv: each spec that ran, its status, and for a failure
     the first line of its message (skipped specs are left out)."""
     lines = [f"{name}\t{status}" + (f"\t{reason}" if reason else "")
-             for name, (status, reason) in sorted(results.items()) if status != "skipped"]
+             for name, status, reason in sorted(results) if status != "skipped"]
     (work / "results.tsv").write_text("\n".join(lines) + "\n")
 
 
@@ -336,7 +337,7 @@ def cmd_run(args):
         cluster.stop()
         drop_databases(cluster.shards)
     write_results(work, results)
-    counts = {s: sum(1 for v, _ in results.values() if v == s) for s in ("passed", "failed", "skipped")}
+    counts = {s: sum(1 for _, v, _ in results if v == s) for s in ("passed", "failed", "skipped")}
     ran = counts["passed"] + counts["failed"]
     summary = {"target": args.target, "focus": args.focus, "skip": args.skip, "procs": args.procs,
                "ran": ran, **counts, "suite_failures": suite_failures,
@@ -345,7 +346,7 @@ def cmd_run(args):
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"    {args.target}: ran {ran}, passed {counts['passed']}, failed {counts['failed']} "
           f"in {elapsed / 60:.1f} min", file=sys.stderr)
-    for name, (status, reason) in sorted(results.items()):
+    for name, status, reason in sorted(results):
         if status == "failed":
             print(f"      FAILED {name}: {reason}", file=sys.stderr)
     for name in suite_failures:
@@ -359,11 +360,12 @@ def cmd_run(args):
 
 
 def read_results(path):
-    """{spec: status} from a results.tsv."""
+    """{spec: status} from a results.tsv; a name that occurs twice (specs
+    sharing a name) has failed if either failed."""
     out = {}
     for line in Path(path).read_text().splitlines():
         fields = line.split("\t")
-        if len(fields) >= 2:
+        if len(fields) >= 2 and out.get(fields[0]) != "failed":
             out[fields[0]] = fields[1]
     return out
 
