@@ -13,7 +13,9 @@ Usage: conformance.py regex LIST_FILE
            --kwok BIN [--etcd BIN] [--kubeshard BIN] [--pushdown-apiserver BIN]
            [--focus RE] [--skip RE] [--procs N] [--timeout DURATION]
        conformance.py compare --baseline A.tsv [--baseline A2.tsv ...]
-           --target-results B.tsv [--known FILE] [--excluded FILE]
+           --target-results B.tsv [--known FILE] [--write-differences FILE]
+           [--write-fixed FILE]
+       conformance.py split --work DIR --sigs SIG[,SIG...] --out DIR
 
 Targets: etcd (3.6, the baseline); kubeshard-sqlite (one SQLite shard);
 kubeshard-6 (six shards on PostgreSQL and MariaDB over their Unix sockets:
@@ -24,7 +26,8 @@ watch cache off).
 `run` writes DIR/results.tsv (spec, then passed/failed/skipped) from the
 suite's JUnit report, and DIR/summary.json. `compare` prints the specs that
 pass on every baseline run and fail on the target, and fails unless they
-are exactly those listed in the known-differences file.
+are exactly those listed in the known-differences file. `split` files a
+run's results by SIG (scripts/kube-conformance-full.sh).
 """
 
 import argparse
@@ -178,6 +181,8 @@ class ConformanceCluster(Cluster):
                 "--enable-priority-and-fairness=true",
                 "--allow-privileged=true",
                 "--endpoint-reconciler-type=lease",
+                # kubeadm's clusters run with it; a sig-auth spec checks it.
+                "--enable-admission-plugins=NodeRestriction",
                 *(["--storage-media-type=application/json"] if pushdown else []),
             ])
         self.start_controller_manager(extra_args=[
@@ -417,6 +422,26 @@ def cmd_compare(args):
     return 1 if unexpected or fixed else 0
 
 
+def cmd_split(args):
+    """Copies one run's results.tsv and summary.json into OUT/SIG.tsv and
+    OUT/SIG.json for each SIG it covered (a run may focus on several)."""
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = json.loads((work / "summary.json").read_text())
+    lines = (work / "results.tsv").read_text().splitlines()
+    sigs = args.sigs.split(",")
+    for sig in sigs:
+        mine = [line for line in lines if line.startswith(f"[{sig}]")]
+        counts = {s: sum(1 for line in mine if line.split("\t")[1:2] == [s])
+                  for s in ("passed", "failed")}
+        part = dict(summary, **counts, ran=counts["passed"] + counts["failed"])
+        if len(sigs) > 1:
+            part["run_with"] = sigs  # suite_s is the whole run's
+        (out / f"{sig}.tsv").write_text("".join(f"{line}\n" for line in mine))
+        (out / f"{sig}.json").write_text(json.dumps(part, indent=1) + "\n")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -444,8 +469,13 @@ def main():
                    help="write the listed specs that passed there, one per line")
     g = sub.add_parser("regex")
     g.add_argument("file")
+    sp = sub.add_parser("split")
+    sp.add_argument("--work", required=True)
+    sp.add_argument("--sigs", required=True, help="comma-separated, as in the run's focus")
+    sp.add_argument("--out", required=True)
     args = parser.parse_args()
-    sys.exit({"run": cmd_run, "compare": cmd_compare, "regex": cmd_regex}[args.command](args))
+    sys.exit({"run": cmd_run, "compare": cmd_compare, "regex": cmd_regex,
+              "split": cmd_split}[args.command](args))
 
 
 if __name__ == "__main__":
