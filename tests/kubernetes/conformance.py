@@ -436,7 +436,7 @@ def cmd_split(args):
                   for s in ("passed", "failed")}
         part = dict(summary, **counts, ran=counts["passed"] + counts["failed"])
         if len(sigs) > 1:
-            part["run_with"] = sigs  # suite_s is the whole run's
+            part["run_with"] = sigs  # suite_s and skipped are the whole run's
         (out / f"{sig}.tsv").write_text("".join(f"{line}\n" for line in mine))
         (out / f"{sig}.json").write_text(json.dumps(part, indent=1) + "\n")
     return 0
