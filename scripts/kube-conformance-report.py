@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "kubernetes"))
-from conformance import read_listed as listed  # noqa: E402
+from conformance import by_name, read_listed as listed, read_result_lines  # noqa: E402
 KNOWN = ROOT / "tests/kubernetes/conformance/known-differences.txt"
 SKIPS = ROOT / "tests/kubernetes/conformance/kwok-skips.txt"
 SIGS = ["sig-api-machinery", "sig-apps", "sig-auth", "sig-instrumentation", "sig-scheduling"]
@@ -29,17 +29,10 @@ TARGETS = {
 
 
 def read(path):
-    """({spec: (status, reason)}, [status of each line]): a few specs share
-    a name (one per API version); such a name has failed if either failed,
-    and the counts count both."""
-    out, statuses = {}, []
-    for line in path.read_text().splitlines():
-        fields = line.split("\t")
-        if len(fields) >= 2:
-            statuses.append((fields[0], fields[1]))
-            if out.get(fields[0], ("",))[0] != "failed":
-                out[fields[0]] = (fields[1], fields[2] if len(fields) > 2 else "")
-    return out, statuses
+    """({spec: (status, reason)}, [(spec, status) of each line]): the counts
+    count specs that share a name once each."""
+    lines = read_result_lines(path)
+    return by_name(lines), [(name, status) for name, status, _ in lines]
 
 
 def main():

@@ -364,15 +364,29 @@ def cmd_run(args):
 # ---- comparison ----------------------------------------------------------------
 
 
-def read_results(path):
-    """{spec: status} from a results.tsv; a name that occurs twice (specs
-    sharing a name) has failed if either failed."""
-    out = {}
+def read_result_lines(path):
+    """[(spec, status, reason)] from a results.tsv, one per spec that ran."""
+    out = []
     for line in Path(path).read_text().splitlines():
         fields = line.split("\t")
-        if len(fields) >= 2 and out.get(fields[0]) != "failed":
-            out[fields[0]] = fields[1]
+        if len(fields) >= 2:
+            out.append((fields[0], fields[1], fields[2] if len(fields) > 2 else ""))
     return out
+
+
+def by_name(lines):
+    """{spec: (status, reason)}: a name that occurs twice (specs sharing a
+    name, one per API version) has failed if either failed."""
+    out = {}
+    for name, status, reason in lines:
+        if out.get(name, ("",))[0] != "failed":
+            out[name] = (status, reason)
+    return out
+
+
+def read_results(path):
+    """{spec: status} from a results.tsv (see by_name)."""
+    return {n: status for n, (status, _) in by_name(read_result_lines(path)).items()}
 
 
 def read_listed(path):
