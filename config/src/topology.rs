@@ -96,6 +96,7 @@
 mod keys;
 mod parse;
 mod placement;
+mod regex_match;
 #[cfg(test)]
 mod tests;
 
@@ -189,7 +190,7 @@ enum Compiled {
     /// Keys starting with any of these (prefix and resource matchers).
     Prefixes(Vec<Vec<u8>>),
     Namespace(Vec<u8>),
-    Regex(regex::bytes::Regex),
+    Regex(Box<regex_match::RegexMatcher>),
 }
 
 /// One `[[routes]]` table.
@@ -223,13 +224,12 @@ impl Route {
         }
     }
 
-    /// How many keys under `prefix` the matcher matches. Regular expressions
-    /// are not analysed: they may always match.
+    /// How many keys under `prefix` the matcher matches.
     fn coverage(&self, base: &[u8], prefix: &[u8]) -> Coverage {
         match &self.compiled {
             Compiled::Prefixes(prefixes) => keys::prefixes_coverage(prefixes, prefix),
             Compiled::Namespace(namespace) => keys::namespace_coverage(base, namespace, prefix),
-            Compiled::Regex(_) => Coverage::Some,
+            Compiled::Regex(regex) => regex.coverage(prefix),
         }
     }
 }
@@ -451,7 +451,10 @@ impl Topology {
     ///   whole namespace segment (with its `/`), none when the namespace
     ///   cannot start with the partial segment at the end of `prefix` or
     ///   `prefix` leaves the registry, else some;
-    /// - a regex matcher: always some (not analysed).
+    /// - a regex matcher: none if no key under `prefix` can match (its DFA
+    ///   dies on `prefix`), all if a match ends within `prefix` or every
+    ///   key under it matches at its end, else some (also when the pattern
+    ///   was too large or complex to analyse; see `regex_match`).
     ///
     /// The targets of a hashed route are the shards of the placement keys
     /// its matching keys under `prefix` can have: for each of the route's

@@ -401,10 +401,10 @@ fn check_matcher(
         return Some((Matcher::Prefix(p), compiled));
     }
     if let Some(regex) = &route.regex {
-        return match regex::bytes::Regex::new(regex.get_ref()) {
+        return match super::regex_match::RegexMatcher::new(regex.get_ref()) {
             Ok(compiled) => Some((
                 Matcher::Regex(regex.get_ref().clone()),
-                Compiled::Regex(compiled),
+                Compiled::Regex(Box::new(compiled)),
             )),
             Err(e) => {
                 checker.error(regex.span(), format!("invalid regex: {}", one_line(&e)));

@@ -783,9 +783,18 @@ fn ranges_are_tight_for_kubernetes_lists() {
         prefix_names(&t, "/registry/configmaps/kube-system/"),
         ["system"]
     );
+    // The regex route cannot match under a group without a dot...
+    assert_eq!(prefix_names(&t, "/registry/configmaps/default/"), ["core"]);
+    // ...matches everything under its groups (so the default is not asked;
+    // the namespace route before it may match some)...
     assert_eq!(
-        prefix_names(&t, "/registry/configmaps/default/"),
-        ["core", "gcp"]
+        prefix_names(&t, "/registry/s3.gcp.crossplane.io/buckets/"),
+        ["system", "gcp"]
+    );
+    // ...and may match some of a group not complete yet.
+    assert_eq!(
+        prefix_names(&t, "/registry/s3.gcp"),
+        ["core", "system", "gcp"]
     );
     assert_eq!(
         prefix_names(&t, "/registry/deployments/"),
