@@ -21,6 +21,8 @@ pub enum EtcdError {
     LeaseExists,
     LeaseTtlTooLarge,
     KeyNotFound,
+    /// The router is stopping (SIGTERM): clients retry elsewhere.
+    Stopped,
 }
 
 impl EtcdError {
@@ -39,6 +41,7 @@ impl EtcdError {
             }
             EtcdError::LeaseNotFound => Code::NotFound,
             EtcdError::LeaseExists => Code::FailedPrecondition,
+            EtcdError::Stopped => Code::Unavailable,
         }
     }
 
@@ -57,6 +60,7 @@ impl EtcdError {
             EtcdError::LeaseExists => "etcdserver: lease already exists",
             EtcdError::LeaseTtlTooLarge => "etcdserver: too large lease TTL",
             EtcdError::KeyNotFound => "etcdserver: key not found",
+            EtcdError::Stopped => "etcdserver: server stopped",
         }
     }
 }

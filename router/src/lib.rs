@@ -10,9 +10,11 @@
 
 mod background;
 pub mod error;
+mod health;
+mod http;
 pub mod metrics;
 pub mod server;
 pub mod shards;
 pub mod validate;
 
-pub use server::{ETCD_VERSION, RunningServer, ServeError, start};
+pub use server::{ETCD_VERSION, RunningServer, SHUTDOWN_GRACE, ServeError, start};

@@ -1,25 +1,17 @@
 //! Prometheus metrics: per-RPC counts and latencies (a tower layer around the
-//! gRPC services), watch and lease gauges, shard revisions, served on /metrics.
+//! gRPC services), watch and lease gauges, shard revisions, served on /metrics (`http.rs`).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::warn;
 
 /// The RPCs kubeshard serves; anything else is counted as "other", so a
 /// client cannot create new time series at will.
@@ -219,57 +211,6 @@ where
             response
         })
     }
-}
-
-/// Binds the /metrics endpoint; the returned task serves it.
-pub async fn serve(
-    address: &str,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<(std::net::SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(address).await?;
-    let local = listener.local_addr()?;
-    info!(address = %local, "serving Prometheus metrics on /metrics");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(answer(&request, &metrics)) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok((local, task))
-}
-
-fn answer<B>(request: &http::Request<B>, metrics: &Metrics) -> http::Response<Full<Bytes>> {
-    let (status, content_type, body) = if request.uri().path() == "/metrics" {
-        (
-            http::StatusCode::OK,
-            "text/plain; version=0.0.4",
-            Bytes::from(metrics.render()),
-        )
-    } else {
-        (
-            http::StatusCode::NOT_FOUND,
-            "text/plain",
-            Bytes::from_static(b"kubeshard serves /metrics here\n"),
-        )
-    };
-    let mut response = http::Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    response
 }
 
 #[cfg(test)]

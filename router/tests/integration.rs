@@ -17,6 +17,8 @@ mod lifecycle;
 mod selectors;
 #[path = "integration/sharded.rs"]
 mod sharded;
+#[path = "integration/stopping.rs"]
+mod stopping;
 #[path = "integration/support.rs"]
 mod support;
 #[path = "integration/watch.rs"]
@@ -37,6 +39,11 @@ on_all_backends!(
     sharded::long_history_beside_idle_shards,
     selectors::selectors_on_one_shard,
     selectors::selectors_across_shards,
+    stopping::health_endpoints_answer_as_etcd,
+    stopping::shutdown_under_write_load_keeps_every_acknowledged_write,
 );
 
-on_postgres!(lifecycle::database_outage_is_unavailable_then_recovers);
+on_postgres!(
+    lifecycle::database_outage_is_unavailable_then_recovers,
+    stopping::unreachable_database_fails_readiness,
+);

@@ -66,6 +66,12 @@ impl Shard {
         })
     }
 
+    /// Whether the writer and the watch poller run: a shard without them
+    /// cannot serve until the router restarts (the liveness check).
+    pub fn is_running(&self) -> bool {
+        self.writer.is_running() && !self.poller.is_finished()
+    }
+
     /// Stops the writer, the poller and the label indexer.
     pub fn stop(&self) {
         self.writer.stop();

@@ -227,4 +227,10 @@ impl ShardWriter {
     pub fn stop(&self) {
         self.actor.stop(None);
     }
+
+    /// Whether the actor still takes writes (it ends only when stopped or
+    /// if it panicked).
+    pub fn is_running(&self) -> bool {
+        self.actor.get_status() == ractor::ActorStatus::Running
+    }
 }

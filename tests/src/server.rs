@@ -412,6 +412,29 @@ impl KubeshardServer {
         self.backend
     }
 
+    /// Sends SIGTERM and waits up to `limit` for the process to exit; its
+    /// exit status, or why there is none.
+    pub fn terminate(&mut self, limit: Duration) -> Result<std::process::ExitStatus, String> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .map_err(|e| format!("cannot run kill: {e}"))?;
+        if !sent.success() {
+            return Err(format!("kill -TERM failed: {sent}"));
+        }
+        let started = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if started.elapsed() < limit => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => return Err(format!("still running {limit:?} after SIGTERM")),
+                Err(e) => return Err(format!("cannot wait for kubeshard: {e}")),
+            }
+        }
+    }
+
     /// The databases the server uses (one per shard).
     pub fn endpoint_urls(&self) -> &[String] {
         &self.endpoint_urls

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::stopping::UntilStopped;
 use super::{Core, now_ms};
 use crate::error::{EtcdError, shard_status};
 
@@ -171,7 +172,8 @@ impl Lease for LeaseService {
         }))
     }
 
-    type LeaseKeepAliveStream = ReceiverStream<Result<LeaseKeepAliveResponse, Status>>;
+    type LeaseKeepAliveStream =
+        UntilStopped<ReceiverStream<Result<LeaseKeepAliveResponse, Status>>>;
 
     async fn lease_keep_alive(
         &self,
@@ -180,9 +182,16 @@ impl Lease for LeaseService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let core = self.core.clone();
+        let stream = core.stop.end_on_stop(ReceiverStream::new(rx));
         tokio::spawn(async move {
-            while let Some(message) = inbound.next().await {
-                let Ok(message) = message else { break };
+            loop {
+                // The response stream is gone when the router stops: drop
+                // the request stream too, or the connection stays open.
+                let message = tokio::select! {
+                    message = inbound.next() => message,
+                    _ = tx.closed() => break,
+                };
+                let Some(Ok(message)) = message else { break };
                 let answer = async {
                     let store = &core.shards.default_shard().store;
                     // An unknown or expired lease answers TTL 0, as in etcd.
@@ -205,7 +214,7 @@ impl Lease for LeaseService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 
     async fn lease_time_to_live(

@@ -5,12 +5,13 @@ mod cluster;
 mod kv;
 pub(crate) mod lease;
 mod maintenance;
+pub(crate) mod stopping;
 mod watch;
 mod watch_selector;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kubeshard_config::ServerOptions;
 use kubeshard_proto::etcdserverpb::ResponseHeader;
@@ -25,12 +26,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::background;
+use crate::health::Health;
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::shards::Shards;
 use crate::validate::Limits;
+use stopping::StopSignal;
 
 /// The etcd version kubeshard reports. kube-apiserver turns on watch progress
 /// requests and WatchList only for etcd >= 3.5.13, and kubeshard implements
@@ -40,6 +43,10 @@ pub const ETCD_VERSION: &str = "3.6.0";
 /// gRPC's own bound on a message, above the etcd request limit so that an
 /// oversized request gets etcd's "request is too large", as etcd does.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// How long a stopping router waits for the calls in flight (writes
+/// included) before it closes what is still open: etcd's request timeout.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
 
 /// State shared by all services of one router process.
 #[derive(Debug)]
@@ -52,6 +59,9 @@ pub struct Core {
     pub client_url: String,
     pub started_ms: i64,
     pub metrics: Arc<Metrics>,
+    /// Set when the router begins to stop; ends Watch and LeaseKeepAlive
+    /// streams and fails readiness.
+    pub stop: StopSignal,
 }
 
 impl Core {
@@ -147,15 +157,25 @@ impl RunningServer {
         self.metrics_addr
     }
 
-    /// Stops accepting requests, waits for the server to end and stops the shard.
+    /// Stops the router: readiness fails, open Watch and LeaseKeepAlive
+    /// streams end with etcd's "server stopped", no new call is accepted,
+    /// and the calls in flight get [`SHUTDOWN_GRACE`] to finish; then the
+    /// shards stop. A write either commits whole or not at all: each is one
+    /// database transaction.
     pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        self.core.stop.stop();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let result = match (&mut self.join).await {
-            Ok(r) => r,
-            Err(e) => {
+        let result = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.join).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, "server task failed");
+                Ok(())
+            }
+            Err(_) => {
+                warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period; closing them");
+                self.join.abort();
                 Ok(())
             }
         };
@@ -207,18 +227,6 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         error,
     })?;
     let metrics = Arc::new(Metrics::new().map_err(ServeError::Metrics)?);
-    let (metrics_addr, metrics_task) = match &options.metrics_address {
-        Some(address) => {
-            let (addr, task) = crate::metrics::serve(address, metrics.clone())
-                .await
-                .map_err(|error| ServeError::Bind {
-                    address: address.clone(),
-                    error,
-                })?;
-            (Some(addr), Some(task))
-        }
-        None => (None, None),
-    };
     let endpoint = options.endpoint.clone();
     let core = Arc::new(Core {
         shards,
@@ -231,8 +239,25 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         client_url: format!("http://{local_addr}"),
         started_ms: now_ms(),
         metrics: metrics.clone(),
+        stop: StopSignal::default(),
         options,
     });
+    let (metrics_addr, metrics_task) = match &core.options.metrics_address {
+        Some(address) => {
+            let (addr, task) = crate::http::serve(
+                address,
+                metrics.clone(),
+                Arc::new(Health::new(core.clone())),
+            )
+            .await
+            .map_err(|error| ServeError::Bind {
+                address: address.clone(),
+                error,
+            })?;
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
     info!(%local_addr, "serving the etcd v3 API");
 
     let max_message = core.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;

@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use super::Core;
+use super::stopping::UntilStopped;
 use super::watch_selector::{DecodedBatch, WatchIndex, WatchSelector};
 use crate::error::shard_status;
 use crate::shards::Shards;
@@ -56,7 +57,7 @@ impl WatchService {
 
 #[tonic::async_trait]
 impl Watch for WatchService {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+    type WatchStream = UntilStopped<ReceiverStream<Result<WatchResponse, Status>>>;
 
     async fn watch(
         &self,
@@ -77,7 +78,9 @@ impl Watch for WatchService {
             last_progress: 0,
         };
         tokio::spawn(session.run(inbound));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(
+            self.core.stop.end_on_stop(ReceiverStream::new(rx)),
+        ))
     }
 }
 
@@ -247,6 +250,9 @@ impl Session {
                     self.advance_waiting();
                     Ok(())
                 }
+                // The response stream is gone (the router is stopping): the
+                // request stream must go too, or the connection stays open.
+                _ = self.tx.closed() => Err(Gone),
             };
             if step.is_err() {
                 break;

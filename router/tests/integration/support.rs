@@ -90,7 +90,8 @@ impl Ctx {
 
     /// Starts a server on this database and connects a client to it.
     pub async fn start(&self) -> Node {
-        let options = ServerOptions::for_endpoint(self.endpoint.clone(), "127.0.0.1:0");
+        let mut options = ServerOptions::for_endpoint(self.endpoint.clone(), "127.0.0.1:0");
+        options.metrics_address = Some("127.0.0.1:0".into());
         let server = kubeshard::start(options)
             .await
             .unwrap_or_else(|e| panic!("server on {:?} did not start: {e}", self.backend));
@@ -211,6 +212,61 @@ impl MysqlParts {
             host: host.into(),
             port: port.into(),
         }
+    }
+}
+
+/// An HTTP/1.1 answer: status, headers (names lower-cased) and body.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request to the router's HTTP endpoint, on its own connection.
+pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> HttpAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 20 s"))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let text = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no status line in {head:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    HttpAnswer {
+        status,
+        headers,
+        body: body.to_string(),
     }
 }
 
