@@ -62,6 +62,41 @@ pub struct Cli {
     )]
     pub metrics_bind_address: String,
 
+    /// Certificate (PEM, leaf first, then its chain) served to etcd clients;
+    /// with --server-key-file it turns on TLS. Both files are read again
+    /// when they change (certificate rotation needs no restart).
+    #[arg(
+        long,
+        env = "KUBESHARD_SERVER_CERT_FILE",
+        value_name = "FILE",
+        requires = "server_key_file"
+    )]
+    pub server_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --server-cert-file.
+    #[arg(
+        long,
+        env = "KUBESHARD_SERVER_KEY_FILE",
+        value_name = "FILE",
+        requires = "server_cert_file"
+    )]
+    pub server_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that clients' certificates must chain to: with
+    /// it every client must present one (mutual TLS, as kube-apiserver's
+    /// --etcd-certfile does). Needs --server-cert-file.
+    #[arg(
+        long,
+        env = "KUBESHARD_TRUSTED_CA_FILE",
+        value_name = "FILE",
+        requires = "server_cert_file"
+    )]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Serve /metrics and the health paths in plain HTTP even when TLS is on.
+    #[arg(long, env = "KUBESHARD_METRICS_IGNORE_TLS_CONFIG")]
+    pub metrics_ignore_tls_config: bool,
+
     /// Log format; the level comes from RUST_LOG (default "info").
     #[arg(long, env = "KUBESHARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -107,6 +142,15 @@ pub enum OptionsError {
     ConfigAndEndpoint,
 }
 
+/// TLS of the etcd API (and of the metrics address unless told otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Client certificates are required and verified against these CAs.
+    pub trusted_ca_file: Option<PathBuf>,
+}
+
 /// Everything the server needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -119,6 +163,10 @@ pub struct ServerOptions {
     pub topology: Topology,
     /// Where to serve /metrics; None turns it off.
     pub metrics_address: Option<String>,
+    /// None serves plain text.
+    pub tls: Option<ServerTls>,
+    /// The metrics address uses `tls` too (without client certificates).
+    pub metrics_tls: bool,
     pub watch_poll_interval: Duration,
     pub lease_check_interval: Duration,
     pub progress_notify_interval: Duration,
@@ -142,6 +190,16 @@ impl Cli {
             endpoint: topology.shard(topology.default_shard()).endpoint.clone(),
             topology,
             metrics_address: Some(self.metrics_bind_address.clone()).filter(|a| !a.is_empty()),
+            tls: match (&self.server_cert_file, &self.server_key_file) {
+                (Some(cert), Some(key)) => Some(ServerTls {
+                    cert_file: cert.clone(),
+                    key_file: key.clone(),
+                    trusted_ca_file: self.trusted_ca_file.clone(),
+                }),
+                // clap requires both or neither.
+                _ => None,
+            },
+            metrics_tls: !self.metrics_ignore_tls_config,
             watch_poll_interval: Duration::from_millis(self.watch_poll_interval_ms.max(1)),
             lease_check_interval: Duration::from_millis(self.lease_check_interval_ms.max(10)),
             progress_notify_interval: Duration::from_secs(
@@ -162,6 +220,8 @@ impl ServerOptions {
             topology: Topology::single(endpoint.clone()),
             endpoint,
             metrics_address: None,
+            tls: None,
+            metrics_tls: true,
             watch_poll_interval: Duration::from_millis(100),
             lease_check_interval: Duration::from_millis(500),
             progress_notify_interval: Duration::from_secs(600),
@@ -303,6 +363,37 @@ mod tests {
         assert_eq!(options.endpoint, endpoint);
         assert_eq!(options.topology.shards().len(), 1);
         assert_eq!(options.topology.shards()[0].endpoint, endpoint);
+    }
+
+    #[test]
+    fn tls_flags_go_together() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["kubeshard"].iter().chain(args))
+                .map_err(|e| e.to_string())
+                .map(|cli| {
+                    cli.server_options()
+                        .map(|o| o.tls)
+                        .map_err(|e| e.to_string())
+                })
+        };
+        let Ok(Ok(Some(tls))) =
+            parse(&["--server-cert-file", "c.pem", "--server-key-file", "k.pem"])
+        else {
+            panic!("TLS flags rejected");
+        };
+        assert_eq!(tls.cert_file, PathBuf::from("c.pem"));
+        assert_eq!(tls.trusted_ca_file, None);
+        for lonely in [
+            &["--server-cert-file", "c.pem"][..],
+            &["--server-key-file", "k.pem"],
+            &["--trusted-ca-file", "ca.pem"],
+        ] {
+            let Err(e) = parse(lonely) else {
+                panic!("{lonely:?} accepted");
+            };
+            assert!(e.contains("required arguments were not provided"), "{e}");
+        }
+        assert!(matches!(parse(&[]), Ok(Ok(None))));
     }
 
     #[test]

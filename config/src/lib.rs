@@ -6,6 +6,6 @@ mod cli;
 mod endpoint;
 pub mod topology;
 
-pub use cli::{Cli, DEFAULT_ENDPOINT, LogFormat, OptionsError, ServerOptions};
+pub use cli::{Cli, DEFAULT_ENDPOINT, LogFormat, OptionsError, ServerOptions, ServerTls};
 pub use endpoint::{Backend, Endpoint, EndpointError};
 pub use topology::{ShardId, Topology, TopologyError};

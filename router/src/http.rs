@@ -13,20 +13,27 @@ use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tracing::info;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
 
+/// A scraper that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Binds the endpoint; the returned task serves it.
+/// With `tls`, HTTPS (no client certificate asked).
 pub async fn serve(
     address: &str,
+    tls: Option<TlsAcceptor>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(address).await?;
     let local = listener.local_addr()?;
-    info!(address = %local, "serving /metrics, /health, /livez and /readyz");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(address = %local, scheme, "serving /metrics, /health, /livez and /readyz");
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -34,15 +41,29 @@ pub async fn serve(
             };
             let metrics = metrics.clone();
             let health = health.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let health = health.clone();
                     async move { Ok::<_, Infallible>(answer(&request, &metrics, &health).await) }
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                match tls {
+                    Some(acceptor) => {
+                        let accepted =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                        if let Ok(Ok(stream)) = accepted {
+                            let _ = http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
             });
         }
     });

@@ -15,6 +15,7 @@ mod http;
 pub mod metrics;
 pub mod server;
 pub mod shards;
+mod tls;
 pub mod validate;
 
 pub use server::{ETCD_VERSION, RunningServer, SHUTDOWN_GRACE, ServeError, start};

@@ -21,6 +21,8 @@ mod sharded;
 mod stopping;
 #[path = "integration/support.rs"]
 mod support;
+#[path = "integration/tls.rs"]
+mod tls;
 #[path = "integration/watch.rs"]
 mod watch;
 
@@ -41,6 +43,13 @@ on_all_backends!(
     selectors::selectors_across_shards,
     stopping::health_endpoints_answer_as_etcd,
     stopping::shutdown_under_write_load_keeps_every_acknowledged_write,
+);
+
+on_sqlite!(
+    tls::mutual_tls_refuses_other_clients,
+    tls::metrics_can_stay_plain,
+    tls::rotated_certificates_need_no_restart,
+    tls::bad_tls_files_stop_the_start,
 );
 
 on_postgres!(

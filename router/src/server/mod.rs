@@ -130,6 +130,8 @@ pub enum ServeError {
         location: Option<String>,
         error: ShardError,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot create metrics: {0}")]
     Metrics(prometheus::Error),
     #[error("grpc server failed: {0}")]
@@ -208,6 +210,12 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     for spec in topology.shards() {
         info!(shard = %spec.name, backend = %spec.endpoint.backend(), endpoint = %spec.endpoint, "shard");
     }
+    // Before the shards: a TLS mistake is reported without opening databases.
+    let acceptors = options
+        .tls
+        .as_ref()
+        .map(crate::tls::Acceptors::new)
+        .transpose()?;
     let shards = Shards::open(topology, options.watch_poll_interval)
         .await
         .map_err(|e| ServeError::Shard {
@@ -236,7 +244,10 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         },
         cluster_id: fnv1a(endpoint.to_string().as_bytes()),
         member_id: fnv1a(local_addr.to_string().as_bytes()),
-        client_url: format!("http://{local_addr}"),
+        client_url: format!(
+            "{}://{local_addr}",
+            if acceptors.is_some() { "https" } else { "http" }
+        ),
         started_ms: now_ms(),
         metrics: metrics.clone(),
         stop: StopSignal::default(),
@@ -246,6 +257,10 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         Some(address) => {
             let (addr, task) = crate::http::serve(
                 address,
+                acceptors
+                    .as_ref()
+                    .filter(|_| core.options.metrics_tls)
+                    .map(|a| a.http.clone()),
                 metrics.clone(),
                 Arc::new(Health::new(core.clone())),
             )
@@ -258,7 +273,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         }
         None => (None, None),
     };
-    info!(%local_addr, "serving the etcd v3 API");
+    info!(%local_addr, url = %core.client_url, "serving the etcd v3 API");
 
     let max_message = core.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -283,16 +298,26 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             core.clone(),
         )))
         .add_service(AuthServer::new(auth::AuthService));
-    // tonic ignores its own TCP_NODELAY default for a caller's listener; without
-    // it Nagle's algorithm holds small responses back on a busy HTTP/2
-    // connection (many ms per request under concurrency).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let grpc_tls = acceptors.map(|a| a.grpc);
     let join = tokio::spawn(async move {
-        let served = router
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = shutdown_rx.await;
-            })
-            .await;
+        let stopped = async {
+            let _ = shutdown_rx.await;
+        };
+        let served = match grpc_tls {
+            Some(acceptor) => {
+                router
+                    .serve_with_incoming_shutdown(crate::tls::incoming(listener, acceptor), stopped)
+                    .await
+            }
+            None => {
+                // tonic ignores its own TCP_NODELAY default for a caller's
+                // listener; without it Nagle's algorithm holds small
+                // responses back on a busy HTTP/2 connection (many ms per
+                // request under concurrency).
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+        };
         background.abort();
         served.map_err(ServeError::Transport)
     });

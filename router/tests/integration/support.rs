@@ -88,13 +88,25 @@ impl Ctx {
         })
     }
 
-    /// Starts a server on this database and connects a client to it.
-    pub async fn start(&self) -> Node {
+    /// The options of a server on this database, with an HTTP endpoint.
+    pub fn options(&self) -> ServerOptions {
         let mut options = ServerOptions::for_endpoint(self.endpoint.clone(), "127.0.0.1:0");
         options.metrics_address = Some("127.0.0.1:0".into());
-        let server = kubeshard::start(options)
+        options
+    }
+
+    /// Starts a server on this database, its options changed by `configure`.
+    pub async fn start_server(&self, configure: impl FnOnce(&mut ServerOptions)) -> RunningServer {
+        let mut options = self.options();
+        configure(&mut options);
+        kubeshard::start(options)
             .await
-            .unwrap_or_else(|e| panic!("server on {:?} did not start: {e}", self.backend));
+            .unwrap_or_else(|e| panic!("server on {:?} did not start: {e}", self.backend))
+    }
+
+    /// Starts a server on this database and connects a client to it.
+    pub async fn start(&self) -> Node {
+        let server = self.start_server(|_| {}).await;
         let client = connect(&server).await;
         Node { server, client }
     }
@@ -313,6 +325,22 @@ macro_rules! on_all_backends {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn mysql() {
                 run(Backend::Mysql, stringify!($name), $crate::$module::$name).await;
+            }
+        }
+    )*};
+}
+
+/// Instantiates scenarios for SQLite only (what does not depend on the
+/// database).
+#[macro_export]
+macro_rules! on_sqlite {
+    ($($module:ident :: $name:ident),* $(,)?) => {$(
+        mod $name {
+            use $crate::support::{Backend, run};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                run(Backend::Sqlite, stringify!($name), $crate::$module::$name).await;
             }
         }
     )*};

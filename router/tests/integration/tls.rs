@@ -1,0 +1,281 @@
+//! TLS on the etcd API and the metrics address: mutual TLS, refusals at the
+//! handshake, and certificates rotated without a restart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use kubeshard::RunningServer;
+use kubeshard_config::ServerTls;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::support::{Ctx, http};
+
+/// A certificate authority of the test.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Ca { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf certificate and its key (PEM) for these names.
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A client that has made one request, or the error of connecting or of
+/// that request.
+async fn client(
+    server: &RunningServer,
+    scheme: &str,
+    tls: Option<TlsOptions>,
+) -> Result<Client, etcd_client::Error> {
+    let options = tls.map(|tls| ConnectOptions::new().with_tls(tls));
+    let url = format!("{scheme}://127.0.0.1:{}", server.local_addr().port());
+    let connect = Client::connect([url], options);
+    let mut client = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .expect("connect hung")?;
+    let put = client.put("/tls/probe", "x", None);
+    tokio::time::timeout(Duration::from_secs(10), put)
+        .await
+        .expect("put hung")?;
+    Ok(client)
+}
+
+/// A TLS connection trusting `ca_pem`, without a client certificate.
+async fn tls_connect(addr: SocketAddr, ca_pem: &str, alpn: &[u8]) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap()
+}
+
+/// The certificate a new connection to the etcd API is served.
+async fn served(addr: SocketAddr, ca_pem: &str) -> CertificateDer<'static> {
+    let stream = tls_connect(addr, ca_pem, b"h2").await;
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+fn der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+/// Mutual TLS: only clients with a certificate of the trusted CA get in;
+/// plain text, no certificate and another CA's certificate are refused.
+/// The metrics address serves HTTPS without asking for one.
+pub async fn mutual_tls_refuses_other_clients(ctx: Ctx) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, other) = (Ca::new("kubeshard test CA"), Ca::new("another CA"));
+    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"]);
+    let tls = ServerTls {
+        cert_file: write(dir.path(), "server.crt", &cert),
+        key_file: write(dir.path(), "server.key", &key),
+        trusted_ca_file: Some(write(dir.path(), "ca.crt", &ca.pem())),
+    };
+    let server = ctx.start_server(|o| o.tls = Some(tls)).await;
+    let (client_cert, client_key) = ca.issue(&["kube-apiserver-etcd-client"]);
+    let (stranger_cert, stranger_key) = other.issue(&["kube-apiserver-etcd-client"]);
+    let trust = || TlsOptions::new().ca_certificate(Certificate::from_pem(ca.pem()));
+
+    let mut good = client(
+        &server,
+        "https",
+        Some(trust().identity(Identity::from_pem(&client_cert, &client_key))),
+    )
+    .await
+    .expect("a client with a certificate of the trusted CA");
+    let got = good.get("/tls/probe", None).await.expect("get over TLS");
+    assert_eq!(got.kvs()[0].value(), b"x");
+
+    assert!(
+        client(&server, "http", None).await.is_err(),
+        "plain text accepted"
+    );
+    assert!(
+        client(&server, "https", Some(trust())).await.is_err(),
+        "a client without a certificate accepted"
+    );
+    let stranger = trust().identity(Identity::from_pem(&stranger_cert, &stranger_key));
+    assert!(
+        client(&server, "https", Some(stranger)).await.is_err(),
+        "a certificate of another CA accepted"
+    );
+
+    // The metrics address: HTTPS with the same certificate, no client's.
+    let metrics = server.metrics_addr().expect("metrics address");
+    let mut stream = tls_connect(metrics, &ca.pem(), b"http/1.1").await;
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with(r#"{"health":"true","reason":""}"#),
+        "GET /health over HTTPS: {answer}"
+    );
+    drop(good);
+    server.shutdown().await.unwrap();
+}
+
+/// --metrics-ignore-tls-config: the metrics address stays plain HTTP.
+pub async fn metrics_can_stay_plain(ctx: Ctx) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("kubeshard test CA");
+    let (cert, key) = ca.issue(&["127.0.0.1"]);
+    let tls = ServerTls {
+        cert_file: write(dir.path(), "server.crt", &cert),
+        key_file: write(dir.path(), "server.key", &key),
+        trusted_ca_file: None,
+    };
+    let server = ctx
+        .start_server(|o| {
+            o.tls = Some(tls);
+            o.metrics_tls = false;
+        })
+        .await;
+    let addr = server.metrics_addr().expect("metrics address");
+    assert_eq!(http(addr, "GET", "/livez").await.status, 200);
+    // Without --trusted-ca-file a client needs no certificate.
+    let trust = TlsOptions::new().ca_certificate(Certificate::from_pem(ca.pem()));
+    let c = client(&server, "https", Some(trust))
+        .await
+        .expect("TLS without a client certificate");
+    drop(c);
+    server.shutdown().await.unwrap();
+}
+
+/// A certificate and key replaced on disk are served from the next
+/// connection on; a broken pair leaves the last good one serving.
+pub async fn rotated_certificates_need_no_restart(ctx: Ctx) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("kubeshard test CA");
+    let (first, first_key) = ca.issue(&["127.0.0.1"]);
+    let tls = ServerTls {
+        cert_file: write(dir.path(), "server.crt", &first),
+        key_file: write(dir.path(), "server.key", &first_key),
+        trusted_ca_file: None,
+    };
+    let (cert_file, key_file) = (tls.cert_file.clone(), tls.key_file.clone());
+    let server = ctx.start_server(|o| o.tls = Some(tls)).await;
+    let addr = server.local_addr();
+    assert_eq!(served(addr, &ca.pem()).await, der(&first));
+
+    // Replaced in place, as a rotation script would.
+    let (second, second_key) = ca.issue(&["127.0.0.1"]);
+    std::fs::write(&key_file, &second_key).unwrap();
+    std::fs::write(&cert_file, &second).unwrap();
+    assert_eq!(
+        served(addr, &ca.pem()).await,
+        der(&second),
+        "after rotation"
+    );
+
+    // Swapped by rename, as cert-manager and kubelet do.
+    let (third, third_key) = ca.issue(&["127.0.0.1"]);
+    let staged = write(dir.path(), "staged.key", &third_key);
+    std::fs::rename(&staged, &key_file).unwrap();
+    let staged = write(dir.path(), "staged.crt", &third);
+    std::fs::rename(&staged, &cert_file).unwrap();
+    assert_eq!(served(addr, &ca.pem()).await, der(&third), "after rename");
+
+    // A key that does not fit: the last good pair keeps serving.
+    let (_, stray_key) = ca.issue(&["127.0.0.1"]);
+    std::fs::write(&key_file, &stray_key).unwrap();
+    assert_eq!(
+        served(addr, &ca.pem()).await,
+        der(&third),
+        "after a bad key"
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// Start-up errors name the file and the problem.
+pub async fn bad_tls_files_stop_the_start(ctx: Ctx) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("kubeshard test CA");
+    let (cert, _) = ca.issue(&["127.0.0.1"]);
+    let (_, other_key) = ca.issue(&["127.0.0.1"]);
+    let cert_file = write(dir.path(), "server.crt", &cert);
+    let cases = [
+        (
+            ServerTls {
+                cert_file: cert_file.clone(),
+                key_file: dir.path().join("missing.key"),
+                trusted_ca_file: None,
+            },
+            "cannot read key",
+        ),
+        (
+            ServerTls {
+                cert_file: cert_file.clone(),
+                key_file: write(dir.path(), "other.key", &other_key),
+                trusted_ca_file: None,
+            },
+            "does not fit the certificate",
+        ),
+        (
+            ServerTls {
+                cert_file: write(dir.path(), "empty.crt", "not a certificate\n"),
+                key_file: write(dir.path(), "k.key", &other_key),
+                trusted_ca_file: None,
+            },
+            "has no certificate",
+        ),
+    ];
+    for (tls, expected) in cases {
+        let mut options = ctx.options();
+        options.tls = Some(tls);
+        let Err(e) = kubeshard::start(options).await else {
+            panic!("started with bad TLS files (expected {expected:?})");
+        };
+        assert!(e.to_string().contains(expected), "{e}");
+    }
+}
