@@ -103,6 +103,21 @@ async fn served(addr: SocketAddr, ca_pem: &str) -> CertificateDer<'static> {
         .into_owned()
 }
 
+/// etcdctl from `ETCDCTL_BIN`; None (loudly) when it is not set, unless
+/// every tool is required.
+fn etcdctl() -> Option<PathBuf> {
+    match std::env::var("ETCDCTL_BIN") {
+        Ok(bin) if !bin.is_empty() => Some(bin.into()),
+        _ if std::env::var("KUBESHARD_TEST_REQUIRE_ALL").as_deref() == Ok("1") => {
+            panic!("ETCDCTL_BIN is not set but KUBESHARD_TEST_REQUIRE_ALL=1")
+        }
+        _ => {
+            eprintln!("\n!!!!! etcdctl part SKIPPED: ETCDCTL_BIN is not set !!!!!\n");
+            None
+        }
+    }
+}
+
 fn der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
@@ -147,6 +162,50 @@ pub async fn mutual_tls_refuses_other_clients(ctx: Ctx) {
         client(&server, "https", Some(stranger)).await.is_err(),
         "a certificate of another CA accepted"
     );
+
+    // etcdctl, as operators use it against a TLS etcd.
+    let client_files = [
+        (
+            "--cacert",
+            write(dir.path(), "ca-for-etcdctl.crt", &ca.pem()),
+        ),
+        ("--cert", write(dir.path(), "client.crt", &client_cert)),
+        ("--key", write(dir.path(), "client.key", &client_key)),
+    ];
+    if let Some(etcdctl) = etcdctl() {
+        let endpoint = format!(
+            "--endpoints=https://127.0.0.1:{}",
+            server.local_addr().port()
+        );
+        let run = |files: &[(&str, PathBuf)], args: &[&str]| {
+            let mut command = std::process::Command::new(&etcdctl);
+            command
+                .env("ETCDCTL_API", "3")
+                .arg(&endpoint)
+                .arg("--dial-timeout=3s");
+            for (flag, path) in files {
+                command.arg(format!("{flag}={}", path.display()));
+            }
+            let output = command.args(args).output().expect("etcdctl runs");
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        };
+        let (ok, _, err) = run(&client_files, &["put", "/tls/etcdctl", "v"]);
+        assert!(ok, "etcdctl put over mutual TLS: {err}");
+        let (ok, out, err) = run(
+            &client_files,
+            &["get", "/tls/etcdctl", "--print-value-only"],
+        );
+        assert!(
+            ok && out.trim() == "v",
+            "etcdctl get over mutual TLS: {out} {err}"
+        );
+        let (ok, _, _) = run(&client_files[..1], &["get", "/tls/etcdctl"]);
+        assert!(!ok, "etcdctl without a client certificate got in");
+    }
 
     // The metrics address: HTTPS with the same certificate, no client's.
     let metrics = server.metrics_addr().expect("metrics address");
