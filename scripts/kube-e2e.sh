@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # kube-apiserver and kube-controller-manager (built by scripts/kube-build.sh)
 # on kubeshard, driven with kubectl by tests/kubernetes/e2e.py, on:
-#   1. one SQLite shard, watch cache on;
+#   1. one SQLite shard, watch cache on, over mutual TLS;
 #   2. one SQLite shard, watch cache off;
 #   3. pods, events, leases and custom resources each on their own shard
-#      (PostgreSQL and MariaDB) next to a default shard, watch cache on;
+#      (PostgreSQL and MariaDB) next to a default shard, watch cache on,
+#      over mutual TLS;
 #   4. the same topology, watch cache off;
 # and, first, the selector push-down run (tests/kubernetes/pushdown_e2e.py):
 # kube-apiserver patched by scripts/kube-build-pushdown.sh, watch cache off,
@@ -163,10 +164,10 @@ TOML
 pushdown pushdown-sqlite --endpoint "sqlite://$work/pushdown.db"
 pushdown pushdown-sharded --config "$work/pushdown-sharded.toml"
 
-e2e sqlite-watch-cache-on --endpoint "sqlite://$work/sqlite-on.db" --watch-cache on
+e2e sqlite-watch-cache-on-tls --endpoint "sqlite://$work/sqlite-on.db" --watch-cache on --tls
 e2e sqlite-watch-cache-off --endpoint "sqlite://$work/sqlite-off.db" --watch-cache off
 sharded_topology "$work/sharded-on.toml"
-e2e sharded-watch-cache-on --config "$work/sharded-on.toml" --watch-cache on "${placement[@]}"
+e2e sharded-watch-cache-on-tls --config "$work/sharded-on.toml" --watch-cache on --tls "${placement[@]}"
 sharded_topology "$work/sharded-off.toml"
 e2e sharded-watch-cache-off --config "$work/sharded-off.toml" --watch-cache off "${placement[@]}"
 exit $status

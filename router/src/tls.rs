@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A client that has not finished its handshake by then is dropped, so
 /// that idle connections cannot pile up.
@@ -135,6 +135,10 @@ pub fn incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
+                    }
+                    // A port probe closes before any handshake: not worth a warning.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        debug!(%peer, "connection closed before its TLS handshake")
                     }
                     Ok(Err(e)) => {
                         warn!(%peer, error = %e, "rejected connection: TLS handshake failed")

@@ -51,11 +51,16 @@ class E2ECluster(Cluster):
             ks += ["--config", self.args.config]
         else:
             ks += ["--endpoint", self.args.endpoint]
+        scheme, etcd_tls = "http", []
+        if self.args.tls:
+            server_tls, etcd_tls = self.etcd_tls()
+            ks += server_tls
+            scheme = "https"
         self.spawn("kubeshard", ks)
-        self.start_apiserver(f"http://127.0.0.1:{etcd_port}",
+        self.start_apiserver(f"{scheme}://127.0.0.1:{etcd_port}",
                              watch_cache=self.args.watch_cache == "on",
                              extra_args=[f"--etcd-compaction-interval={COMPACTION_INTERVAL}",
-                                         f"--event-ttl={EVENT_TTL_SECONDS}s"])
+                                         f"--event-ttl={EVENT_TTL_SECONDS}s", *etcd_tls])
         self.start_controller_manager()
 
 
@@ -308,6 +313,8 @@ def main():
     parser.add_argument("--endpoint")
     parser.add_argument("--config")
     parser.add_argument("--watch-cache", choices=["on", "off"], default="on")
+    parser.add_argument("--tls", action="store_true",
+                        help="kube-apiserver reaches kubeshard over mutual TLS")
     parser.add_argument("--work")
     parser.add_argument("--expect-keys", action="append", default=[], metavar="DB_URL=PREFIX",
                         help="after the Deployments step, the shard database must hold keys under PREFIX")

@@ -115,6 +115,38 @@ class Cluster:
                      "-extfile", "client-ext.cnf")
         return self.work / f"{name}.crt", self.work / f"{name}.key"
 
+    def etcd_tls(self):
+        """Mutual TLS between kube-apiserver and its storage, as kubeadm sets
+        it up: a CA of its own, a serving certificate for 127.0.0.1 and a
+        client certificate for kube-apiserver. Returns the storage's flags
+        (kine's names) and kube-apiserver's."""
+        self.openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "etcd-ca.key",
+                     "-out", "etcd-ca.crt", "-days", "2", "-subj", "/CN=kubeshard-e2e-etcd-ca")
+        self.openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "etcd-server.key",
+                     "-out", "etcd-server.csr", "-subj", "/CN=kubeshard")
+        (self.work / "server-ext.cnf").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        self.openssl("x509", "-req", "-in", "etcd-server.csr", "-CA", "etcd-ca.crt",
+                     "-CAkey", "etcd-ca.key", "-CAcreateserial", "-out", "etcd-server.crt",
+                     "-days", "2", "-extfile", "server-ext.cnf")
+        self.openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "etcd-client.key",
+                     "-out", "etcd-client.csr", "-subj", "/CN=kube-apiserver-etcd-client")
+        (self.work / "client-ext.cnf").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=clientAuth\n")
+        self.openssl("x509", "-req", "-in", "etcd-client.csr", "-CA", "etcd-ca.crt",
+                     "-CAkey", "etcd-ca.key", "-CAcreateserial", "-out", "etcd-client.crt",
+                     "-days", "2", "-extfile", "client-ext.cnf")
+        w = self.work
+        server = [f"--server-cert-file={w / 'etcd-server.crt'}",
+                  f"--server-key-file={w / 'etcd-server.key'}",
+                  f"--trusted-ca-file={w / 'etcd-ca.crt'}"]
+        apiserver = [f"--etcd-cafile={w / 'etcd-ca.crt'}",
+                     f"--etcd-certfile={w / 'etcd-client.crt'}",
+                     f"--etcd-keyfile={w / 'etcd-client.key'}"]
+        return server, apiserver
+
     def write_kubeconfig(self, port):
         self.server = f"https://127.0.0.1:{port}"
         self.kubeconfig.write_text(json.dumps({
