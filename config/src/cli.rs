@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::endpoint::{Endpoint, EndpointError};
+use crate::kine::{parse_go_bool, parse_go_duration};
 use crate::topology::{Topology, TopologyError};
 
 /// The database used when neither --endpoint nor --config is given.
@@ -14,6 +15,8 @@ pub const DEFAULT_ENDPOINT: &str = "sqlite://./db/state.db";
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// `plain` is kine's name for it.
+    #[value(alias = "plain")]
     Text,
     Json,
 }
@@ -94,7 +97,9 @@ pub struct Cli {
     pub trusted_ca_file: Option<PathBuf>,
 
     /// Serve /metrics and the health paths in plain HTTP even when TLS is on.
-    #[arg(long, env = "KUBESHARD_METRICS_IGNORE_TLS_CONFIG")]
+    #[arg(long, env = "KUBESHARD_METRICS_IGNORE_TLS_CONFIG", value_name = "BOOL",
+          action = ArgAction::Set, num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", value_parser = parse_go_bool)]
     pub metrics_ignore_tls_config: bool,
 
     /// Log format; the level comes from RUST_LOG (default "info").
@@ -124,8 +129,225 @@ pub struct Cli {
     pub max_txn_ops: usize,
 
     /// Revisions removed per statement when compaction deletes history.
-    #[arg(long, default_value_t = 1000)]
-    pub compaction_batch_revisions: i64,
+    #[arg(
+        long,
+        env = "KUBESHARD_COMPACT_BATCH_SIZE",
+        default_value_t = 1000,
+        alias = "compaction-batch-revisions"
+    )]
+    pub compact_batch_size: i64,
+
+    /// Interval of kubeshard's own compaction, in Go's form (5m, 1h); 0
+    /// (the default) leaves compaction to kube-apiserver, as etcd does.
+    #[arg(long, env = "KUBESHARD_COMPACT_INTERVAL", value_name = "DURATION",
+          default_value = "0", value_parser = parse_go_duration, help_heading = "Compaction")]
+    pub compact_interval: Duration,
+
+    /// Spreads the compaction interval by up to this percentage either way
+    /// (0 to 99), so that several routers do not compact at once.
+    #[arg(long, env = "KUBESHARD_COMPACT_INTERVAL_JITTER", value_name = "PERCENT",
+          default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..100),
+          help_heading = "Compaction")]
+    pub compact_interval_jitter: u8,
+
+    /// Longest one automatic compaction may take.
+    #[arg(long, env = "KUBESHARD_COMPACT_TIMEOUT", value_name = "DURATION",
+          default_value = "5s", value_parser = parse_go_duration, help_heading = "Compaction")]
+    pub compact_timeout: Duration,
+
+    /// Revisions automatic compaction always keeps below the current one.
+    #[arg(
+        long,
+        env = "KUBESHARD_COMPACT_MIN_RETAIN",
+        value_name = "REVISIONS",
+        default_value_t = 1000,
+        help_heading = "Compaction"
+    )]
+    pub compact_min_retain: i64,
+
+    /// kine's name for the progress-notify interval, in Go's form (5s,
+    /// 10m); wins over --progress-notify-interval-secs when given.
+    #[arg(long, env = "KUBESHARD_WATCH_PROGRESS_NOTIFY_INTERVAL", value_name = "DURATION",
+          value_parser = parse_go_duration)]
+    pub watch_progress_notify_interval: Option<Duration>,
+
+    /// kine's name for the watch poll interval, in Go's form (100ms, 1s);
+    /// wins over --watch-poll-interval-ms when given.
+    #[arg(long, env = "KUBESHARD_DATASTORE_POLL_INTERVAL", value_name = "DURATION",
+          value_parser = parse_go_duration)]
+    pub datastore_poll_interval: Option<Duration>,
+
+    /// Events each shard's watch poller reads per query (default 1000).
+    #[arg(long, env = "KUBESHARD_POLL_BATCH_SIZE", value_name = "EVENTS")]
+    pub poll_batch_size: Option<i64>,
+
+    /// The etcd version Maintenance.Status reports (default 3.6.0).
+    /// kube-apiserver uses watch progress requests and WatchList only from
+    /// 3.5.13 on.
+    #[arg(long, env = "KUBESHARD_EMULATED_ETCD_VERSION", value_name = "VERSION",
+          value_parser = parse_etcd_version)]
+    pub emulated_etcd_version: Option<String>,
+
+    /// Connections of each shard's pool (a shard's `max_connections` in the
+    /// topology file wins); 0 or less: the default, 16.
+    #[arg(
+        long,
+        env = "KUBESHARD_DATASTORE_MAX_OPEN_CONNECTIONS",
+        value_name = "N",
+        allow_negative_numbers = true,
+        help_heading = "Database connections"
+    )]
+    pub datastore_max_open_connections: Option<i64>,
+
+    /// Accepted for kine's command line; the pools keep no separate count
+    /// of idle connections (idle ones close after
+    /// --datastore-connection-max-idle-time).
+    #[arg(
+        long,
+        env = "KUBESHARD_DATASTORE_MAX_IDLE_CONNECTIONS",
+        value_name = "N",
+        allow_negative_numbers = true,
+        help_heading = "Database connections"
+    )]
+    pub datastore_max_idle_connections: Option<i64>,
+
+    /// A connection is closed and replaced after this long; 0: never.
+    #[arg(long, env = "KUBESHARD_DATASTORE_CONNECTION_MAX_LIFETIME", value_name = "DURATION",
+          default_value = "0", value_parser = parse_go_duration,
+          help_heading = "Database connections")]
+    pub datastore_connection_max_lifetime: Duration,
+
+    /// An idle connection is closed after this long; 0: never.
+    #[arg(long, env = "KUBESHARD_DATASTORE_CONNECTION_MAX_IDLE_TIME", value_name = "DURATION",
+          default_value = "2m", value_parser = parse_go_duration,
+          help_heading = "Database connections")]
+    pub datastore_connection_max_idle_time: Duration,
+
+    /// Debug logging (RUST_LOG, when set, wins).
+    #[arg(long, env = "KUBESHARD_DEBUG", value_name = "BOOL", action = ArgAction::Set,
+          num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = parse_go_bool)]
+    pub debug: bool,
+
+    /// Accepted for kine's command line and ignored: kubeshard has no
+    /// profiler endpoint (Go's pprof).
+    #[arg(long, env = "KUBESHARD_METRICS_ENABLE_PROFILING", value_name = "BOOL",
+          action = ArgAction::Set, num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", value_parser = parse_go_bool,
+          help_heading = "Accepted for kine's command line, ignored")]
+    pub metrics_enable_profiling: bool,
+
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub peer_bind_address: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub peer_advertise_address: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "BUCKET",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_bucket: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "FOLDER",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_folder: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "URL",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_endpoint: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "REGION",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_region: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "KEY",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_access_key: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "KEY",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_secret_key: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_session_token: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "PROFILE",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_profile: Option<String>,
+    /// kine's t4 driver only (ignored).
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Accepted for kine's command line, ignored"
+    )]
+    pub s3_ca_bundle: Option<String>,
+}
+
+/// `MAJOR.MINOR.PATCH`, as Maintenance.Status reports it.
+fn parse_etcd_version(text: &str) -> Result<String, String> {
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "invalid etcd version {text:?} (MAJOR.MINOR.PATCH, such as 3.6.0)"
+        ))
+    }
+}
+
+/// The connection pool of each shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// None: the default size.
+    pub max_connections: Option<u32>,
+    pub max_lifetime: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// kubeshard's own compaction (`--compact-interval`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoCompaction {
+    pub interval: Duration,
+    pub jitter_percent: u8,
+    pub timeout: Duration,
+    pub min_retain: i64,
 }
 
 /// Why the command line was refused.
@@ -140,6 +362,11 @@ pub enum OptionsError {
          the topology file names every shard's endpoint; give one of them"
     )]
     ConfigAndEndpoint,
+    #[error(
+        "--listen-address {0}: kubeshard does not serve on a Unix socket; give HOST:PORT \
+         (tcp://, http:// and https:// in front are accepted, as kine does)"
+    )]
+    UnixListen(String),
 }
 
 /// TLS of the etcd API (and of the metrics address unless told otherwise).
@@ -173,9 +400,95 @@ pub struct ServerOptions {
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub compaction_batch_revisions: i64,
+    /// None: compaction is left to clients (kube-apiserver).
+    pub auto_compaction: Option<AutoCompaction>,
+    /// Events per watch poll of each shard.
+    pub poll_batch: usize,
+    pub pool: PoolSettings,
+    /// What Maintenance.Status reports.
+    pub etcd_version: String,
 }
 
+/// The etcd version kubeshard reports by default. kube-apiserver turns on
+/// watch progress requests and WatchList only for etcd >= 3.5.13, and
+/// kubeshard implements what those need.
+pub const DEFAULT_ETCD_VERSION: &str = "3.6.0";
+
+/// Events read per watch poll unless --poll-batch-size says otherwise.
+pub const DEFAULT_POLL_BATCH: usize = 1000;
+
 impl Cli {
+    /// Parses the process's command line, with kine's `KINE_*` variables
+    /// for flags neither it nor a `KUBESHARD_*` variable set.
+    pub fn parse_with_kine_env() -> Cli {
+        crate::kine::parse_with_kine_env(std::env::args_os(), |name| std::env::var(name).ok())
+            .unwrap_or_else(|e| e.exit())
+    }
+
+    /// The flags given that have no effect here, each with the reason, to
+    /// be logged once at start-up.
+    pub fn ignored_flags(&self) -> Vec<(&'static str, &'static str)> {
+        let t4 = "it configures kine's t4 driver, which kubeshard does not have";
+        let mut ignored = Vec::new();
+        if self.metrics_enable_profiling {
+            ignored.push((
+                "--metrics-enable-profiling",
+                "kubeshard has no profiler endpoint (Go's pprof)",
+            ));
+        }
+        if self.datastore_max_idle_connections.is_some() {
+            ignored.push((
+                "--datastore-max-idle-connections",
+                "the pools keep no separate count of idle connections; idle ones close after --datastore-connection-max-idle-time",
+            ));
+        }
+        for (flag, given) in [
+            ("--peer-bind-address", self.peer_bind_address.is_some()),
+            (
+                "--peer-advertise-address",
+                self.peer_advertise_address.is_some(),
+            ),
+            ("--s3-bucket", self.s3_bucket.is_some()),
+            ("--s3-folder", self.s3_folder.is_some()),
+            ("--s3-endpoint", self.s3_endpoint.is_some()),
+            ("--s3-region", self.s3_region.is_some()),
+            ("--s3-access-key", self.s3_access_key.is_some()),
+            ("--s3-secret-key", self.s3_secret_key.is_some()),
+            ("--s3-session-token", self.s3_session_token.is_some()),
+            ("--s3-profile", self.s3_profile.is_some()),
+            ("--s3-ca-bundle", self.s3_ca_bundle.is_some()),
+        ] {
+            if given {
+                ignored.push((flag, t4));
+            }
+        }
+        ignored
+    }
+
+    /// kine's listen forms: a TCP address, or one with tcp://, http:// or
+    /// https:// in front.
+    fn listen_address(&self) -> Result<String, OptionsError> {
+        let address = self.listen_address.as_str();
+        if address.starts_with("unix://") || address.starts_with("unixs://") {
+            return Err(OptionsError::UnixListen(address.to_string()));
+        }
+        Ok(["tcp://", "http://", "https://"]
+            .iter()
+            .find_map(|scheme| address.strip_prefix(scheme))
+            .unwrap_or(address)
+            .to_string())
+    }
+
+    /// None turns the endpoint off: empty, or kine's "0". Go's ":PORT" is
+    /// every interface.
+    fn metrics_address(&self) -> Option<String> {
+        match self.metrics_bind_address.as_str() {
+            "" | "0" => None,
+            address if address.starts_with(':') => Some(format!("0.0.0.0{address}")),
+            address => Some(address.to_string()),
+        }
+    }
+
     /// Validates the flags into server options.
     pub fn server_options(&self) -> Result<ServerOptions, OptionsError> {
         let topology = match (&self.config, &self.endpoint) {
@@ -185,11 +498,13 @@ impl Cli {
                 endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT),
             )?),
         };
+        let listen_address = self.listen_address()?;
+        let nonzero = |d: Duration| Some(d).filter(|d| !d.is_zero());
         Ok(ServerOptions {
-            listen_address: self.listen_address.clone(),
+            listen_address,
             endpoint: topology.shard(topology.default_shard()).endpoint.clone(),
             topology,
-            metrics_address: Some(self.metrics_bind_address.clone()).filter(|a| !a.is_empty()),
+            metrics_address: self.metrics_address(),
             tls: match (&self.server_cert_file, &self.server_key_file) {
                 (Some(cert), Some(key)) => Some(ServerTls {
                     cert_file: cert.clone(),
@@ -200,14 +515,41 @@ impl Cli {
                 _ => None,
             },
             metrics_tls: !self.metrics_ignore_tls_config,
-            watch_poll_interval: Duration::from_millis(self.watch_poll_interval_ms.max(1)),
+            watch_poll_interval: self
+                .datastore_poll_interval
+                .unwrap_or(Duration::from_millis(self.watch_poll_interval_ms))
+                .max(Duration::from_millis(1)),
             lease_check_interval: Duration::from_millis(self.lease_check_interval_ms.max(10)),
-            progress_notify_interval: Duration::from_secs(
-                self.progress_notify_interval_secs.max(1),
-            ),
+            progress_notify_interval: self
+                .watch_progress_notify_interval
+                .unwrap_or(Duration::from_secs(self.progress_notify_interval_secs))
+                .max(Duration::from_secs(1)),
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
-            compaction_batch_revisions: self.compaction_batch_revisions.max(1),
+            compaction_batch_revisions: self.compact_batch_size.max(1),
+            auto_compaction: nonzero(self.compact_interval).map(|interval| AutoCompaction {
+                interval,
+                jitter_percent: self.compact_interval_jitter,
+                timeout: self.compact_timeout.max(Duration::from_millis(100)),
+                min_retain: self.compact_min_retain.max(0),
+            }),
+            poll_batch: self
+                .poll_batch_size
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(DEFAULT_POLL_BATCH),
+            pool: PoolSettings {
+                max_connections: self
+                    .datastore_max_open_connections
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| *n > 0),
+                max_lifetime: nonzero(self.datastore_connection_max_lifetime),
+                idle_timeout: nonzero(self.datastore_connection_max_idle_time),
+            },
+            etcd_version: self
+                .emulated_etcd_version
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ETCD_VERSION.to_string()),
         })
     }
 }
@@ -228,6 +570,10 @@ impl ServerOptions {
             max_request_bytes: 1_572_864,
             max_txn_ops: 128,
             compaction_batch_revisions: 1000,
+            auto_compaction: None,
+            poll_batch: DEFAULT_POLL_BATCH,
+            pool: PoolSettings::default(),
+            etcd_version: DEFAULT_ETCD_VERSION.to_string(),
         }
     }
 }
@@ -394,6 +740,133 @@ mod tests {
             assert!(e.contains("required arguments were not provided"), "{e}");
         }
         assert!(matches!(parse(&[]), Ok(Ok(None))));
+    }
+
+    fn kine(args: &[&str], env: &[(&str, &str)]) -> Result<ServerOptions, String> {
+        let env: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cli = crate::kine::parse_with_kine_env(["kubeshard"].iter().chain(args), |name| {
+            env.get(name).cloned()
+        })
+        .map_err(|e| e.to_string())?;
+        cli.server_options().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn kine_command_lines_start() {
+        // Every flag of kine v0.16 kubeshard takes, in kine's forms.
+        let o = kine(
+            &[
+                "--listen-address=tcp://0.0.0.0:2379",
+                "--endpoint=postgres://kine:pw@db:5432/kubernetes?sslmode=disable",
+                "--log-format=plain",
+                "--metrics-bind-address=:8080",
+                "--datastore-max-idle-connections=20",
+                "--datastore-max-open-connections=0",
+                "--datastore-connection-max-lifetime=1h",
+                "--datastore-connection-max-idle-time=2m0s",
+                "--metrics-enable-profiling",
+                "--metrics-ignore-tls-config=false",
+                "--watch-progress-notify-interval=5s",
+                "--emulated-etcd-version=3.6.11",
+                "--compact-interval=5m",
+                "--compact-interval-jitter=10",
+                "--compact-timeout=5s",
+                "--compact-min-retain=1000",
+                "--compact-batch-size=1000",
+                "--poll-batch-size=500",
+                "--datastore-poll-interval=1s",
+                "--peer-bind-address=",
+                "--s3-bucket=b",
+                "--debug",
+            ],
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.listen_address, "0.0.0.0:2379");
+        assert_eq!(o.metrics_address.as_deref(), Some("0.0.0.0:8080"));
+        assert_eq!(o.progress_notify_interval, Duration::from_secs(5));
+        assert_eq!(o.etcd_version, "3.6.11");
+        assert_eq!(o.poll_batch, 500);
+        assert_eq!(o.watch_poll_interval, Duration::from_secs(1));
+        assert_eq!(
+            o.auto_compaction,
+            Some(AutoCompaction {
+                interval: Duration::from_secs(300),
+                jitter_percent: 10,
+                timeout: Duration::from_secs(5),
+                min_retain: 1000,
+            })
+        );
+        assert_eq!(
+            o.pool,
+            PoolSettings {
+                max_connections: None,
+                max_lifetime: Some(Duration::from_secs(3600)),
+                idle_timeout: Some(Duration::from_secs(120)),
+            }
+        );
+        // kine's defaults where kine's differ from kubeshard's are not taken.
+        let o = kine(&[], &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.progress_notify_interval, Duration::from_secs(600));
+        assert_eq!(o.auto_compaction, None);
+        assert_eq!(o.etcd_version, DEFAULT_ETCD_VERSION);
+        assert_eq!(o.metrics_address, Some("127.0.0.1:2381".into()));
+        assert_eq!(
+            kine(&["--metrics-bind-address", "0"], &[]).map(|o| o.metrics_address),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn kine_variables_fill_what_the_command_line_left() {
+        let env = [
+            ("KINE_ENDPOINT", "mysql://root:pw@tcp(127.0.0.1:3306)/k8s"),
+            ("KINE_LISTEN_ADDRESS", "0.0.0.0:1111"),
+            ("KINE_COMPACT_INTERVAL", "1m"),
+            ("KINE_METRICS_IGNORE_TLS_CONFIG", "True"),
+            ("KINE_SERVER_CERT_FILE", "/pki/server.crt"),
+            ("KINE_SERVER_KEY_FILE", "/pki/server.key"),
+        ];
+        let o =
+            kine(&["--listen-address", "127.0.0.1:2222"], &env).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.listen_address, "127.0.0.1:2222", "the command line wins");
+        assert!(matches!(o.endpoint, Endpoint::Mysql { .. }));
+        assert_eq!(
+            o.auto_compaction.map(|c| c.interval),
+            Some(Duration::from_secs(60))
+        );
+        assert!(!o.metrics_tls);
+        assert_eq!(
+            o.tls.map(|t| t.cert_file),
+            Some(PathBuf::from("/pki/server.crt"))
+        );
+        let Err(e) = kine(&[], &[("KINE_DEBUG", "yes")]) else {
+            panic!("KINE_DEBUG=yes accepted");
+        };
+        assert!(e.contains("invalid boolean \"yes\""), "{e}");
+    }
+
+    #[test]
+    fn kine_forms_refused_with_the_reason() {
+        let e = kine(&["--listen-address", "unix://kine.sock"], &[])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("does not serve on a Unix socket"), "{e}");
+        let e = kine(&["--compact-interval", "5"], &[])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("invalid duration \"5\""), "{e}");
+        let e = kine(&["--compact-interval-jitter", "100"], &[])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("100"), "{e}");
+        let e = kine(&["--emulated-etcd-version", "3.6"], &[])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("MAJOR.MINOR.PATCH"), "{e}");
     }
 
     #[test]

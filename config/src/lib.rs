@@ -4,8 +4,12 @@
 
 mod cli;
 mod endpoint;
+pub mod kine;
 pub mod topology;
 
-pub use cli::{Cli, DEFAULT_ENDPOINT, LogFormat, OptionsError, ServerOptions, ServerTls};
+pub use cli::{
+    AutoCompaction, Cli, DEFAULT_ENDPOINT, DEFAULT_ETCD_VERSION, DEFAULT_POLL_BATCH, LogFormat,
+    OptionsError, PoolSettings, ServerOptions, ServerTls,
+};
 pub use endpoint::{Backend, Endpoint, EndpointError};
 pub use topology::{ShardId, Topology, TopologyError};

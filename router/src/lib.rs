@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod background;
+mod compaction;
 pub mod error;
 mod health;
 mod http;
@@ -18,4 +19,4 @@ pub mod shards;
 mod tls;
 pub mod validate;
 
-pub use server::{ETCD_VERSION, RunningServer, SHUTDOWN_GRACE, ServeError, start};
+pub use server::{RunningServer, SHUTDOWN_GRACE, ServeError, start};

@@ -2,14 +2,16 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Context;
-use clap::Parser;
 use kubeshard_config::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let cli = Cli::parse_with_kine_env();
+    init_logging(cli.log_format, cli.debug);
+    for (flag, why) in cli.ignored_flags() {
+        tracing::warn!(flag, "ignored: {why}");
+    }
     let options = cli.server_options()?;
     let mut server = kubeshard::start(options)
         .await
@@ -24,8 +26,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, debug: bool) {
+    let level = if debug { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

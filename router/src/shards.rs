@@ -15,11 +15,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
 
 use futures::future::join_all;
 use kubeshard_config::{ShardId, Topology};
-use kubeshard_shard_worker::{RevisionClass, Shard, ShardError, WriteRequest, WriteResponse};
+use kubeshard_shard_worker::{
+    RevisionClass, Shard, ShardError, ShardSettings, WriteRequest, WriteResponse,
+};
 use tracing::{debug, info};
 
 /// Every shard of the topology, opened, with the router's revision floor.
@@ -49,13 +50,16 @@ impl Shards {
     /// in parallel, and sets the floor to the highest counter among them.
     pub async fn open(
         topology: Topology,
-        poll_interval: Duration,
+        settings: &ShardSettings,
     ) -> Result<Arc<Shards>, OpenError> {
         let count = topology.shards().len();
         let opening = topology.shards().iter().enumerate().map(|(i, spec)| {
             let class = RevisionClass::of_shard(i, count).unwrap_or(RevisionClass::ALL);
+            // A shard's own pool size in the topology file wins.
+            let mut settings = settings.clone();
+            settings.pool.max_connections = spec.max_connections.or(settings.pool.max_connections);
             async move {
-                Shard::open(&spec.name, &spec.endpoint, class, poll_interval)
+                Shard::open(&spec.name, &spec.endpoint, class, &settings)
                     .await
                     .map_err(|error| OpenError {
                         shard: spec.name.clone(),

@@ -34,6 +34,7 @@ on_all_backends!(
     watch::compacted_watch_is_canceled,
     lifecycle::lease_expiry_deletes_keys_and_emits_delete_events,
     lifecycle::restart_keeps_data_and_lease_deadlines,
+    lifecycle::automatic_compaction_keeps_the_newest_revisions,
     errors::errors_match_etcd,
     sharded::writers_ranges_and_watches_across_shards,
     sharded::leases_compaction_and_idle_shards,

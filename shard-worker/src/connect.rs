@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kubeshard_config::Endpoint;
+use kubeshard_config::{Endpoint, PoolSettings};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -15,7 +15,8 @@ use crate::dialect;
 use crate::error::{Result, ShardError};
 use crate::store::{RevisionClass, ShardStore, SqlShard, SqliteReads, SqliteWriter};
 
-/// Connections per shard pool (reads share them; the writer actor uses one).
+/// Connections per shard pool unless configured (reads share them; the
+/// writer has a pool of one of its own).
 const POOL_SIZE: u32 = 16;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,6 +25,16 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `class` says which revisions the shard hands out ([`RevisionClass::ALL`]
 /// for a topology of one shard).
 pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc<dyn ShardStore>> {
+    open_store_with(endpoint, class, &PoolSettings::default()).await
+}
+
+/// [`open_store`] with the pool sized and recycled as `settings` say.
+pub async fn open_store_with(
+    endpoint: &Endpoint,
+    class: RevisionClass,
+    settings: &PoolSettings,
+) -> Result<Arc<dyn ShardStore>> {
+    let size = settings.max_connections.unwrap_or(POOL_SIZE);
     match endpoint {
         Endpoint::Sqlite { path } => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -43,8 +54,8 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
                 .busy_timeout(Duration::from_secs(30))
                 .pragma("cache_size", "-16384")
                 .disable_statement_logging();
-            let pool = SqlitePoolOptions::new()
-                .max_connections(POOL_SIZE)
+            let pool = recycled(SqlitePoolOptions::new(), settings)
+                .max_connections(size)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options.clone())
                 .await?;
@@ -65,10 +76,10 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
             let server: PgConnectOptions = url.as_str().parse()?;
             create_postgres_database(&server, database).await?;
             let options = server.database(database).disable_statement_logging();
-            let pool = postgres_pool(POOL_SIZE)
+            let pool = recycled(postgres_pool(size), settings)
                 .connect_with(options.clone())
                 .await?;
-            let write_pool = postgres_pool(1)
+            let write_pool = recycled(postgres_pool(1), settings)
                 .after_connect(|conn, _| Box::pin(set_postgres_writer_session(conn)))
                 .connect_with(options)
                 .await?;
@@ -90,12 +101,12 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
             .await?;
             drop(conn);
             let options = server.database(database).disable_statement_logging();
-            let pool = MySqlPoolOptions::new()
-                .max_connections(POOL_SIZE)
+            let pool = recycled(MySqlPoolOptions::new(), settings)
+                .max_connections(size)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options.clone())
                 .await?;
-            let write_pool = MySqlPoolOptions::new()
+            let write_pool = recycled(MySqlPoolOptions::new(), settings)
                 .max_connections(1)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
@@ -106,6 +117,16 @@ pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc
             Ok(Arc::new(shard))
         }
     }
+}
+
+/// Connection lifetime and idle limits (`--datastore-connection-max-*`).
+fn recycled<DB: sqlx::Database>(
+    options: sqlx::pool::PoolOptions<DB>,
+    settings: &PoolSettings,
+) -> sqlx::pool::PoolOptions<DB> {
+    options
+        .max_lifetime(settings.max_lifetime)
+        .idle_timeout(settings.idle_timeout)
 }
 
 /// A pool of PostgreSQL connections set up by [`set_postgres_session`].

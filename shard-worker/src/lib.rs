@@ -12,7 +12,7 @@ pub mod store;
 pub mod watch;
 pub mod writer;
 
-pub use connect::open_store;
+pub use connect::{open_store, open_store_with};
 pub use error::{Result, ShardError};
 pub use keys::KeyRange;
 pub use store::{
@@ -23,4 +23,4 @@ pub use watch::{EventBatch, WatchHub};
 pub use writer::ShardWriter;
 
 mod shard;
-pub use shard::Shard;
+pub use shard::{Shard, ShardSettings};

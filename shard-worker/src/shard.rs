@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kubeshard_config::Endpoint;
+use kubeshard_config::{Endpoint, PoolSettings};
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
@@ -12,6 +12,16 @@ use crate::labels::{LabelIndexer, run_label_indexer};
 use crate::store::{RevisionClass, ShardStore};
 use crate::watch::{WatchHub, run_poller};
 use crate::writer::ShardWriter;
+
+/// How a shard is run (from the command line).
+#[derive(Debug, Clone)]
+pub struct ShardSettings {
+    /// How often the watch poller looks for writes of other routers.
+    pub poll_interval: Duration,
+    /// Events read per poll.
+    pub poll_batch: usize,
+    pub pool: PoolSettings,
+}
 
 /// One running shard.
 #[derive(Debug)]
@@ -33,10 +43,10 @@ impl Shard {
         name: &str,
         endpoint: &Endpoint,
         class: RevisionClass,
-        poll_interval: Duration,
+        settings: &ShardSettings,
     ) -> Result<Self> {
-        let store = crate::connect::open_store(endpoint, class).await?;
-        Self::start(name, store, poll_interval).await
+        let store = crate::connect::open_store_with(endpoint, class, &settings.pool).await?;
+        Self::start(name, store, settings.poll_interval, settings.poll_batch).await
     }
 
     /// Starts the actor and poller over an already opened store.
@@ -44,11 +54,17 @@ impl Shard {
         name: &str,
         store: Arc<dyn ShardStore>,
         poll_interval: Duration,
+        poll_batch: usize,
     ) -> Result<Self> {
         let start = store.revisions().await?.current;
         let hub = WatchHub::new(start);
         let writer = ShardWriter::spawn(name, store.clone(), hub.clone()).await?;
-        let poller = tokio::spawn(run_poller(store.clone(), hub.clone(), poll_interval));
+        let poller = tokio::spawn(run_poller(
+            store.clone(),
+            hub.clone(),
+            poll_interval,
+            poll_batch,
+        ));
         let labels = Arc::new(LabelIndexer::default());
         let indexer = tokio::spawn(run_label_indexer(
             store.clone(),

@@ -16,8 +16,6 @@ use tracing::warn;
 use crate::error::Result;
 use crate::store::ShardStore;
 
-/// Most events read per poll.
-const EVENTS_PER_POLL: usize = 1000;
 /// Batches a slow subscriber may fall behind before it must re-read history.
 const BROADCAST_CAPACITY: usize = 4096;
 
@@ -134,7 +132,12 @@ impl WatchHub {
 
 /// Runs the poller of one shard until the task is aborted: it publishes
 /// writes of other processes, and anything the writer could not publish.
-pub async fn run_poller(store: Arc<dyn ShardStore>, hub: Arc<WatchHub>, interval: Duration) {
+pub async fn run_poller(
+    store: Arc<dyn ShardStore>,
+    hub: Arc<WatchHub>,
+    interval: Duration,
+    batch: usize,
+) {
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -145,7 +148,7 @@ pub async fn run_poller(store: Arc<dyn ShardStore>, hub: Arc<WatchHub>, interval
             let after = hub.closed();
             let polled = if hub.has_subscribers() {
                 store
-                    .poll_events(after, EVENTS_PER_POLL)
+                    .poll_events(after, batch)
                     .await
                     .map(|page| (page.closed, Some(page.events), page.more))
             } else {

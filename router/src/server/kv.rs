@@ -16,9 +16,8 @@ use kubeshard_proto::etcdserverpb::{
     PutResponse, RangeRequest, RangeResponse, RangeStreamResponse, TxnRequest, TxnResponse,
 };
 use kubeshard_proto::mvccpb::KeyValue;
-use kubeshard_shard_worker::{ShardError, WriteRequest, WriteResponse};
+use kubeshard_shard_worker::{WriteRequest, WriteResponse};
 use tonic::{Request, Response, Status};
-use tracing::warn;
 
 use super::Core;
 use crate::error::{EtcdError, cross_shard_txn, shard_status, unimplemented};
@@ -333,57 +332,8 @@ impl Kv for KvService {
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let request = request.into_inner();
-        let revision = request.revision;
-        let shards = self.core.shards.clone();
-        let current = shards.refresh().await.map_err(shard_status)?;
-        if revision > current {
-            return Err(EtcdError::FutureRevision.into());
-        }
-        // Every shard must accept `revision` as a past one.
-        let ids = shards.ids();
-        shards
-            .raise_all(&ids, revision)
-            .await
-            .map_err(shard_status)?;
-        let compactions = ids.iter().map(|id| {
-            let shards = &shards;
-            async move {
-                let answer = shards.write(*id, WriteRequest::Compact { revision }).await;
-                (*id, answer)
-            }
-        });
-        // The default shard's answer is the answer; another shard may
-        // already be compacted further by an earlier, partly failed Compact.
-        let mut header = shards.floor();
-        for (id, answer) in join_all(compactions).await {
-            match answer {
-                Ok(WriteResponse::Compact { revision }) => header = header.min(revision),
-                Ok(_) => return Err(unexpected("Compact")),
-                Err(ShardError::Compacted { .. }) if id != shards.default_id() => {}
-                Err(e) => return Err(shard_status(e)),
-            }
-        }
-        // The compaction mark is committed: reads below it already fail.
-        // Removing the rows can take a while; `physical` waits for it.
-        let batch = self.core.options.compaction_batch_revisions;
-        let purge = async move {
-            let purges = shards.all().map(|(_, shard)| async move {
-                match shard.store.purge_compacted(revision, batch).await {
-                    Ok(rows) => {
-                        tracing::info!(shard = %shard.name, revision, rows, "compaction removed history")
-                    }
-                    Err(e) => {
-                        warn!(shard = %shard.name, revision, error = %e, "compaction could not remove history yet")
-                    }
-                }
-            });
-            join_all(purges).await;
-        };
-        if request.physical {
-            purge.await;
-        } else {
-            tokio::spawn(purge);
-        }
+        let header =
+            crate::compaction::compact(&self.core, request.revision, request.physical).await?;
         Ok(Response::new(CompactionResponse {
             header: self.core.header(header),
         }))

@@ -10,7 +10,7 @@ use kubeshard_proto::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Core, ETCD_VERSION};
+use super::Core;
 use crate::error::{shard_status, unimplemented};
 
 #[derive(Debug)]
@@ -50,7 +50,7 @@ impl Maintenance for MaintenanceService {
         }
         Ok(Response::new(StatusResponse {
             header: self.core.header(revision),
-            version: ETCD_VERSION.to_string(),
+            version: self.core.options.etcd_version.clone(),
             db_size,
             leader: self.core.member_id,
             raft_index: u64::try_from(revision).unwrap_or(0),

@@ -21,7 +21,7 @@ use kubeshard_proto::etcdserverpb::kv_server::KvServer;
 use kubeshard_proto::etcdserverpb::lease_server::LeaseServer;
 use kubeshard_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use kubeshard_proto::etcdserverpb::watch_server::WatchServer;
-use kubeshard_shard_worker::ShardError;
+use kubeshard_shard_worker::{ShardError, ShardSettings};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -34,11 +34,6 @@ use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::shards::Shards;
 use crate::validate::Limits;
 use stopping::StopSignal;
-
-/// The etcd version kubeshard reports. kube-apiserver turns on watch progress
-/// requests and WatchList only for etcd >= 3.5.13, and kubeshard implements
-/// what those need.
-pub const ETCD_VERSION: &str = "3.6.0";
 
 /// gRPC's own bound on a message, above the etcd request limit so that an
 /// oversized request gets etcd's "request is too large", as etcd does.
@@ -216,7 +211,12 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         .as_ref()
         .map(crate::tls::Acceptors::new)
         .transpose()?;
-    let shards = Shards::open(topology, options.watch_poll_interval)
+    let settings = ShardSettings {
+        poll_interval: options.watch_poll_interval,
+        poll_batch: options.poll_batch,
+        pool: options.pool.clone(),
+    };
+    let shards = Shards::open(topology, &settings)
         .await
         .map_err(|e| ServeError::Shard {
             shard: e.shard,
@@ -278,6 +278,11 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     let max_message = core.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let background = background::spawn(core.clone());
+    let auto_compaction = core
+        .options
+        .auto_compaction
+        .clone()
+        .map(|settings| crate::compaction::spawn_auto(core.clone(), settings));
     let router = tonic::transport::Server::builder()
         .layer(GrpcMetricsLayer { metrics })
         .add_service(
@@ -319,6 +324,9 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             }
         };
         background.abort();
+        if let Some(task) = auto_compaction {
+            task.abort();
+        }
         served.map_err(ServeError::Transport)
     });
     Ok(RunningServer {

@@ -412,3 +412,57 @@ pub async fn database_outage_is_unavailable_then_recovers(ctx: Ctx) {
     drop(wtx);
     node.stop().await;
 }
+
+/// `--compact-interval` with `--compact-min-retain 10`: the router compacts
+/// by itself, keeping exactly the newest ten revisions below the current one
+/// readable.
+pub async fn automatic_compaction_keeps_the_newest_revisions(ctx: Ctx) {
+    let server = ctx
+        .start_server(|o| {
+            o.auto_compaction = Some(kubeshard_config::AutoCompaction {
+                interval: Duration::from_millis(200),
+                jitter_percent: 0,
+                timeout: Duration::from_secs(5),
+                min_retain: 10,
+            })
+        })
+        .await;
+    let mut client = crate::support::connect(&server).await;
+    let mut last = 0;
+    for i in 0..40 {
+        let r = client
+            .put(format!("/ac/{i}"), "v", None)
+            .await
+            .expect("put");
+        last = header_revision(r.header());
+    }
+    let at = |revision| GetOptions::new().with_prefix().with_revision(revision);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.get("/ac/", Some(at(last - 11))).await {
+            Err(etcd_client::Error::GRpcStatus(s)) => {
+                assert_eq!(
+                    (s.code(), s.message()),
+                    (
+                        tonic::Code::OutOfRange,
+                        "etcdserver: mvcc: required revision has been compacted"
+                    )
+                );
+                break;
+            }
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "revision {} still readable 20 s after the writes",
+                last - 11
+            ),
+            Err(e) => panic!("get below the retained revisions: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = client
+        .get("/ac/", Some(at(last - 10)))
+        .await
+        .expect("the oldest retained revision");
+    assert_eq!(kept.kvs().len(), 30, "keys at revision {}", last - 10);
+    server.shutdown().await.expect("shutdown");
+}
