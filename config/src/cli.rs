@@ -223,6 +223,17 @@ pub struct Cli {
           help_heading = "Database connections")]
     pub datastore_connection_max_idle_time: Duration,
 
+    /// A database call of a shard that takes at least this long is logged
+    /// (with the shard and the call); 0 turns this off.
+    #[arg(long, env = "KUBESHARD_SLOW_SQL_THRESHOLD", value_name = "DURATION",
+          default_value = "1s", value_parser = parse_go_duration)]
+    pub slow_sql_threshold: Duration,
+
+    /// A slow call that takes at least this long is logged as a warning.
+    #[arg(long, env = "KUBESHARD_SLOW_SQL_WARNING_THRESHOLD", value_name = "DURATION",
+          default_value = "5s", value_parser = parse_go_duration)]
+    pub slow_sql_warning_threshold: Duration,
+
     /// Debug logging (RUST_LOG, when set, wins).
     #[arg(long, env = "KUBESHARD_DEBUG", value_name = "BOOL", action = ArgAction::Set,
           num_args = 0..=1, default_value = "false", default_missing_value = "true",
@@ -341,6 +352,31 @@ pub struct PoolSettings {
     pub idle_timeout: Option<Duration>,
 }
 
+/// Which database calls are logged as slow (`--slow-sql-*`, kine's rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowSql {
+    /// None: none is.
+    pub info: Option<Duration>,
+    pub warn: Duration,
+}
+
+impl Default for SlowSql {
+    fn default() -> Self {
+        Self {
+            info: Some(Duration::from_secs(1)),
+            warn: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SlowSql {
+    /// None: not slow; Some(true): a warning; Some(false): information.
+    pub fn level(&self, elapsed: Duration) -> Option<bool> {
+        let info = self.info?;
+        (elapsed >= info).then_some(elapsed >= self.warn)
+    }
+}
+
 /// kubeshard's own compaction (`--compact-interval`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AutoCompaction {
@@ -405,6 +441,7 @@ pub struct ServerOptions {
     /// Events per watch poll of each shard.
     pub poll_batch: usize,
     pub pool: PoolSettings,
+    pub slow_sql: SlowSql,
     /// What Maintenance.Status reports.
     pub etcd_version: String,
 }
@@ -546,6 +583,10 @@ impl Cli {
                 max_lifetime: nonzero(self.datastore_connection_max_lifetime),
                 idle_timeout: nonzero(self.datastore_connection_max_idle_time),
             },
+            slow_sql: SlowSql {
+                info: nonzero(self.slow_sql_threshold),
+                warn: self.slow_sql_warning_threshold,
+            },
             etcd_version: self
                 .emulated_etcd_version
                 .clone()
@@ -573,6 +614,7 @@ impl ServerOptions {
             auto_compaction: None,
             poll_batch: DEFAULT_POLL_BATCH,
             pool: PoolSettings::default(),
+            slow_sql: SlowSql::default(),
             etcd_version: DEFAULT_ETCD_VERSION.to_string(),
         }
     }
@@ -778,6 +820,8 @@ mod tests {
                 "--compact-batch-size=1000",
                 "--poll-batch-size=500",
                 "--datastore-poll-interval=1s",
+                "--slow-sql-threshold=0",
+                "--slow-sql-warning-threshold=10s",
                 "--peer-bind-address=",
                 "--s3-bucket=b",
                 "--debug",
@@ -791,6 +835,8 @@ mod tests {
         assert_eq!(o.etcd_version, "3.6.11");
         assert_eq!(o.poll_batch, 500);
         assert_eq!(o.watch_poll_interval, Duration::from_secs(1));
+        assert_eq!(o.slow_sql.info, None);
+        assert_eq!(o.slow_sql.level(Duration::from_secs(20)), None);
         assert_eq!(
             o.auto_compaction,
             Some(AutoCompaction {
@@ -818,6 +864,14 @@ mod tests {
             kine(&["--metrics-bind-address", "0"], &[]).map(|o| o.metrics_address),
             Ok(None)
         );
+    }
+
+    #[test]
+    fn slow_calls_follow_kines_rule() {
+        let slow = SlowSql::default();
+        assert_eq!(slow.level(Duration::from_millis(999)), None);
+        assert_eq!(slow.level(Duration::from_secs(1)), Some(false));
+        assert_eq!(slow.level(Duration::from_secs(5)), Some(true));
     }
 
     #[test]

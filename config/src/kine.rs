@@ -29,6 +29,8 @@ const KINE_VARIABLES: &[&str] = &[
     "datastore-max-open-connections",
     "datastore-connection-max-lifetime",
     "datastore-connection-max-idle-time",
+    "slow-sql-threshold",
+    "slow-sql-warning-threshold",
     "metrics-enable-profiling",
     "metrics-ignore-tls-config",
     "watch-progress-notify-interval",

@@ -9,7 +9,7 @@ pub mod topology;
 
 pub use cli::{
     AutoCompaction, Cli, DEFAULT_ENDPOINT, DEFAULT_ETCD_VERSION, DEFAULT_POLL_BATCH, LogFormat,
-    OptionsError, PoolSettings, ServerOptions, ServerTls,
+    OptionsError, PoolSettings, ServerOptions, ServerTls, SlowSql,
 };
 pub use endpoint::{Backend, Endpoint, EndpointError};
 pub use topology::{ShardId, Topology, TopologyError};

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kubeshard_config::{Endpoint, PoolSettings};
+use kubeshard_config::{Endpoint, PoolSettings, SlowSql};
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
 use crate::labels::{LabelIndexer, run_label_indexer};
-use crate::store::{RevisionClass, ShardStore};
+use crate::store::{RevisionClass, ShardStore, SlowLog};
 use crate::watch::{WatchHub, run_poller};
 use crate::writer::ShardWriter;
 
@@ -21,6 +21,7 @@ pub struct ShardSettings {
     /// Events read per poll.
     pub poll_batch: usize,
     pub pool: PoolSettings,
+    pub slow_sql: SlowSql,
 }
 
 /// One running shard.
@@ -46,6 +47,7 @@ impl Shard {
         settings: &ShardSettings,
     ) -> Result<Self> {
         let store = crate::connect::open_store_with(endpoint, class, &settings.pool).await?;
+        let store = SlowLog::wrap(store, name, settings.slow_sql);
         Self::start(name, store, settings.poll_interval, settings.poll_batch).await
     }
 

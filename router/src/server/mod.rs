@@ -215,6 +215,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         poll_interval: options.watch_poll_interval,
         poll_batch: options.poll_batch,
         pool: options.pool.clone(),
+        slow_sql: options.slow_sql,
     };
     let shards = Shards::open(topology, &settings)
         .await

@@ -15,6 +15,7 @@ mod label_index;
 mod page_counts;
 mod range;
 mod selection;
+mod slow_log;
 mod sql;
 mod sqlite_reads;
 mod sqlite_writes;
@@ -33,6 +34,7 @@ use crate::error::Result;
 use crate::keys::KeyRange;
 
 pub use label_index::{LabelChange, LabelIndexOutcome};
+pub use slow_log::SlowLog;
 pub use sql::SqlShard;
 pub(crate) use sqlite_reads::SqliteReads;
 pub(crate) use sqlite_writes::SqliteWriter;
