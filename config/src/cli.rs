@@ -29,7 +29,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kubeshard", version, about, long_about)]
 pub struct Cli {
-    /// Address to serve the etcd gRPC API on (HOST:PORT).
+    /// Address to serve the etcd gRPC API on: HOST:PORT, or unix://PATH for
+    /// a Unix socket (TLS too, when configured; clients then use unixs://).
     #[arg(
         long,
         env = "KUBESHARD_LISTEN_ADDRESS",
@@ -399,10 +400,10 @@ pub enum OptionsError {
     )]
     ConfigAndEndpoint,
     #[error(
-        "--listen-address {0}: kubeshard does not serve on a Unix socket; give HOST:PORT \
-         (tcp://, http:// and https:// in front are accepted, as kine does)"
+        "--listen-address {0}: unixs:// is what clients say for TLS over a Unix socket; \
+         serve unix://PATH with --server-cert-file and --server-key-file"
     )]
-    UnixListen(String),
+    UnixsListen(String),
 }
 
 /// TLS of the etcd API (and of the metrics address unless told otherwise).
@@ -502,12 +503,12 @@ impl Cli {
         ignored
     }
 
-    /// kine's listen forms: a TCP address, or one with tcp://, http:// or
-    /// https:// in front.
+    /// kine's listen forms: a TCP address, one with tcp://, http:// or
+    /// https:// in front, or unix://PATH.
     fn listen_address(&self) -> Result<String, OptionsError> {
         let address = self.listen_address.as_str();
-        if address.starts_with("unix://") || address.starts_with("unixs://") {
-            return Err(OptionsError::UnixListen(address.to_string()));
+        if address.starts_with("unixs://") {
+            return Err(OptionsError::UnixsListen(address.to_string()));
         }
         Ok(["tcp://", "http://", "https://"]
             .iter()
@@ -905,10 +906,17 @@ mod tests {
 
     #[test]
     fn kine_forms_refused_with_the_reason() {
-        let e = kine(&["--listen-address", "unix://kine.sock"], &[])
+        let e = kine(&["--listen-address", "unixs://kine.sock"], &[])
             .err()
             .unwrap_or_default();
-        assert!(e.contains("does not serve on a Unix socket"), "{e}");
+        assert!(
+            e.contains("serve unix://PATH with --server-cert-file"),
+            "{e}"
+        );
+        assert_eq!(
+            kine(&["--listen-address", "unix:///run/kine.sock"], &[]).map(|o| o.listen_address),
+            Ok("unix:///run/kine.sock".into())
+        );
         let e = kine(&["--compact-interval", "5"], &[])
             .err()
             .unwrap_or_default();

@@ -13,10 +13,12 @@ mod compaction;
 pub mod error;
 mod health;
 mod http;
+mod listen;
 pub mod metrics;
 pub mod server;
 pub mod shards;
 mod tls;
 pub mod validate;
 
+pub use listen::Listening;
 pub use server::{RunningServer, SHUTDOWN_GRACE, ServeError, start};

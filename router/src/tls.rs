@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::{Stream, StreamExt};
 use kubeshard_config::ServerTls;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -19,7 +20,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -105,31 +107,35 @@ impl Acceptors {
     }
 }
 
-/// Accepts TCP connections and hands on those whose handshake succeeds;
+/// Hands on the accepted connections whose TLS handshake succeeds;
 /// handshakes run concurrently, failures are logged and dropped. Ends when
 /// the receiving side is dropped.
-pub fn incoming(
-    listener: TcpListener,
+pub fn incoming<S, A>(
+    mut accepted: A,
     acceptor: TlsAcceptor,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<TlsStream<S>, std::io::Error>>
+where
+    S: AsyncRead + AsyncWrite + Peer + Unpin + Send + 'static,
+    A: Stream<Item = std::io::Result<S>> + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+                accepted = accepted.next() => accepted,
                 _ = tx.closed() => break,
             };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
+            let stream = match accepted {
+                Some(Ok(stream)) => stream,
+                Some(Err(e)) => {
                     // Out of file descriptors, usually: wait instead of spinning.
                     warn!(error = %e, "cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+                None => break,
             };
-            // As for plain connections: small answers must not wait (Nagle).
-            let _ = stream.set_nodelay(true);
+            let peer = stream.peer();
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -151,6 +157,24 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Who is on the other end of a connection, for logs.
+pub trait Peer {
+    fn peer(&self) -> String;
+}
+
+impl Peer for TcpStream {
+    fn peer(&self) -> String {
+        self.peer_addr()
+            .map_or_else(|_| "unknown".into(), |a| a.to_string())
+    }
+}
+
+impl Peer for tokio::net::UnixStream {
+    fn peer(&self) -> String {
+        "a Unix socket client".into()
+    }
 }
 
 /// What identifies a version of a file.

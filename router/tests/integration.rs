@@ -51,6 +51,7 @@ on_sqlite!(
     tls::metrics_can_stay_plain,
     tls::rotated_certificates_need_no_restart,
     tls::bad_tls_files_stop_the_start,
+    tls::unix_socket_serves_the_etcd_api,
 );
 
 on_postgres!(

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use kubeshard_config::ServerOptions;
 use kubeshard_proto::etcdserverpb::ResponseHeader;
 use kubeshard_proto::etcdserverpb::auth_server::AuthServer;
@@ -22,14 +23,15 @@ use kubeshard_proto::etcdserverpb::lease_server::LeaseServer;
 use kubeshard_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use kubeshard_proto::etcdserverpb::watch_server::WatchServer;
 use kubeshard_shard_worker::{ShardError, ShardSettings};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::background;
 use crate::health::Health;
+use crate::listen::{Bound, Listening};
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::shards::Shards;
 use crate::validate::Limits;
@@ -136,7 +138,7 @@ pub enum ServeError {
 /// A started server.
 #[derive(Debug)]
 pub struct RunningServer {
-    local_addr: SocketAddr,
+    listening: Listening,
     metrics_addr: Option<SocketAddr>,
     metrics_task: Option<JoinHandle<()>>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -145,8 +147,17 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// The TCP address served; None on a Unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.listening {
+            Listening::Tcp(addr) => Some(*addr),
+            Listening::Unix(_) => None,
+        }
+    }
+
+    /// What the etcd API is served on.
+    pub fn listening(&self) -> &Listening {
+        &self.listening
     }
 
     /// Where /metrics is served, if it is.
@@ -180,6 +191,7 @@ impl RunningServer {
             task.abort();
         }
         self.core.shards.stop();
+        crate::listen::remove_socket(&self.listening);
         result
     }
 
@@ -225,16 +237,12 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             location: e.location,
             error: e.error,
         })?;
-    let listener = TcpListener::bind(&options.listen_address)
+    let (bound, listening) = Bound::bind(&options.listen_address)
         .await
         .map_err(|error| ServeError::Bind {
             address: options.listen_address.clone(),
             error,
         })?;
-    let local_addr = listener.local_addr().map_err(|error| ServeError::Bind {
-        address: options.listen_address.clone(),
-        error,
-    })?;
     let metrics = Arc::new(Metrics::new().map_err(ServeError::Metrics)?);
     let endpoint = options.endpoint.clone();
     let core = Arc::new(Core {
@@ -244,11 +252,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             max_txn_ops: options.max_txn_ops,
         },
         cluster_id: fnv1a(endpoint.to_string().as_bytes()),
-        member_id: fnv1a(local_addr.to_string().as_bytes()),
-        client_url: format!(
-            "{}://{local_addr}",
-            if acceptors.is_some() { "https" } else { "http" }
-        ),
+        member_id: fnv1a(listening.url(false).as_bytes()),
+        client_url: listening.url(acceptors.is_some()),
         started_ms: now_ms(),
         metrics: metrics.clone(),
         stop: StopSignal::default(),
@@ -274,7 +279,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         }
         None => (None, None),
     };
-    info!(%local_addr, url = %core.client_url, "serving the etcd v3 API");
+    info!(url = %core.client_url, "serving the etcd v3 API");
 
     let max_message = core.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -309,18 +314,30 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         let stopped = async {
             let _ = shutdown_rx.await;
         };
-        let served = match grpc_tls {
-            Some(acceptor) => {
-                router
-                    .serve_with_incoming_shutdown(crate::tls::incoming(listener, acceptor), stopped)
-                    .await
-            }
-            None => {
+        let served = match (bound, grpc_tls) {
+            (Bound::Tcp(listener), None) => {
                 // tonic ignores its own TCP_NODELAY default for a caller's
                 // listener; without it Nagle's algorithm holds small
                 // responses back on a busy HTTP/2 connection (many ms per
                 // request under concurrency).
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+            (Bound::Tcp(listener), Some(acceptor)) => {
+                let accepted = TcpListenerStream::new(listener).map(|accepted| {
+                    accepted.inspect(|stream| {
+                        let _ = stream.set_nodelay(true);
+                    })
+                });
+                let incoming = crate::tls::incoming(accepted, acceptor);
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+            (Bound::Unix(listener), None) => {
+                let incoming = UnixListenerStream::new(listener);
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+            (Bound::Unix(listener), Some(acceptor)) => {
+                let incoming = crate::tls::incoming(UnixListenerStream::new(listener), acceptor);
                 router.serve_with_incoming_shutdown(incoming, stopped).await
             }
         };
@@ -331,7 +348,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         served.map_err(ServeError::Transport)
     });
     Ok(RunningServer {
-        local_addr,
+        listening,
         metrics_addr,
         metrics_task,
         shutdown: Some(shutdown_tx),

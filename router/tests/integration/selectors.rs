@@ -64,7 +64,7 @@ pub async fn selectors_across_shards(ctx: Ctx) {
 }
 
 async fn exercise(server: &RunningServer, shards: usize) {
-    let url = format!("http://{}", server.local_addr());
+    let url = format!("http://{}", server.local_addr().expect("a TCP address"));
     let channel = Channel::from_shared(url)
         .expect("server URL")
         .connect()

@@ -138,9 +138,15 @@ impl Node {
 }
 
 pub async fn connect(server: &RunningServer) -> Client {
-    Client::connect([format!("http://{}", server.local_addr())], None)
-        .await
-        .expect("connect to the in-process server")
+    Client::connect(
+        [format!(
+            "http://{}",
+            server.local_addr().expect("a TCP address")
+        )],
+        None,
+    )
+    .await
+    .expect("connect to the in-process server")
 }
 
 /// Runs one scenario on one backend, bounded in time; drops the database

@@ -62,7 +62,10 @@ async fn client(
     tls: Option<TlsOptions>,
 ) -> Result<Client, etcd_client::Error> {
     let options = tls.map(|tls| ConnectOptions::new().with_tls(tls));
-    let url = format!("{scheme}://127.0.0.1:{}", server.local_addr().port());
+    let url = format!(
+        "{scheme}://127.0.0.1:{}",
+        server.local_addr().expect("a TCP address").port()
+    );
     let connect = Client::connect([url], options);
     let mut client = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
@@ -175,7 +178,7 @@ pub async fn mutual_tls_refuses_other_clients(ctx: Ctx) {
     if let Some(etcdctl) = etcdctl() {
         let endpoint = format!(
             "--endpoints=https://127.0.0.1:{}",
-            server.local_addr().port()
+            server.local_addr().expect("a TCP address").port()
         );
         let run = |files: &[(&str, PathBuf)], args: &[&str]| {
             let mut command = std::process::Command::new(&etcdctl);
@@ -264,7 +267,7 @@ pub async fn rotated_certificates_need_no_restart(ctx: Ctx) {
     };
     let (cert_file, key_file) = (tls.cert_file.clone(), tls.key_file.clone());
     let server = ctx.start_server(|o| o.tls = Some(tls)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP address");
     assert_eq!(served(addr, &ca.pem()).await, der(&first));
 
     // Replaced in place, as a rotation script would.
@@ -337,4 +340,131 @@ pub async fn bad_tls_files_stop_the_start(ctx: Ctx) {
         };
         assert!(e.to_string().contains(expected), "{e}");
     }
+}
+
+/// A gRPC channel over the Unix socket at `path`.
+async fn unix_channel(path: PathBuf) -> tonic::transport::Channel {
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(&path).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    tonic::transport::Endpoint::try_from("http://kubeshard.sock")
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("connect over the Unix socket")
+}
+
+/// The same with TLS trusting `ca_pem` (what `unixs://PATH` means to etcd's
+/// clients).
+async fn unix_tls_channel(path: PathBuf, ca_pem: String) -> tonic::transport::Channel {
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (path, ca_pem) = (path.clone(), ca_pem.clone());
+        async move {
+            let stream = tokio::net::UnixStream::connect(&path).await?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+                .unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let name = ServerName::try_from("localhost").unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, stream)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    tonic::transport::Endpoint::try_from("http://kubeshard.sock")
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("connect over TLS on the Unix socket")
+}
+
+/// kine's `unix://PATH`: the etcd API on a Unix socket, plain and with TLS;
+/// a stale socket file is replaced, anything else at the path refused, and
+/// the socket removed when the router stops.
+pub async fn unix_socket_serves_the_etcd_api(ctx: Ctx) {
+    use kubeshard_proto::etcdserverpb::kv_client::KvClient;
+    use kubeshard_proto::etcdserverpb::{PutRequest, RangeRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeshard.sock");
+    // A socket file left by a router that did not stop cleanly.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let listen = format!("unix://{}", path.display());
+    let server = ctx
+        .start_server(|o| o.listen_address = listen.clone())
+        .await;
+    assert_eq!(server.local_addr(), None);
+    assert_eq!(
+        server.listening(),
+        &kubeshard::Listening::Unix(path.clone())
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    }
+    let mut kv = KvClient::new(unix_channel(path.clone()).await);
+    let put = PutRequest {
+        key: b"/unix/a".to_vec(),
+        value: b"1".to_vec(),
+        ..Default::default()
+    };
+    kv.put(put).await.expect("put over the Unix socket");
+    let got = kv
+        .range(RangeRequest {
+            key: b"/unix/a".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range over the Unix socket")
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"1");
+    server.shutdown().await.unwrap();
+    assert!(!path.exists(), "socket left behind after the stop");
+
+    // TLS on the socket.
+    let ca = Ca::new("kubeshard test CA");
+    let (cert, key) = ca.issue(&["localhost"]);
+    let tls = ServerTls {
+        cert_file: write(dir.path(), "server.crt", &cert),
+        key_file: write(dir.path(), "server.key", &key),
+        trusted_ca_file: None,
+    };
+    let server = ctx
+        .start_server(|o| {
+            o.listen_address = listen.clone();
+            o.tls = Some(tls);
+        })
+        .await;
+    let mut kv = KvClient::new(unix_tls_channel(path.clone(), ca.pem()).await);
+    let got = kv
+        .range(RangeRequest {
+            key: b"/unix/a".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range over TLS on the Unix socket")
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"1");
+    server.shutdown().await.unwrap();
+
+    // A file that is not a socket is not kubeshard's to replace.
+    std::fs::write(&path, "data").unwrap();
+    let mut options = ctx.options();
+    options.listen_address = listen;
+    let Err(e) = kubeshard::start(options).await else {
+        panic!("started over a regular file");
+    };
+    assert!(e.to_string().contains("exists and is not a socket"), "{e}");
 }
