@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-use crate::endpoint::{Endpoint, EndpointError};
+use crate::endpoint::{DatabaseTls, Endpoint, EndpointError};
 use crate::kine::{parse_go_bool, parse_go_duration};
 use crate::topology::{Topology, TopologyError};
 
@@ -65,6 +65,45 @@ pub struct Cli {
         default_value = "127.0.0.1:2381"
     )]
     pub metrics_bind_address: String,
+
+    /// CA certificates (PEM) the databases' certificates must chain to; turns
+    /// on verified TLS to PostgreSQL (sslmode=verify-full) and MySQL/MariaDB
+    /// (ssl-mode=VERIFY_IDENTITY) unless an endpoint's own parameters say
+    /// otherwise.
+    #[arg(
+        long,
+        env = "KUBESHARD_CA_FILE",
+        value_name = "FILE",
+        help_heading = "TLS to the databases"
+    )]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to the databases; needs --key-file.
+    #[arg(
+        long,
+        env = "KUBESHARD_CERT_FILE",
+        value_name = "FILE",
+        requires = "key_file",
+        help_heading = "TLS to the databases"
+    )]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert-file.
+    #[arg(
+        long,
+        env = "KUBESHARD_KEY_FILE",
+        value_name = "FILE",
+        requires = "cert_file",
+        help_heading = "TLS to the databases"
+    )]
+    pub key_file: Option<PathBuf>,
+
+    /// MySQL/MariaDB: encrypt without verifying the server's certificate
+    /// (kine's flag; PostgreSQL's sslmode=require is the equivalent there).
+    #[arg(long, env = "KUBESHARD_SKIP_VERIFY", value_name = "BOOL", action = ArgAction::Set,
+          num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = parse_go_bool, help_heading = "TLS to the databases")]
+    pub skip_verify: bool,
 
     /// Certificate (PEM, leaf first, then its chain) served to etcd clients;
     /// with --server-key-file it turns on TLS. Both files are read again
@@ -536,6 +575,13 @@ impl Cli {
                 endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT),
             )?),
         };
+        let database_tls = DatabaseTls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            skip_verify: self.skip_verify,
+        };
+        let topology = topology.map_endpoints(|e| e.with_database_tls(&database_tls));
         let listen_address = self.listen_address()?;
         let nonzero = |d: Duration| Some(d).filter(|d| !d.is_zero());
         Ok(ServerOptions {
@@ -873,6 +919,70 @@ mod tests {
         assert_eq!(slow.level(Duration::from_millis(999)), None);
         assert_eq!(slow.level(Duration::from_secs(1)), Some(false));
         assert_eq!(slow.level(Duration::from_secs(5)), Some(true));
+    }
+
+    #[test]
+    fn kine_and_k3s_documented_command_lines() {
+        // kine's examples/minimal.md: MySQL with TLS to the database.
+        let o = kine(
+            &[
+                "--endpoint",
+                "mysql://root:pw@tcp(localhost:3306)/kine",
+                "--ca-file",
+                "ca.crt",
+                "--cert-file",
+                "server.crt",
+                "--key-file",
+                "server.key",
+            ],
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            o.endpoint.to_string(),
+            "mysql://root:***@localhost:3306/kine?ssl-ca=ca.crt&ssl-cert=server.crt&ssl-key=server.key&ssl-mode=VERIFY_IDENTITY"
+        );
+        // Kamaji: kine behind a Unix socket, PostgreSQL with a CA and client certificate.
+        let o = kine(
+            &[
+                "--listen-address",
+                "unix:///uds/kine.sock",
+                "--ca-file",
+                "/certs/ca.crt",
+                "--cert-file",
+                "/certs/server.crt",
+                "--key-file",
+                "/certs/server.key",
+                "--endpoint",
+                "postgres://kamaji:pw@db.example:5432/tenant",
+            ],
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.listen_address, "unix:///uds/kine.sock");
+        assert!(
+            o.endpoint.to_string().ends_with(
+                "/tenant?sslrootcert=%2Fcerts%2Fca.crt&sslcert=%2Fcerts%2Fserver.crt&sslkey=%2Fcerts%2Fserver.key&sslmode=verify-full"
+            ),
+            "{}",
+            o.endpoint
+        );
+        // kine's scripts/test-run-postgres.
+        assert!(
+            kine(
+                &[
+                    "--endpoint",
+                    "postgres://postgres:pw@127.0.0.1:5432/postgres?sslmode=disable"
+                ],
+                &[]
+            )
+            .is_ok()
+        );
+        // A client certificate without its key is refused.
+        let e = kine(&["--cert-file", "c.crt"], &[])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("--key-file"), "{e}");
     }
 
     #[test]

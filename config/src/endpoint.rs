@@ -61,6 +61,26 @@ pub enum EndpointError {
         "endpoint {0:?}: unix( without its closing ')'; kine's form is mysql://USER:PASS@unix(/run/mysqld/mysqld.sock)/DB"
     )]
     BadSocketAddress(String),
+    #[error(
+        "endpoint {endpoint:?}: tls={value:?} names a TLS configuration registered in Go code; \
+         use tls=true, skip-verify, preferred or false, the ssl-ca, ssl-cert and ssl-key \
+         parameters, or --ca-file, --cert-file and --key-file"
+    )]
+    UnknownMysqlTls { endpoint: String, value: String },
+}
+
+/// TLS to the databases from kine's flags (`--ca-file`, `--cert-file`,
+/// `--key-file`, `--skip-verify`), applied to every shard's endpoint that
+/// does not say otherwise in its own parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseTls {
+    /// CA certificates the server's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (both or neither).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// MySQL/MariaDB only, as in kine: TLS without verifying the server.
+    pub skip_verify: bool,
 }
 
 /// The database names we create ourselves are interpolated into DDL, so they
@@ -115,6 +135,7 @@ impl Endpoint {
                 if let Some(socket) = socket {
                     url.query_pairs_mut().append_pair("socket", &socket);
                 }
+                translate_go_mysql_tls(raw, &mut url)?;
                 let database = database_of(raw, &url)?;
                 Ok(Endpoint::Mysql { url, database })
             }
@@ -152,6 +173,56 @@ impl Endpoint {
                 url.port().unwrap_or(default_port)
             ),
         })
+    }
+
+    /// The endpoint with kine's database TLS flags applied where its own
+    /// parameters say nothing, as kine does: for PostgreSQL `sslrootcert`,
+    /// `sslcert`, `sslkey`, and `sslmode=verify-full` when one of them was
+    /// added (`--skip-verify` does not apply); for MySQL/MariaDB `ssl-ca`,
+    /// `ssl-cert`, `ssl-key` and `ssl-mode` (`VERIFY_IDENTITY`, or
+    /// `REQUIRED` with `--skip-verify`).
+    pub fn with_database_tls(self, tls: &DatabaseTls) -> Endpoint {
+        let files = [
+            (&tls.ca_file, ["sslrootcert", "ssl-ca"]),
+            (&tls.cert_file, ["sslcert", "ssl-cert"]),
+            (&tls.key_file, ["sslkey", "ssl-key"]),
+        ];
+        if files.iter().all(|(file, _)| file.is_none()) {
+            return self;
+        }
+        let (mut url, database, postgres) = match self {
+            Endpoint::Sqlite { .. } => return self,
+            Endpoint::Postgres { url, database } => (url, database, true),
+            Endpoint::Mysql { url, database } => (url, database, false),
+        };
+        let has = |url: &Url, key: &str| url.query_pairs().any(|(k, _)| k == key);
+        let mut added = false;
+        for (file, keys) in files {
+            let key = keys[usize::from(!postgres)];
+            if let Some(file) = file
+                && !has(&url, key)
+            {
+                url.query_pairs_mut()
+                    .append_pair(key, &file.display().to_string());
+                added = true;
+            }
+        }
+        if postgres {
+            if added && !has(&url, "sslmode") {
+                url.query_pairs_mut().append_pair("sslmode", "verify-full");
+            }
+            Endpoint::Postgres { url, database }
+        } else {
+            if !has(&url, "ssl-mode") {
+                let mode = if tls.skip_verify {
+                    "REQUIRED"
+                } else {
+                    "VERIFY_IDENTITY"
+                };
+                url.query_pairs_mut().append_pair("ssl-mode", mode);
+            }
+            Endpoint::Mysql { url, database }
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -206,6 +277,41 @@ fn database_of(raw: &str, url: &Url) -> Result<String, EndpointError> {
         });
     }
     Ok(database)
+}
+
+/// go-sql-driver's `tls` parameter (kine's DSNs) as sqlx's `ssl-mode`:
+/// `true` verifies the server, `skip-verify` encrypts without verifying,
+/// `preferred` uses TLS when the server offers it, `false` never does.
+fn translate_go_mysql_tls(raw: &str, url: &mut Url) -> Result<(), EndpointError> {
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if !pairs.iter().any(|(k, _)| k == "tls") {
+        return Ok(());
+    }
+    let mut translated = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        if key != "tls" {
+            translated.push((key, value));
+            continue;
+        }
+        let mode = match value.as_str() {
+            "true" | "1" => "VERIFY_IDENTITY",
+            "skip-verify" => "REQUIRED",
+            "preferred" => "PREFERRED",
+            "false" | "0" => "DISABLED",
+            _ => {
+                return Err(EndpointError::UnknownMysqlTls {
+                    endpoint: raw.to_string(),
+                    value,
+                });
+            }
+        };
+        translated.push(("ssl-mode".to_string(), mode.to_string()));
+    }
+    url.query_pairs_mut().clear().extend_pairs(translated);
+    Ok(())
 }
 
 /// A URL cannot have credentials without a host (`u:p@/db`), which is how
@@ -277,6 +383,113 @@ fn rewrite_go_mysql_address(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn query(endpoint: &Endpoint) -> Vec<(String, String)> {
+        match endpoint {
+            Endpoint::Postgres { url, .. } | Endpoint::Mysql { url, .. } => url
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+            Endpoint::Sqlite { .. } => Vec::new(),
+        }
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn go_mysql_tls_parameter_becomes_ssl_mode() {
+        for (tls, mode) in [
+            ("true", "VERIFY_IDENTITY"),
+            ("skip-verify", "REQUIRED"),
+            ("preferred", "PREFERRED"),
+            ("false", "DISABLED"),
+        ] {
+            let Ok(e) =
+                Endpoint::parse(&format!("mysql://u:p@tcp(db:3306)/k?tls={tls}&timeout=5s"))
+            else {
+                panic!("tls={tls} refused");
+            };
+            assert_eq!(query(&e), pairs(&[("ssl-mode", mode), ("timeout", "5s")]));
+        }
+        assert!(matches!(
+            Endpoint::parse("mysql://u:p@tcp(db:3306)/k?tls=custom"),
+            Err(EndpointError::UnknownMysqlTls { .. })
+        ));
+    }
+
+    #[test]
+    fn kine_database_tls_flags_fill_what_the_url_leaves() {
+        let tls = DatabaseTls {
+            ca_file: Some("/pki/ca.crt".into()),
+            cert_file: Some("/pki/client.crt".into()),
+            key_file: Some("/pki/client.key".into()),
+            skip_verify: false,
+        };
+        let parse = |raw: &str| match Endpoint::parse(raw) {
+            Ok(e) => e.with_database_tls(&tls),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            query(&parse("postgres://u:p@db:5432/k")),
+            pairs(&[
+                ("sslrootcert", "/pki/ca.crt"),
+                ("sslcert", "/pki/client.crt"),
+                ("sslkey", "/pki/client.key"),
+                ("sslmode", "verify-full"),
+            ])
+        );
+        // What the URL says stays.
+        assert_eq!(
+            query(&parse(
+                "postgres://u:p@db:5432/k?sslmode=verify-ca&sslrootcert=/other.crt"
+            )),
+            pairs(&[
+                ("sslmode", "verify-ca"),
+                ("sslrootcert", "/other.crt"),
+                ("sslcert", "/pki/client.crt"),
+                ("sslkey", "/pki/client.key"),
+            ])
+        );
+        assert_eq!(
+            query(&parse("mysql://u:p@tcp(db:3306)/k")),
+            pairs(&[
+                ("ssl-ca", "/pki/ca.crt"),
+                ("ssl-cert", "/pki/client.crt"),
+                ("ssl-key", "/pki/client.key"),
+                ("ssl-mode", "VERIFY_IDENTITY"),
+            ])
+        );
+        let skip = DatabaseTls {
+            skip_verify: true,
+            ..tls.clone()
+        };
+        let Ok(e) = Endpoint::parse("mysql://u:p@tcp(db:3306)/k?tls=preferred") else {
+            panic!("refused");
+        };
+        assert_eq!(
+            query(&e.with_database_tls(&skip))[0],
+            ("ssl-mode".to_string(), "PREFERRED".to_string())
+        );
+        let Ok(e) = Endpoint::parse("mysql://u:p@tcp(db:3306)/k") else {
+            panic!("refused");
+        };
+        assert!(
+            query(&e.with_database_tls(&skip)).contains(&("ssl-mode".into(), "REQUIRED".into()))
+        );
+        // No file given: nothing changes (kine ignores --skip-verify alone).
+        let Ok(e) = Endpoint::parse("mysql://u:p@tcp(db:3306)/k") else {
+            panic!("refused");
+        };
+        let only_skip = DatabaseTls {
+            skip_verify: true,
+            ..DatabaseTls::default()
+        };
+        assert_eq!(e.clone().with_database_tls(&only_skip), e);
+    }
 
     #[test]
     fn sqlite_relative_and_absolute() {

@@ -20,6 +20,10 @@ use crate::cli::Cli;
 const KINE_VARIABLES: &[&str] = &[
     "listen-address",
     "endpoint",
+    "ca-file",
+    "cert-file",
+    "key-file",
+    "skip-verify",
     "log-format",
     "metrics-bind-address",
     "server-cert-file",

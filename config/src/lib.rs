@@ -11,5 +11,5 @@ pub use cli::{
     AutoCompaction, Cli, DEFAULT_ENDPOINT, DEFAULT_ETCD_VERSION, DEFAULT_POLL_BATCH, LogFormat,
     OptionsError, PoolSettings, ServerOptions, ServerTls, SlowSql,
 };
-pub use endpoint::{Backend, Endpoint, EndpointError};
+pub use endpoint::{Backend, DatabaseTls, Endpoint, EndpointError};
 pub use topology::{ShardId, Topology, TopologyError};

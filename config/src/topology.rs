@@ -333,6 +333,15 @@ impl Topology {
         &self.shards
     }
 
+    /// The same topology with every shard's endpoint passed through `f`
+    /// (command-line settings that apply to every database).
+    pub fn map_endpoints(mut self, f: impl Fn(Endpoint) -> Endpoint) -> Self {
+        for shard in &mut self.shards {
+            shard.endpoint = f(shard.endpoint.clone());
+        }
+        self
+    }
+
     /// Every shard id, in file order.
     pub fn shard_ids(&self) -> impl Iterator<Item = ShardId> + '_ {
         (0..self.shards.len()).map(ShardId)
