@@ -82,6 +82,13 @@ export KUBESHARD_TEST_MYSQL_URL="mysql://kubeshard:kubeshard@127.0.0.1:${MYSQL_P
 PG_SOCKET_DIR=/var/run/postgresql
 export KUBESHARD_TEST_POSTGRES_SOCKET_URL="postgres://kubeshard:kubeshard@/postgres?host=${PG_SOCKET_DIR}&port=${PG_PORT}"
 export KUBESHARD_TEST_MYSQL_SOCKET_URL="mysql://kubeshard:kubeshard@unix(${MYSQL_SOCKET})/mysql"
+# Databases that require TLS (issue 19): a CA this script makes, a server
+# certificate for 127.0.0.1 on both servers, and a role/user kubeshard_tls
+# that may only log in over TLS with a client certificate of that CA.
+TLS_DIR="${KUBESHARD_TEST_TLS_DIR:-/etc/kubeshard-test-tls}"
+export KUBESHARD_TEST_TLS_DIR="$TLS_DIR"
+export KUBESHARD_TEST_POSTGRES_TLS_URL="postgres://kubeshard_tls@127.0.0.1:${PG_PORT}/postgres"
+export KUBESHARD_TEST_MYSQL_TLS_URL="mysql://kubeshard_tls:kubeshard@127.0.0.1:${MYSQL_PORT}/mysql"
 export KUBESHARD_TEST_REQUIRE_ALL=1
 # CI replays a fixed set of property-test cases, so a red run always points
 # at a change; developers' runs draw new random cases each time (a failure
@@ -180,6 +187,67 @@ install_packages() {
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
+# The test CA, server and client certificates (made once, kept).
+setup_tls_files() {
+    phase "TLS files for the databases in $TLS_DIR"
+    if [[ -s $TLS_DIR/client.key && -s $TLS_DIR/other-ca.crt ]]; then
+        info "already there"
+        return
+    fi
+    install -d -m 0755 "$TLS_DIR"
+    (
+        cd "$TLS_DIR"
+        ssl() { openssl "$@" >/dev/null 2>&1; }
+        ssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
+            -subj /CN=kubeshard-test-database-ca
+        ssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.crt -days 3650 \
+            -subj /CN=kubeshard-test-other-ca
+        printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
+            'extendedKeyUsage=serverAuth' 'subjectAltName=IP:127.0.0.1,DNS:localhost' >server.ext
+        ssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost
+        ssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+            -out server.crt -extfile server.ext
+        printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
+            'extendedKeyUsage=clientAuth' >client.ext
+        # PostgreSQL's cert authentication takes the user name from the CN.
+        ssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=kubeshard_tls
+        ssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+            -out client.crt -extfile client.ext
+        chmod 0644 ./*.crt client.key
+    ) || die "could not make the TLS files in $TLS_DIR (openssl)"
+    info "made a CA, a server certificate for 127.0.0.1 and a client certificate (CN=kubeshard_tls)"
+}
+
+# PostgreSQL serves TLS with the test server certificate; kubeshard_tls may
+# only log in over TLS with a client certificate (pg_hba 'cert').
+setup_postgres_tls() {
+    local confdir="/etc/postgresql/$PG_VERSION/$PG_CLUSTER" dir
+    dir="$confdir/kubeshard-tls"
+    install -d -o postgres -g postgres -m 0700 "$dir"
+    install -o postgres -g postgres -m 0644 "$TLS_DIR/server.crt" "$TLS_DIR/ca.crt" "$dir/"
+    install -o postgres -g postgres -m 0600 "$TLS_DIR/server.key" "$dir/"
+    cat >"$confdir/conf.d/91-kubeshard-tls.conf" <<EOF
+# Written by kubeshard scripts/test.sh: TLS with the test CA's certificate.
+ssl = on
+ssl_cert_file = '$dir/server.crt'
+ssl_key_file = '$dir/server.key'
+ssl_ca_file = '$dir/ca.crt'
+EOF
+    local hba="$confdir/pg_hba.conf"
+    if ! grep -Eq '^[[:space:]]*hostssl[[:space:]]+all[[:space:]]+kubeshard_tls[[:space:]]' "$hba"; then
+        info "adding kubeshard_tls rules (TLS with a client certificate, else reject) first in $hba"
+        sed -i '0,/^[[:space:]]*local[[:space:]]/s//hostssl all             kubeshard_tls   127.0.0.1\/32            cert\nhost    all             kubeshard_tls   all                     reject\n&/' "$hba"
+    fi
+    without_extra_fds pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload </dev/null >&2
+    pg_psql_admin <<'EOF'
+SELECT 'CREATE ROLE kubeshard_tls' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'kubeshard_tls')
+\gexec
+ALTER ROLE kubeshard_tls WITH LOGIN SUPERUSER CREATEDB;
+EOF
+    [[ $(pg_psql_admin -At -c 'SHOW ssl') == on ]] || die "PostgreSQL did not turn TLS on (see its log)"
+    info "TLS on; role kubeshard_tls logs in with a client certificate only"
+}
+
 pg_ready() {
     pg_isready -q -h 127.0.0.1 -p "$PG_PORT"
 }
@@ -264,6 +332,40 @@ mysql_admin() {
     mariadb --protocol=socket --socket="$MYSQL_SOCKET" -uroot "$@"
 }
 
+# Starts mariadbd detached, with TLS from the test CA, and waits for it.
+start_mariadbd() {
+    install -d -o mysql -g mysql -m 0700 /etc/mysql/kubeshard-tls
+    install -o mysql -g mysql -m 0644 "$TLS_DIR/server.crt" "$TLS_DIR/ca.crt" /etc/mysql/kubeshard-tls/
+    install -o mysql -g mysql -m 0600 "$TLS_DIR/server.key" /etc/mysql/kubeshard-tls/
+    info "starting mariadbd (log: $MYSQL_LOG)"
+    # Detached (own session, no inherited stdio or other descriptors) so
+    # that it survives this script and does not keep a CI log pipe open.
+    # (setsid execs in place, so $! is mariadbd's own pid.)
+    (
+        close_extra_fds
+        exec setsid mariadbd --user=mysql --datadir="$MYSQL_DATADIR" \
+            --socket="$MYSQL_SOCKET" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
+            --max-connections="$MAX_CONNECTIONS" --log-error="$MYSQL_LOG" \
+            --ssl-cert=/etc/mysql/kubeshard-tls/server.crt \
+            --ssl-key=/etc/mysql/kubeshard-tls/server.key \
+            --ssl-ca=/etc/mysql/kubeshard-tls/ca.crt
+    ) </dev/null >>"$MYSQL_LOG" 2>&1 &
+    local pid=$!
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until mysql_ready; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 40 "$MYSQL_LOG" >&2 || true
+            die "mariadbd exited during start-up (error log tail above)"
+        fi
+        if ((SECONDS >= deadline)); then
+            tail -n 40 "$MYSQL_LOG" >&2 || true
+            die "MariaDB did not answer on 127.0.0.1:$MYSQL_PORT within ${WAIT_SECONDS}s (error log tail above)"
+        fi
+        sleep 1
+    done
+    info "started (pid $pid)"
+}
+
 setup_mariadb() {
     phase "MariaDB on 127.0.0.1:$MYSQL_PORT"
     if ! mysql_ready; then
@@ -277,6 +379,9 @@ bind-address    = 127.0.0.1
 port            = $MYSQL_PORT
 socket          = $MYSQL_SOCKET
 max_connections = $MAX_CONNECTIONS
+ssl-cert        = /etc/mysql/kubeshard-tls/server.crt
+ssl-key         = /etc/mysql/kubeshard-tls/server.key
+ssl-ca          = /etc/mysql/kubeshard-tls/ca.crt
 EOF
         if [[ ! -d $MYSQL_DATADIR/mysql ]]; then
             info "initialising datadir $MYSQL_DATADIR"
@@ -284,32 +389,20 @@ EOF
             mariadb-install-db --user=mysql --datadir="$MYSQL_DATADIR" \
                 --auth-root-authentication-method=socket --skip-test-db >/dev/null
         fi
-        info "starting mariadbd (log: $MYSQL_LOG)"
-        # Detached (own session, no inherited stdio or other descriptors) so
-        # that it survives this script and does not keep a CI log pipe open.
-        # (setsid execs in place, so $! is mariadbd's own pid.)
-        (
-            close_extra_fds
-            exec setsid mariadbd --user=mysql --datadir="$MYSQL_DATADIR" \
-                --socket="$MYSQL_SOCKET" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
-                --max-connections="$MAX_CONNECTIONS" --log-error="$MYSQL_LOG"
-        ) </dev/null >>"$MYSQL_LOG" 2>&1 &
-        local pid=$!
-        local deadline=$((SECONDS + WAIT_SECONDS))
-        until mysql_ready; do
-            if ! kill -0 "$pid" 2>/dev/null; then
-                tail -n 40 "$MYSQL_LOG" >&2 || true
-                die "mariadbd exited during start-up (error log tail above)"
-            fi
-            if ((SECONDS >= deadline)); then
-                tail -n 40 "$MYSQL_LOG" >&2 || true
-                die "MariaDB did not answer on 127.0.0.1:$MYSQL_PORT within ${WAIT_SECONDS}s (error log tail above)"
-            fi
-            sleep 1
-        done
-        info "started (pid $pid)"
+        start_mariadbd
     else
         info "already answering"
+    fi
+    if [[ $(mysql_admin -N -B -e 'SELECT @@have_ssl') != YES ]]; then
+        # TLS settings are read at start-up only.
+        info "restarting mariadbd with TLS (its settings are read at start-up)"
+        mysql_admin -e 'SHUTDOWN' || die "could not stop MariaDB to turn TLS on"
+        local deadline=$((SECONDS + WAIT_SECONDS))
+        while mysql_ready; do
+            ((SECONDS < deadline)) || die "MariaDB did not stop within ${WAIT_SECONDS}s"
+            sleep 1
+        done
+        start_mariadbd
     fi
 
     info "ensuring user kubeshard (@'%', @'localhost', @'127.0.0.1') with ALL PRIVILEGES ON *.*"
@@ -319,6 +412,10 @@ EOF
         sql+="ALTER USER 'kubeshard'@'$host' IDENTIFIED BY 'kubeshard';"
         sql+="GRANT ALL PRIVILEGES ON *.* TO 'kubeshard'@'$host';"
     done
+    # kubeshard_tls: TLS with a client certificate of the test CA only.
+    sql+="CREATE USER IF NOT EXISTS 'kubeshard_tls'@'127.0.0.1' IDENTIFIED BY 'kubeshard';"
+    sql+="ALTER USER 'kubeshard_tls'@'127.0.0.1' IDENTIFIED BY 'kubeshard' REQUIRE X509;"
+    sql+="GRANT ALL PRIVILEGES ON *.* TO 'kubeshard_tls'@'127.0.0.1';"
     mysql_admin -e "$sql FLUSH PRIVILEGES;" ||
         die "could not create the kubeshard MariaDB user as root over $MYSQL_SOCKET"
     local mc
@@ -338,7 +435,7 @@ setup_etcd_bins() {
 
 print_exports() {
     local v
-    for v in KUBESHARD_TEST_POSTGRES_URL KUBESHARD_TEST_MYSQL_URL KUBESHARD_TEST_POSTGRES_SOCKET_URL KUBESHARD_TEST_MYSQL_SOCKET_URL ETCD_BIN ETCDCTL_BIN KUBESHARD_TEST_REQUIRE_ALL; do
+    for v in KUBESHARD_TEST_POSTGRES_URL KUBESHARD_TEST_MYSQL_URL KUBESHARD_TEST_POSTGRES_SOCKET_URL KUBESHARD_TEST_MYSQL_SOCKET_URL KUBESHARD_TEST_TLS_DIR KUBESHARD_TEST_POSTGRES_TLS_URL KUBESHARD_TEST_MYSQL_TLS_URL ETCD_BIN ETCDCTL_BIN KUBESHARD_TEST_REQUIRE_ALL; do
         printf 'export %s=%q\n' "$v" "${!v}"
     done
 }
@@ -349,7 +446,9 @@ phase "kubeshard tests in $REPO_ROOT"
 if ((do_setup)); then
     need_root
     install_packages
+    setup_tls_files
     setup_postgres
+    setup_postgres_tls
     setup_mariadb
 else
     info "--no-setup: assuming PostgreSQL and MariaDB are already running"

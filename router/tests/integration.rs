@@ -58,3 +58,18 @@ on_postgres!(
     lifecycle::database_outage_is_unavailable_then_recovers,
     stopping::unreachable_database_fails_readiness,
 );
+
+/// TLS to databases that require it (scripts/test.sh sets them up).
+mod database_requiring_tls {
+    use crate::support::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        crate::tls::database_requiring_tls(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql() {
+        crate::tls::database_requiring_tls(Backend::Mysql).await;
+    }
+}

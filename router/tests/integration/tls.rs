@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::support::{Ctx, http};
+use crate::support::{Backend, Ctx, http};
 
 /// A certificate authority of the test.
 struct Ca {
@@ -467,4 +467,96 @@ pub async fn unix_socket_serves_the_etcd_api(ctx: Ctx) {
         panic!("started over a regular file");
     };
     assert!(e.to_string().contains("exists and is not a socket"), "{e}");
+}
+
+/// TLS to a database that requires it: scripts/test.sh gives PostgreSQL and
+/// MariaDB a server certificate of a CA it makes, and a user that may only
+/// log in over TLS with a client certificate of that CA. kine's flags get
+/// kubeshard in; without TLS, or trusting another CA, the start fails with
+/// an error naming the shard. `--skip-verify` (MySQL only, as in kine)
+/// encrypts without verifying.
+pub async fn database_requiring_tls(backend: Backend) {
+    use kubeshard_config::{DatabaseTls, Endpoint, ServerOptions};
+    let (var, plain) = match backend {
+        Backend::Postgres => ("KUBESHARD_TEST_POSTGRES_TLS_URL", "sslmode=disable"),
+        Backend::Mysql => ("KUBESHARD_TEST_MYSQL_TLS_URL", "ssl-mode=DISABLED"),
+        Backend::Sqlite => unreachable!("SQLite has no TLS"),
+    };
+    let (Ok(base), Ok(dir)) = (std::env::var(var), std::env::var("KUBESHARD_TEST_TLS_DIR")) else {
+        if std::env::var("KUBESHARD_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("{var} or KUBESHARD_TEST_TLS_DIR is not set but KUBESHARD_TEST_REQUIRE_ALL=1");
+        }
+        eprintln!("\n!!!!! SKIPPED: {var} is not set (scripts/test.sh sets it) !!!!!\n");
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let database = format!("ks_it_tls_{:016x}", rand::random::<u64>());
+    let raw = crate::support::with_database(&base, &database);
+    let tls = DatabaseTls {
+        ca_file: Some(dir.join("ca.crt")),
+        cert_file: Some(dir.join("client.crt")),
+        key_file: Some(dir.join("client.key")),
+        skip_verify: false,
+    };
+    let start = |endpoint: Endpoint| {
+        let mut options = ServerOptions::for_endpoint(endpoint, "127.0.0.1:0");
+        options.slow_sql = kubeshard_config::SlowSql::default();
+        kubeshard::start(options)
+    };
+
+    let endpoint = Endpoint::parse(&raw).unwrap().with_database_tls(&tls);
+    let server = start(endpoint)
+        .await
+        .unwrap_or_else(|e| panic!("over TLS with the test CA: {e}"));
+    let mut client = crate::support::connect(&server).await;
+    client.put("/dbtls/a", "1", None).await.expect("put");
+    let got = client.get("/dbtls/a", None).await.expect("get");
+    assert_eq!(got.kvs()[0].value(), b"1");
+    drop(client);
+    server.shutdown().await.unwrap();
+
+    let refused = |what: &str, e: kubeshard::ServeError, expected: &[&str]| {
+        let text = e.to_string();
+        assert!(text.contains("shard default"), "{what}: {text}");
+        assert!(
+            expected.iter().any(|x| text.to_lowercase().contains(x)),
+            "{what}: {text}"
+        );
+    };
+    let without = Endpoint::parse(&format!("{raw}?{plain}")).unwrap();
+    let Err(e) = start(without).await else {
+        panic!("logged in without TLS");
+    };
+    refused(
+        "without TLS",
+        e,
+        &["ssl", "tls", "denied", "reject", "authentication"],
+    );
+
+    let other = DatabaseTls {
+        ca_file: Some(dir.join("other-ca.crt")),
+        ..tls.clone()
+    };
+    let Err(e) = start(Endpoint::parse(&raw).unwrap().with_database_tls(&other)).await else {
+        panic!("trusted a server certificate of another CA");
+    };
+    refused("another CA", e, &["certificate", "unknownissuer"]);
+
+    if backend == Backend::Mysql {
+        let skip = DatabaseTls {
+            skip_verify: true,
+            ..other
+        };
+        let server = start(Endpoint::parse(&raw).unwrap().with_database_tls(&skip))
+            .await
+            .unwrap_or_else(|e| panic!("--skip-verify: {e}"));
+        server.shutdown().await.unwrap();
+    }
+    let admin = match backend {
+        Backend::Postgres => std::env::var("KUBESHARD_TEST_POSTGRES_URL"),
+        _ => std::env::var("KUBESHARD_TEST_MYSQL_URL"),
+    };
+    if let Ok(admin) = admin {
+        crate::support::drop_database(backend, &admin, &database);
+    }
 }
