@@ -213,7 +213,7 @@ setup_tls_files() {
         ssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=kubeshard_tls
         ssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
             -out client.crt -extfile client.ext
-        chmod 0644 ./*.crt client.key
+        chmod 0644 ./*.crt && chmod 0600 ./*.key
     ) || die "could not make the TLS files in $TLS_DIR (openssl)"
     info "made a CA, a server certificate for 127.0.0.1 and a client certificate (CN=kubeshard_tls)"
 }
