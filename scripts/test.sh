@@ -187,36 +187,57 @@ install_packages() {
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-# The test CA, server and client certificates (made once, kept).
+# The test CA, server and client certificates (made once, kept). Made in a
+# scratch folder and moved into place whole, so an interrupted run leaves
+# nothing a later run would take for finished.
+TLS_FILES=(ca.crt ca.key other-ca.crt server.crt server.key client.crt client.key)
 setup_tls_files() {
     phase "TLS files for the databases in $TLS_DIR"
-    if [[ -s $TLS_DIR/client.key && -s $TLS_DIR/other-ca.crt ]]; then
+    local f missing=0
+    for f in "${TLS_FILES[@]}"; do [[ -s $TLS_DIR/$f ]] || missing=1; done
+    if ((!missing)); then
         info "already there"
         return
     fi
-    install -d -m 0755 "$TLS_DIR"
-    (
-        cd "$TLS_DIR"
-        ssl() { openssl "$@" >/dev/null 2>&1; }
-        ssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
-            -subj /CN=kubeshard-test-database-ca
-        ssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.crt -days 3650 \
-            -subj /CN=kubeshard-test-other-ca
-        printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
-            'extendedKeyUsage=serverAuth' 'subjectAltName=IP:127.0.0.1,DNS:localhost' >server.ext
-        ssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost
-        ssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-            -out server.crt -extfile server.ext
-        printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
-            'extendedKeyUsage=clientAuth' >client.ext
-        # PostgreSQL's cert authentication takes the user name from the CN.
-        ssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=kubeshard_tls
-        ssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-            -out client.crt -extfile client.ext
-        chmod 0644 ./*.crt && chmod 0600 ./*.key
-    ) || die "could not make the TLS files in $TLS_DIR (openssl)"
+    local tmp
+    tmp="$(mktemp -d "${TLS_DIR%/}.new.XXXXXX")"
+    if ! make_tls_files "$tmp"; then
+        tail -n 20 "$tmp/openssl.log" >&2 || true
+        rm -rf "$tmp"
+        die "could not make the TLS files (openssl's output above)"
+    fi
+    for f in "${TLS_FILES[@]}"; do
+        [[ -s $tmp/$f ]] || { rm -rf "$tmp"; die "openssl made no $f"; }
+    done
+    chmod 0755 "$tmp"
+    rm -rf "$TLS_DIR"
+    mv "$tmp" "$TLS_DIR"
     info "made a CA, a server certificate for 127.0.0.1 and a client certificate (CN=kubeshard_tls)"
 }
+
+# make_tls_files DIR: every command must succeed (no set -e reliance).
+make_tls_files() {
+    local d=$1
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$d/ca.key" -out "$d/ca.crt" -days 3650 \
+        -subj /CN=kubeshard-test-database-ca 2>&1 || return 1
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$d/other-ca.key" -out "$d/other-ca.crt" \
+        -days 3650 -subj /CN=kubeshard-test-other-ca 2>&1 || return 1
+    printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
+        'extendedKeyUsage=serverAuth' 'subjectAltName=IP:127.0.0.1,DNS:localhost' >"$d/server.ext" || return 1
+    openssl req -newkey rsa:2048 -nodes -keyout "$d/server.key" -out "$d/server.csr" \
+        -subj /CN=localhost 2>&1 || return 1
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+        -days 3650 -out "$d/server.crt" -extfile "$d/server.ext" 2>&1 || return 1
+    printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
+        'extendedKeyUsage=clientAuth' >"$d/client.ext" || return 1
+    # PostgreSQL's cert authentication takes the user name from the CN.
+    openssl req -newkey rsa:2048 -nodes -keyout "$d/client.key" -out "$d/client.csr" \
+        -subj /CN=kubeshard_tls 2>&1 || return 1
+    openssl x509 -req -in "$d/client.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+        -days 3650 -out "$d/client.crt" -extfile "$d/client.ext" 2>&1 || return 1
+    # libpq refuses a client key others can read.
+    chmod 0644 "$d"/*.crt && chmod 0600 "$d"/*.key
+} >>"$1/openssl.log"
 
 # PostgreSQL serves TLS with the test server certificate; kubeshard_tls may
 # only log in over TLS with a client certificate (pg_hba 'cert').
@@ -237,6 +258,8 @@ EOF
     if ! grep -Eq '^[[:space:]]*hostssl[[:space:]]+all[[:space:]]+kubeshard_tls[[:space:]]' "$hba"; then
         info "adding kubeshard_tls rules (TLS with a client certificate, else reject) first in $hba"
         sed -i '0,/^[[:space:]]*local[[:space:]]/s//hostssl all             kubeshard_tls   127.0.0.1\/32            cert\nhost    all             kubeshard_tls   all                     reject\n&/' "$hba"
+        grep -Eq '^[[:space:]]*hostssl[[:space:]]+all[[:space:]]+kubeshard_tls[[:space:]]' "$hba" ||
+            die "could not add the kubeshard_tls rules to $hba (no 'local' line to put them before)"
     fi
     without_extra_fds pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload </dev/null >&2
     pg_psql_admin <<'EOF'
@@ -244,7 +267,12 @@ SELECT 'CREATE ROLE kubeshard_tls' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHER
 \gexec
 ALTER ROLE kubeshard_tls WITH LOGIN SUPERUSER CREATEDB;
 EOF
-    [[ $(pg_psql_admin -At -c 'SHOW ssl') == on ]] || die "PostgreSQL did not turn TLS on (see its log)"
+    # A reload is a signal: wait until the server has read the settings.
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until [[ $(pg_psql_admin -At -c 'SHOW ssl') == on ]]; do
+        ((SECONDS < deadline)) || die "PostgreSQL did not turn TLS on within ${WAIT_SECONDS}s (see its log)"
+        sleep 0.2
+    done
     info "TLS on; role kubeshard_tls logs in with a client certificate only"
 }
 
@@ -332,11 +360,15 @@ mysql_admin() {
     mariadb --protocol=socket --socket="$MYSQL_SOCKET" -uroot "$@"
 }
 
-# Starts mariadbd detached, with TLS from the test CA, and waits for it.
-start_mariadbd() {
+install_mariadb_tls_files() {
     install -d -o mysql -g mysql -m 0700 /etc/mysql/kubeshard-tls
     install -o mysql -g mysql -m 0644 "$TLS_DIR/server.crt" "$TLS_DIR/ca.crt" /etc/mysql/kubeshard-tls/
     install -o mysql -g mysql -m 0600 "$TLS_DIR/server.key" /etc/mysql/kubeshard-tls/
+}
+
+# Starts mariadbd detached, with TLS from the test CA, and waits for it.
+start_mariadbd() {
+    install_mariadb_tls_files
     info "starting mariadbd (log: $MYSQL_LOG)"
     # Detached (own session, no inherited stdio or other descriptors) so
     # that it survives this script and does not keep a CI log pipe open.
@@ -393,7 +425,11 @@ EOF
     else
         info "already answering"
     fi
-    if [[ $(mysql_admin -N -B -e 'SELECT @@have_ssl') != YES ]]; then
+    # The certificates of this run (the TLS folder may have been made anew).
+    install_mariadb_tls_files
+    if [[ $(mysql_admin -N -B -e 'SELECT @@have_ssl') == YES ]]; then
+        mysql_admin -e 'FLUSH SSL' || die "MariaDB could not reload its TLS files"
+    else
         # TLS settings are read at start-up only.
         info "restarting mariadbd with TLS (its settings are read at start-up)"
         mysql_admin -e 'SHUTDOWN' || die "could not stop MariaDB to turn TLS on"

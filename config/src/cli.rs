@@ -148,7 +148,11 @@ pub struct Cli {
 
     /// How often (ms) each shard looks for writes made by other kubeshard
     /// processes sharing its database. Writes through this process are seen at once.
-    #[arg(long, default_value_t = 100)]
+    #[arg(
+        long,
+        default_value_t = 100,
+        conflicts_with = "datastore_poll_interval"
+    )]
     pub watch_poll_interval_ms: u64,
 
     /// How often (ms) expired leases are looked for.
@@ -157,7 +161,11 @@ pub struct Cli {
 
     /// Interval (s) of the progress notifications sent to watches that asked
     /// for them (etcd's default is 10 minutes).
-    #[arg(long, default_value_t = 600)]
+    #[arg(
+        long,
+        default_value_t = 600,
+        conflicts_with = "watch_progress_notify_interval"
+    )]
     pub progress_notify_interval_secs: u64,
 
     /// Largest request accepted, in bytes (etcd's --max-request-bytes).
@@ -206,13 +214,13 @@ pub struct Cli {
     pub compact_min_retain: i64,
 
     /// kine's name for the progress-notify interval, in Go's form (5s,
-    /// 10m); wins over --progress-notify-interval-secs when given.
+    /// 10m); give it or --progress-notify-interval-secs.
     #[arg(long, env = "KUBESHARD_WATCH_PROGRESS_NOTIFY_INTERVAL", value_name = "DURATION",
           value_parser = parse_go_duration)]
     pub watch_progress_notify_interval: Option<Duration>,
 
     /// kine's name for the watch poll interval, in Go's form (100ms, 1s);
-    /// wins over --watch-poll-interval-ms when given.
+    /// give it or --watch-poll-interval-ms.
     #[arg(long, env = "KUBESHARD_DATASTORE_POLL_INTERVAL", value_name = "DURATION",
           value_parser = parse_go_duration)]
     pub datastore_poll_interval: Option<Duration>,
@@ -384,12 +392,25 @@ fn parse_etcd_version(text: &str) -> Result<String, String> {
 }
 
 /// The connection pool of each shard.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSettings {
     /// None: the default size.
     pub max_connections: Option<u32>,
+    /// None: no limit.
     pub max_lifetime: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+}
+
+/// The command line's defaults (kine's): no lifetime limit, idle
+/// connections closed after 2 minutes.
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: None,
+            max_lifetime: None,
+            idle_timeout: Some(Duration::from_secs(120)),
+        }
+    }
 }
 
 /// Which database calls are logged as slow (`--slow-sql-*`, kine's rule).
@@ -1012,6 +1033,42 @@ mod tests {
             panic!("KINE_DEBUG=yes accepted");
         };
         assert!(e.contains("invalid boolean \"yes\""), "{e}");
+    }
+
+    #[test]
+    fn a_kine_variable_does_not_beat_the_command_line() {
+        let env = [
+            ("KINE_DATASTORE_POLL_INTERVAL", "1s"),
+            ("KINE_WATCH_PROGRESS_NOTIFY_INTERVAL", "5s"),
+            ("KINE_ENDPOINT", "postgres://u:p@db:5432/k"),
+        ];
+        let Ok(cli) = crate::kine::parse_with_kine_env(
+            [
+                "kubeshard",
+                "--watch-poll-interval-ms=250",
+                "--progress-notify-interval-secs=60",
+                "--config=t.toml",
+            ],
+            |name| {
+                env.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            },
+        ) else {
+            panic!("refused");
+        };
+        assert_eq!(cli.datastore_poll_interval, None);
+        assert_eq!(cli.watch_progress_notify_interval, None);
+        assert_eq!(cli.endpoint, None);
+        assert!(
+            Cli::try_parse_from([
+                "kubeshard",
+                "--watch-poll-interval-ms=5",
+                "--datastore-poll-interval=1s"
+            ])
+            .is_err(),
+            "both forms of one setting accepted"
+        );
     }
 
     #[test]

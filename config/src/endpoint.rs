@@ -182,12 +182,24 @@ impl Endpoint {
     /// `ssl-cert`, `ssl-key` and `ssl-mode` (`VERIFY_IDENTITY`, or
     /// `REQUIRED` with `--skip-verify`).
     pub fn with_database_tls(self, tls: &DatabaseTls) -> Endpoint {
-        let files = [
-            (&tls.ca_file, ["sslrootcert", "ssl-ca"]),
-            (&tls.cert_file, ["sslcert", "ssl-cert"]),
-            (&tls.key_file, ["sslkey", "ssl-key"]),
+        // Each setting under every name sqlx accepts for it; the one
+        // written first is what the URL's own parameter would be called.
+        const POSTGRES: [&[&str]; 4] = [
+            &["sslrootcert", "ssl-root-cert", "ssl-ca"],
+            &["sslcert", "ssl-cert"],
+            &["sslkey", "ssl-key"],
+            &["sslmode", "ssl-mode"],
         ];
-        if files.iter().all(|(file, _)| file.is_none()) {
+        const MYSQL: [&[&str]; 4] = [
+            &["ssl-ca", "sslca"],
+            &["ssl-cert", "sslcert"],
+            &["ssl-key", "sslkey"],
+            &["ssl-mode", "sslmode"],
+        ];
+        let files = [&tls.ca_file, &tls.cert_file, &tls.key_file];
+        // libpq and the MySQL clients use no TLS over a Unix socket.
+        let over_socket = self.server().is_some_and(|s| s.starts_with("unix:"));
+        if files.iter().all(|file| file.is_none()) || over_socket {
             return self;
         }
         let (mut url, database, postgres) = match self {
@@ -195,31 +207,32 @@ impl Endpoint {
             Endpoint::Postgres { url, database } => (url, database, true),
             Endpoint::Mysql { url, database } => (url, database, false),
         };
-        let has = |url: &Url, key: &str| url.query_pairs().any(|(k, _)| k == key);
+        let names = if postgres { POSTGRES } else { MYSQL };
+        let has = |url: &Url, keys: &[&str]| url.query_pairs().any(|(k, _)| keys.contains(&&*k));
         let mut added = false;
-        for (file, keys) in files {
-            let key = keys[usize::from(!postgres)];
+        for (file, keys) in files.into_iter().zip(names) {
             if let Some(file) = file
-                && !has(&url, key)
+                && !has(&url, keys)
             {
                 url.query_pairs_mut()
-                    .append_pair(key, &file.display().to_string());
+                    .append_pair(keys[0], &file.display().to_string());
                 added = true;
             }
         }
+        let mode = names[3];
         if postgres {
-            if added && !has(&url, "sslmode") {
-                url.query_pairs_mut().append_pair("sslmode", "verify-full");
+            if added && !has(&url, mode) {
+                url.query_pairs_mut().append_pair(mode[0], "verify-full");
             }
             Endpoint::Postgres { url, database }
         } else {
-            if !has(&url, "ssl-mode") {
-                let mode = if tls.skip_verify {
+            if !has(&url, mode) {
+                let value = if tls.skip_verify {
                     "REQUIRED"
                 } else {
                     "VERIFY_IDENTITY"
                 };
-                url.query_pairs_mut().append_pair("ssl-mode", mode);
+                url.query_pairs_mut().append_pair(mode[0], value);
             }
             Endpoint::Mysql { url, database }
         }
@@ -480,6 +493,26 @@ mod tests {
         assert!(
             query(&e.with_database_tls(&skip)).contains(&("ssl-mode".into(), "REQUIRED".into()))
         );
+        // sqlx's other names for a setting count as the URL saying so.
+        assert_eq!(
+            query(&parse("postgres://u:p@db:5432/k?ssl-mode=disable")),
+            pairs(&[
+                ("ssl-mode", "disable"),
+                ("sslrootcert", "/pki/ca.crt"),
+                ("sslcert", "/pki/client.crt"),
+                ("sslkey", "/pki/client.key"),
+            ])
+        );
+        // No TLS over Unix sockets, as libpq and the MySQL clients.
+        for socket in [
+            "postgres://u:p@/k?host=/run/postgresql",
+            "mysql://u:p@unix(/run/mysqld/mysqld.sock)/k",
+        ] {
+            let Ok(e) = Endpoint::parse(socket) else {
+                panic!("{socket} refused");
+            };
+            assert_eq!(e.clone().with_database_tls(&tls), e, "{socket}");
+        }
         // No file given: nothing changes (kine ignores --skip-verify alone).
         let Ok(e) = Endpoint::parse("mysql://u:p@tcp(db:3306)/k") else {
             panic!("refused");

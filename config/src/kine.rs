@@ -51,6 +51,17 @@ const KINE_VARIABLES: &[&str] = &[
     "debug",
 ];
 
+/// kine's flag and the kubeshard flag that sets the same thing: a `KINE_*`
+/// variable does not fill the first when the second was given.
+const SAME_SETTING: &[(&str, &str)] = &[
+    ("datastore-poll-interval", "watch_poll_interval_ms"),
+    (
+        "watch-progress-notify-interval",
+        "progress_notify_interval_secs",
+    ),
+    ("endpoint", "config"),
+];
+
 /// `--listen-address` becomes `KINE_LISTEN_ADDRESS`.
 pub fn variable(flag: &str) -> String {
     format!("KINE_{}", flag.to_uppercase().replace('-', "_"))
@@ -72,7 +83,10 @@ where
     let mut from_kine = Vec::new();
     for flag in KINE_VARIABLES {
         let id = flag.replace('-', "_");
-        if !left_at_default(&matches, &id) {
+        let partner_given = SAME_SETTING
+            .iter()
+            .any(|(kine, ours)| kine == flag && !left_at_default(&matches, ours));
+        if !left_at_default(&matches, &id) || partner_given {
             continue;
         }
         if let Some(value) = env(&variable(flag)) {

@@ -5,8 +5,9 @@
 //!
 //! - live: every shard's writer and watch poller run. A database that does
 //!   not answer is not a reason to restart the router; a dead writer is.
-//! - ready: live, not stopping (so a load balancer drains a router given
-//!   SIGTERM), and every shard's database answers a read.
+//! - ready: live, not stopping, and every shard's database answers a read.
+//!   A router given SIGTERM stops accepting at once (as etcd does); its
+//!   readiness turns false for whatever probes it until it is gone.
 //! - /health: not stopping and every shard's database answers, with etcd's
 //!   `RANGE ERROR:` reason naming the shard.
 

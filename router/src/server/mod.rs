@@ -143,6 +143,8 @@ pub struct RunningServer {
     metrics_task: Option<JoinHandle<()>>,
     shutdown: Option<oneshot::Sender<()>>,
     join: JoinHandle<Result<(), ServeError>>,
+    /// Lease expiry and purges; automatic compaction when configured.
+    background: Vec<JoinHandle<()>>,
     core: Arc<Core>,
 }
 
@@ -182,11 +184,16 @@ impl RunningServer {
                 Ok(())
             }
             Err(_) => {
-                warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period; closing them");
+                // Their connections' tasks end with the process (the
+                // binary exits next); embedded, they end with the runtime.
+                warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period; no longer waiting for them");
                 self.join.abort();
                 Ok(())
             }
         };
+        for task in self.background.drain(..) {
+            task.abort();
+        }
         if let Some(task) = self.metrics_task.take() {
             task.abort();
         }
@@ -341,10 +348,6 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
                 router.serve_with_incoming_shutdown(incoming, stopped).await
             }
         };
-        background.abort();
-        if let Some(task) = auto_compaction {
-            task.abort();
-        }
         served.map_err(ServeError::Transport)
     });
     Ok(RunningServer {
@@ -353,6 +356,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         metrics_task,
         shutdown: Some(shutdown_tx),
         join,
+        background: std::iter::once(background).chain(auto_compaction).collect(),
         core,
     })
 }

@@ -430,6 +430,19 @@ pub async fn unix_socket_serves_the_etcd_api(ctx: Ctx) {
         .expect("range over the Unix socket")
         .into_inner();
     assert_eq!(got.kvs[0].value, b"1");
+    // A socket a router serves on is not taken over by another.
+    let mut second = ctx.options();
+    second.listen_address = listen.clone();
+    let Err(e) = kubeshard::start(second).await else {
+        panic!("a second router took over a served socket");
+    };
+    assert!(e.to_string().contains("served by another process"), "{e}");
+    kv.put(PutRequest {
+        key: b"/unix/b".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("the first router still serves");
     server.shutdown().await.unwrap();
     assert!(!path.exists(), "socket left behind after the stop");
 
