@@ -26,18 +26,23 @@
 #   3. Start MariaDB on 127.0.0.1:3306 with max_connections=300 and a user
 #      kubeshard/kubeshard (@'%', @'localhost', @'127.0.0.1') with ALL
 #      PRIVILEGES ON *.*.
+#   Both serve TLS with a certificate of a CA made once in
+#   /etc/kubeshard-test-tls, and have a user kubeshard_tls that may only log
+#   in over TLS with that CA's client certificate.
 #   4. Export KUBESHARD_TEST_POSTGRES_URL, KUBESHARD_TEST_MYSQL_URL (and the
-#      same through Unix sockets, *_SOCKET_URL), ETCD_BIN,
+#      same through Unix sockets, *_SOCKET_URL; kubeshard_tls's, *_TLS_URL,
+#      and KUBESHARD_TEST_TLS_DIR), ETCD_BIN,
 #      ETCDCTL_BIN and KUBESHARD_TEST_REQUIRE_ALL=1 (a missing backend makes
 #      the tests fail instead of skip).
 #   5. cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test.
 #   6. Kubernetes' own code against kubeshard (needs Go; binaries are cached in
 #      ${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}): the apiserver storage
 #      suite (scripts/kube-storage.sh), then kube-apiserver end to end
-#      (scripts/kube-e2e.sh), then the [Conformance] specs of Kubernetes'
-#      sig-api-machinery e2e suite on etcd and on six kubeshard shards, with
+#      (scripts/kube-e2e.sh), then the [Conformance] specs of five SIGs of
+#      Kubernetes' e2e suite on etcd and on six kubeshard shards, with
 #      kwok's fake nodes in a private network namespace
-#      (scripts/kube-conformance-check.sh).
+#      (scripts/kube-conformance-check.sh), then the packaging in deploy/
+#      (scripts/packaging-check.sh: systemd-analyze, helm, kubeconform).
 #
 # Servers started by this script are deliberately LEFT RUNNING when it exits:
 # the machine is throwaway, a second run (or a developer's `cargo test`) reuses
@@ -532,6 +537,8 @@ if ((kubernetes)); then
     scripts/kube-e2e.sh
     phase "Kubernetes: e2e conformance specs on etcd and on sharded kubeshard (kwok, private network namespace)"
     scripts/kube-conformance-check.sh
+    phase "packaging: systemd unit, static pod, Helm chart (helm lint, kubeconform)"
+    scripts/packaging-check.sh
 fi
 
 phase "all tests passed"
