@@ -122,22 +122,9 @@ class Cluster:
         (kine's names) and kube-apiserver's."""
         self.openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "etcd-ca.key",
                      "-out", "etcd-ca.crt", "-days", "2", "-subj", "/CN=kubeshard-e2e-etcd-ca")
-        self.openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "etcd-server.key",
-                     "-out", "etcd-server.csr", "-subj", "/CN=kubeshard")
-        (self.work / "server-ext.cnf").write_text(
-            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        self.openssl("x509", "-req", "-in", "etcd-server.csr", "-CA", "etcd-ca.crt",
-                     "-CAkey", "etcd-ca.key", "-CAcreateserial", "-out", "etcd-server.crt",
-                     "-days", "2", "-extfile", "server-ext.cnf")
-        self.openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "etcd-client.key",
-                     "-out", "etcd-client.csr", "-subj", "/CN=kube-apiserver-etcd-client")
-        (self.work / "client-ext.cnf").write_text(
-            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=clientAuth\n")
-        self.openssl("x509", "-req", "-in", "etcd-client.csr", "-CA", "etcd-ca.crt",
-                     "-CAkey", "etcd-ca.key", "-CAcreateserial", "-out", "etcd-client.crt",
-                     "-days", "2", "-extfile", "client-ext.cnf")
+        self.signed("etcd-server", "/CN=kubeshard", "serverAuth",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        self.signed("etcd-client", "/CN=kube-apiserver-etcd-client", "clientAuth")
         w = self.work
         server = [f"--server-cert-file={w / 'etcd-server.crt'}",
                   f"--server-key-file={w / 'etcd-server.key'}",
@@ -146,6 +133,18 @@ class Cluster:
                      f"--etcd-certfile={w / 'etcd-client.crt'}",
                      f"--etcd-keyfile={w / 'etcd-client.key'}"]
         return server, apiserver
+
+    def signed(self, name, subject, usage, extra=""):
+        """NAME.crt / NAME.key for SUBJECT, signed by etcd-ca, for USAGE
+        (serverAuth or clientAuth)."""
+        self.openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                     "-out", f"{name}.csr", "-subj", subject)
+        (self.work / f"{name}.ext").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage={usage}\n{extra}")
+        self.openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "etcd-ca.crt",
+                     "-CAkey", "etcd-ca.key", "-CAcreateserial", "-out", f"{name}.crt",
+                     "-days", "2", "-extfile", f"{name}.ext")
 
     def write_kubeconfig(self, port):
         self.server = f"https://127.0.0.1:{port}"

@@ -351,11 +351,22 @@ async fn unix_channel(path: PathBuf) -> tonic::transport::Channel {
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
+    channel_with(connector, "the Unix socket").await
+}
+
+/// A channel whose connections `connector` makes (the URI is not used).
+async fn channel_with<C>(connector: C, over: &str) -> tonic::transport::Channel
+where
+    C: tower::Service<http::Uri> + Send + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+    C::Future: Send + 'static,
+    C::Error: std::error::Error + Send + Sync + 'static,
+{
     tonic::transport::Endpoint::try_from("http://kubeshard.sock")
         .unwrap()
         .connect_with_connector(connector)
         .await
-        .expect("connect over the Unix socket")
+        .unwrap_or_else(|e| panic!("connect over {over}: {e}"))
 }
 
 /// The same with TLS trusting `ca_pem` (what `unixs://PATH` means to etcd's
@@ -383,11 +394,7 @@ async fn unix_tls_channel(path: PathBuf, ca_pem: String) -> tonic::transport::Ch
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    tonic::transport::Endpoint::try_from("http://kubeshard.sock")
-        .unwrap()
-        .connect_with_connector(connector)
-        .await
-        .expect("connect over TLS on the Unix socket")
+    channel_with(connector, "TLS on the Unix socket").await
 }
 
 /// kine's `unix://PATH`: the etcd API on a Unix socket, plain and with TLS;
