@@ -305,7 +305,23 @@ impl KubeshardServer {
             }
         };
         let args = vec!["--endpoint".to_string(), endpoint_url.clone()];
-        Some(Self::spawn(backend, args, vec![endpoint_url], dir).await)
+        Some(Self::spawn(backend, args, Vec::new(), vec![endpoint_url], dir).await)
+    }
+
+    /// Starts kubeshard with these arguments and environment variables (a
+    /// kine command line), besides the listen and metrics addresses.
+    /// `databases`: URLs of the databases to drop afterwards.
+    pub async fn start_with(
+        backend: Backend,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        databases: Vec<String>,
+    ) -> KubeshardServer {
+        let dir = tempfile::Builder::new()
+            .prefix("kubeshard-server-")
+            .tempdir()
+            .expect("create a temporary directory for kubeshard");
+        Self::spawn(backend, args, env, databases, dir).await
     }
 
     /// Starts kubeshard with `--config` on [`SHARDED_TOPOLOGY`], shard i on
@@ -343,12 +359,13 @@ impl KubeshardServer {
         let config = dir.path().join("topology.toml");
         std::fs::write(&config, toml).expect("write the topology file");
         let args = vec!["--config".to_string(), config.display().to_string()];
-        Some(Self::spawn(backends[0], args, urls, dir).await)
+        Some(Self::spawn(backends[0], args, Vec::new(), urls, dir).await)
     }
 
     async fn spawn(
         backend: Backend,
         args: Vec<String>,
+        env: Vec<(String, String)>,
         endpoint_urls: Vec<String>,
         dir: TempDir,
     ) -> KubeshardServer {
@@ -365,6 +382,7 @@ impl KubeshardServer {
                 // Several servers run at once: each gets its own metrics port.
                 .arg("--metrics-bind-address")
                 .arg("127.0.0.1:0")
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 // Plain logs in the captured file (tracing-subscriber honours it).
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())

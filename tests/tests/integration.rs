@@ -152,3 +152,109 @@ async fn differential_etcd_vs_etcd() {
     let b = EtcdServer::start(&tools).await;
     assert_differential(test, &a, &b, &tools, out_dir()).await;
 }
+
+/// kine's command lines as its and k3s's documentation write them start
+/// kubeshard, which then serves: kine's examples/minimal.md (MySQL with TLS
+/// to the database and a client certificate), kine's test-run-postgres
+/// (`sslmode=disable` in the URL), and the `KINE_*` variable form. The TLS
+/// databases are the ones scripts/test.sh sets up (a user that may only log
+/// in with the test CA's client certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kine_documented_command_lines_start() {
+    let test = "kine_documented_command_lines_start";
+    let vars = [
+        "KUBESHARD_TEST_MYSQL_TLS_URL",
+        "KUBESHARD_TEST_TLS_DIR",
+        "KUBESHARD_TEST_POSTGRES_URL",
+        "KUBESHARD_TEST_MYSQL_URL",
+    ];
+    let Ok(values) = vars
+        .iter()
+        .map(std::env::var)
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        kubeshard_tests::env::skip::<()>(
+            test,
+            "the TLS databases of scripts/test.sh are not set up",
+        );
+        return;
+    };
+    let [mysql_tls, tls_dir, postgres, mysql] =
+        <[String; 4]>::try_from(values).expect("four values");
+    let tls_dir = Path::new(&tls_dir);
+    let stamp = format!("{:08x}", std::process::id());
+    let database = |base: &str, name: &str| {
+        format!(
+            "{}/ks_kine_{stamp}_{name}",
+            base.rsplit_once('/').expect("URL with a path").0
+        )
+    };
+    // The kine DSN form: user:pass@tcp(host:port)/db.
+    let kine_mysql = {
+        let db = database(&mysql_tls, "mysql");
+        let (scheme, rest) = db.split_once("://").expect("URL");
+        let (user, rest) = rest.split_once('@').expect("user");
+        let (host, path) = rest.split_once('/').expect("path");
+        format!("{scheme}://{user}@tcp({host})/{path}")
+    };
+    let file = |name: &str| tls_dir.join(name).display().to_string();
+    // Backend, arguments, environment, the database to drop afterwards.
+    type Line = (Backend, Vec<String>, Vec<(String, String)>, String);
+    let lines: Vec<Line> = vec![
+        (
+            Backend::Mysql,
+            vec![
+                "--endpoint".into(),
+                kine_mysql,
+                "--ca-file".into(),
+                file("ca.crt"),
+                "--cert-file".into(),
+                file("client.crt"),
+                "--key-file".into(),
+                file("client.key"),
+            ],
+            vec![],
+            database(&mysql, "mysql"),
+        ),
+        (
+            Backend::Postgres,
+            vec![
+                "--endpoint".into(),
+                format!("{}?sslmode=disable", database(&postgres, "pg")),
+            ],
+            vec![],
+            database(&postgres, "pg"),
+        ),
+        (
+            Backend::Postgres,
+            vec![],
+            vec![
+                ("KINE_ENDPOINT".into(), database(&postgres, "env")),
+                ("KINE_METRICS_IGNORE_TLS_CONFIG".into(), "true".into()),
+                ("KINE_COMPACT_INTERVAL".into(), "5m".into()),
+                ("KINE_LOG_FORMAT".into(), "json".into()),
+            ],
+            database(&postgres, "env"),
+        ),
+    ];
+    for (backend, args, env, drop_url) in lines {
+        let shown = format!("{args:?} {env:?}");
+        let server = KubeshardServer::start_with(backend, args, env, vec![drop_url.clone()]).await;
+        let mut client = kubeshard_tests::server::connect(&server.endpoint())
+            .await
+            .unwrap_or_else(|e| panic!("{shown}: connect: {e}"));
+        client
+            .put("/kine/line", "started", None)
+            .await
+            .unwrap_or_else(|e| panic!("{shown}: put: {e}\n{}", server.log_tail()));
+        let got = client.get("/kine/line", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"started", "{shown}");
+        // Served from the database the line names (not a default one).
+        let name = drop_url.rsplit('/').next().unwrap_or_default();
+        assert!(
+            server.log_tail().contains(name),
+            "{shown}: the log does not name {name}:\n{}",
+            server.log_tail()
+        );
+    }
+}
