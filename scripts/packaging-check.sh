@@ -60,7 +60,8 @@ mport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 pid=$!
 ready=""
 for _ in $(seq 100); do
-  ready=$(curl -s "http://127.0.0.1:$mport/readyz" || true)
+  ready=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode().strip())' \
+    "http://127.0.0.1:$mport/readyz" 2>/dev/null || true)
   [[ $ready == ok ]] && break
   sleep 0.1
 done
