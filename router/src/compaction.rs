@@ -117,7 +117,10 @@ async fn compact_once(core: &Arc<Core>, min_retain: i64) -> Result<Option<i64>, 
     if target <= compacted {
         return Ok(None);
     }
-    match compact(core, target, false).await {
+    // The history is removed within the round (and its timeout), so that
+    // slow purges cannot pile up round after round; one cut short is
+    // finished by the background task that completes compactions.
+    match compact(core, target, true).await {
         Ok(_) => Ok(Some(target)),
         // Another router got there first.
         Err(status) if status.message() == EtcdError::Compacted.message() => Ok(None),
