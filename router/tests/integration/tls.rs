@@ -54,6 +54,16 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// Serving TLS from a certificate and key written to `dir` (server.crt,
+/// server.key), client certificates required when `trusted` is given.
+fn serving(dir: &Path, (cert, key): (&str, &str), trusted: Option<PathBuf>) -> ServerTls {
+    ServerTls {
+        cert_file: write(dir, "server.crt", cert),
+        key_file: write(dir, "server.key", key),
+        trusted_ca_file: trusted,
+    }
+}
+
 /// A client that has made one request, or the error of connecting or of
 /// that request.
 async fn client(
@@ -132,11 +142,11 @@ pub async fn mutual_tls_refuses_other_clients(ctx: Ctx) {
     let dir = tempfile::tempdir().unwrap();
     let (ca, other) = (Ca::new("kubeshard test CA"), Ca::new("another CA"));
     let (cert, key) = ca.issue(&["localhost", "127.0.0.1"]);
-    let tls = ServerTls {
-        cert_file: write(dir.path(), "server.crt", &cert),
-        key_file: write(dir.path(), "server.key", &key),
-        trusted_ca_file: Some(write(dir.path(), "ca.crt", &ca.pem())),
-    };
+    let tls = serving(
+        dir.path(),
+        (&cert, &key),
+        Some(write(dir.path(), "ca.crt", &ca.pem())),
+    );
     let server = ctx.start_server(|o| o.tls = Some(tls)).await;
     let (client_cert, client_key) = ca.issue(&["kube-apiserver-etcd-client"]);
     let (stranger_cert, stranger_key) = other.issue(&["kube-apiserver-etcd-client"]);
@@ -232,11 +242,7 @@ pub async fn metrics_can_stay_plain(ctx: Ctx) {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("kubeshard test CA");
     let (cert, key) = ca.issue(&["127.0.0.1"]);
-    let tls = ServerTls {
-        cert_file: write(dir.path(), "server.crt", &cert),
-        key_file: write(dir.path(), "server.key", &key),
-        trusted_ca_file: None,
-    };
+    let tls = serving(dir.path(), (&cert, &key), None);
     let server = ctx
         .start_server(|o| {
             o.tls = Some(tls);
@@ -260,11 +266,7 @@ pub async fn rotated_certificates_need_no_restart(ctx: Ctx) {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("kubeshard test CA");
     let (first, first_key) = ca.issue(&["127.0.0.1"]);
-    let tls = ServerTls {
-        cert_file: write(dir.path(), "server.crt", &first),
-        key_file: write(dir.path(), "server.key", &first_key),
-        trusted_ca_file: None,
-    };
+    let tls = serving(dir.path(), (&first, &first_key), None);
     let (cert_file, key_file) = (tls.cert_file.clone(), tls.key_file.clone());
     let server = ctx.start_server(|o| o.tls = Some(tls)).await;
     let addr = server.local_addr().expect("a TCP address");
@@ -456,11 +458,7 @@ pub async fn unix_socket_serves_the_etcd_api(ctx: Ctx) {
     // TLS on the socket.
     let ca = Ca::new("kubeshard test CA");
     let (cert, key) = ca.issue(&["localhost"]);
-    let tls = ServerTls {
-        cert_file: write(dir.path(), "server.crt", &cert),
-        key_file: write(dir.path(), "server.key", &key),
-        trusted_ca_file: None,
-    };
+    let tls = serving(dir.path(), (&cert, &key), None);
     let server = ctx
         .start_server(|o| {
             o.listen_address = listen.clone();
