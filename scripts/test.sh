@@ -18,8 +18,8 @@
 #
 # Steps:
 #   1. apt-get install postgresql, mariadb-server, etcd-server, etcd-client,
-#      protobuf-compiler, libprotobuf-dev (apt-get update only if something is
-#      missing).
+#      protobuf-compiler, libprotobuf-dev, prometheus (apt-get update only if
+#      something is missing; Prometheus is only run by the dashboard check).
 #   2. Start PostgreSQL (Debian cluster "15 main") on 127.0.0.1:5432 with
 #      max_connections=1200 (room for kine in the benchmarks) and a SUPERUSER
 #      role kubeshard/kubeshard.
@@ -34,7 +34,9 @@
 #      and KUBESHARD_TEST_TLS_DIR), ETCD_BIN,
 #      ETCDCTL_BIN and KUBESHARD_TEST_REQUIRE_ALL=1 (a missing backend makes
 #      the tests fail instead of skip).
-#   5. cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test.
+#   5. cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test;
+#      then the Grafana dashboard against a live Prometheus scraping two
+#      routers under load (scripts/dashboard-check.sh).
 #   6. Kubernetes' own code against kubeshard (needs Go; binaries are cached in
 #      ${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}): the apiserver storage
 #      suite (scripts/kube-storage.sh), then kube-apiserver end to end
@@ -77,7 +79,7 @@ MAX_CONNECTIONS=300
 PG_MAX_CONNECTIONS=1200
 WAIT_SECONDS="${KUBESHARD_SETUP_WAIT_SECONDS:-90}"
 
-APT_PACKAGES=(postgresql mariadb-server etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+APT_PACKAGES=(postgresql mariadb-server etcd-server etcd-client protobuf-compiler libprotobuf-dev prometheus)
 
 export KUBESHARD_TEST_POSTGRES_URL="postgres://kubeshard:kubeshard@127.0.0.1:${PG_PORT}/postgres"
 export KUBESHARD_TEST_MYSQL_URL="mysql://kubeshard:kubeshard@127.0.0.1:${MYSQL_PORT}/mysql"
@@ -528,6 +530,9 @@ cargo build --workspace --bins "${locked[@]}"
 
 phase "cargo test --workspace ${locked[*]} ${cargo_test_args[*]}"
 cargo test --workspace "${locked[@]}" "${cargo_test_args[@]}"
+
+phase "dashboard: every panel query answered by a live Prometheus scraping two routers under load"
+scripts/dashboard-check.sh
 
 if ((kubernetes)); then
     command -v go >/dev/null || die "go not found in PATH (the Kubernetes tests build Kubernetes' own code)"

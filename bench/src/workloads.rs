@@ -543,6 +543,16 @@ async fn watch(
                     }
                     message = tokio::time::timeout_at(give_up, stream.message()) => {
                         let Ok(Ok(Some(resp))) = message else { break };
+                        if resp.canceled() {
+                            // Compacted past it while it lagged, for one:
+                            // what it misses then is not lost by the server.
+                            seen.result.failed(format!(
+                                "watch canceled: {} (compact revision {})",
+                                resp.cancel_reason(),
+                                resp.compact_revision()
+                            ));
+                            break;
+                        }
                         let now = now_us();
                         for e in resp.events() {
                             seen.events += 1;

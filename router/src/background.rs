@@ -49,12 +49,6 @@ pub fn spawn(core: Arc<Core>) -> JoinHandle<()> {
 }
 
 async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
-    for (_, shard) in core.shards.all() {
-        if let Ok(revs) = shard.store.revisions().await {
-            core.metrics
-                .set_shard_revisions(&shard.name, revs.current, revs.compacted);
-        }
-    }
     let store = &core.shards.default_shard().store;
     let now = now_ms();
     match store

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use futures::future::join_all;
 use kubeshard_config::{ShardId, Topology};
 use kubeshard_shard_worker::{
-    RevisionClass, Shard, ShardError, ShardSettings, WriteRequest, WriteResponse,
+    RevisionClass, Shard, ShardError, ShardObserver, ShardSettings, WriteRequest, WriteResponse,
 };
 use tracing::{debug, info};
 
@@ -48,9 +48,11 @@ pub struct OpenError {
 impl Shards {
     /// Opens every shard of `topology` (creating databases when missing),
     /// in parallel, and sets the floor to the highest counter among them.
+    /// `observer` gives each shard, by name, what hears of its work.
     pub async fn open(
         topology: Topology,
         settings: &ShardSettings,
+        observer: impl Fn(&str) -> Arc<dyn ShardObserver>,
     ) -> Result<Arc<Shards>, OpenError> {
         let count = topology.shards().len();
         let opening = topology.shards().iter().enumerate().map(|(i, spec)| {
@@ -58,8 +60,9 @@ impl Shards {
             // A shard's own pool size in the topology file wins.
             let mut settings = settings.clone();
             settings.pool.max_connections = spec.max_connections.or(settings.pool.max_connections);
+            let observer = observer(&spec.name);
             async move {
-                Shard::open(&spec.name, &spec.endpoint, class, &settings)
+                Shard::open(&spec.name, &spec.endpoint, class, &settings, Some(observer))
                     .await
                     .map_err(|error| OpenError {
                         shard: spec.name.clone(),

@@ -8,6 +8,7 @@ pub mod dialect;
 pub mod error;
 pub mod keys;
 pub mod labels;
+pub mod observe;
 pub mod store;
 pub mod watch;
 pub mod writer;
@@ -15,9 +16,10 @@ pub mod writer;
 pub use connect::{open_store, open_store_with};
 pub use error::{Result, ShardError};
 pub use keys::KeyRange;
+pub use observe::{DATABASE_CALLS, ShardObserver};
 pub use store::{
-    CommittedBatch, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore, WritePath,
-    WriteRequest, WriteResponse,
+    CommittedBatch, Connections, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore,
+    WritePath, WriteRequest, WriteResponse,
 };
 pub use watch::{EventBatch, WatchHub};
 pub use writer::ShardWriter;

@@ -9,7 +9,8 @@ use tokio::task::JoinHandle;
 
 use crate::error::Result;
 use crate::labels::{LabelIndexer, run_label_indexer};
-use crate::store::{RevisionClass, ShardStore, SlowLog};
+use crate::observe::ShardObserver;
+use crate::store::{Observed, RevisionClass, ShardStore};
 use crate::watch::{WatchHub, run_poller};
 use crate::writer::ShardWriter;
 
@@ -39,28 +40,20 @@ pub struct Shard {
 
 impl Shard {
     /// Opens the database (creating it when missing) and starts the writer
-    /// actor and the watch poller.
+    /// actor and the watch poller; `observer` hears of their work.
     pub async fn open(
         name: &str,
         endpoint: &Endpoint,
         class: RevisionClass,
         settings: &ShardSettings,
+        observer: Option<Arc<dyn ShardObserver>>,
     ) -> Result<Self> {
         let store = crate::connect::open_store_with(endpoint, class, &settings.pool).await?;
-        let store = SlowLog::wrap(store, name, settings.slow_sql);
-        Self::start(name, store, settings.poll_interval, settings.poll_batch).await
-    }
-
-    /// Starts the actor and poller over an already opened store.
-    pub async fn start(
-        name: &str,
-        store: Arc<dyn ShardStore>,
-        poll_interval: Duration,
-        poll_batch: usize,
-    ) -> Result<Self> {
+        let store = Observed::wrap(store, name, settings.slow_sql, observer.clone());
         let start = store.revisions().await?.current;
         let hub = WatchHub::new(start);
-        let writer = ShardWriter::spawn(name, store.clone(), hub.clone()).await?;
+        let writer = ShardWriter::spawn(name, store.clone(), hub.clone(), observer).await?;
+        let (poll_interval, poll_batch) = (settings.poll_interval, settings.poll_batch);
         let poller = tokio::spawn(run_poller(
             store.clone(),
             hub.clone(),

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::error::{Result, ShardError};
+use crate::observe::ShardObserver;
 use crate::store::{ShardStore, WriteRequest, WriteResponse};
 use crate::watch::WatchHub;
 
@@ -45,6 +46,7 @@ struct Queued {
 struct WriterState {
     store: Arc<dyn ShardStore>,
     hub: Arc<WatchHub>,
+    observer: Option<Arc<dyn ShardObserver>>,
     pending: Vec<Queued>,
     in_flight: bool,
 }
@@ -52,16 +54,21 @@ struct WriterState {
 impl Actor for WriterActor {
     type Msg = WriterMessage;
     type State = WriterState;
-    type Arguments = (Arc<dyn ShardStore>, Arc<WatchHub>);
+    type Arguments = (
+        Arc<dyn ShardStore>,
+        Arc<WatchHub>,
+        Option<Arc<dyn ShardObserver>>,
+    );
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        (store, hub): Self::Arguments,
+        (store, hub, observer): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(WriterState {
             store,
             hub,
+            observer,
             pending: Vec::new(),
             in_flight: false,
         })
@@ -91,8 +98,9 @@ impl Actor for WriterActor {
             state.in_flight = true;
             let store = state.store.clone();
             let hub = state.hub.clone();
+            let observer = state.observer.clone();
             tokio::spawn(async move {
-                run_batch(store.as_ref(), &hub, batch).await;
+                run_batch(store.as_ref(), &hub, observer.as_deref(), batch).await;
                 // Fails only when the actor is stopping; nothing left to do then.
                 let _ = myself.send_message(WriterMessage::Committed);
             });
@@ -131,7 +139,12 @@ async fn commit(
     Ok(responses)
 }
 
-async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<Queued>) {
+async fn run_batch(
+    store: &dyn ShardStore,
+    hub: &WatchHub,
+    observer: Option<&dyn ShardObserver>,
+    batch: Vec<Queued>,
+) {
     let floor = batch.iter().map(|q| q.floor).max().unwrap_or(0);
     let (requests, rest): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -139,9 +152,13 @@ async fn run_batch(store: &dyn ShardStore, hub: &WatchHub, batch: Vec<Queued>) {
         .unzip();
     let started = std::time::Instant::now();
     let committed = commit(store, hub, &requests, floor).await;
+    let elapsed = started.elapsed();
+    if let Some(observer) = observer {
+        observer.write_batch(requests.len(), elapsed.as_secs_f64(), committed.is_ok());
+    }
     tracing::debug!(
         size = requests.len(),
-        micros = started.elapsed().as_micros() as u64,
+        micros = elapsed.as_micros() as u64,
         "write batch"
     );
     match committed {
@@ -186,13 +203,15 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    /// Starts the writer actor of shard `shard`.
+    /// Starts the writer actor of shard `shard`; `observer` hears of every
+    /// batch.
     pub async fn spawn(
         shard: &str,
         store: Arc<dyn ShardStore>,
         hub: Arc<WatchHub>,
+        observer: Option<Arc<dyn ShardObserver>>,
     ) -> Result<Self> {
-        let (actor, _join) = Actor::spawn(None, WriterActor, (store, hub))
+        let (actor, _join) = Actor::spawn(None, WriterActor, (store, hub, observer))
             .await
             .map_err(|e| ShardError::Stopped(format!("{shard}: writer did not start: {e}")))?;
         Ok(ShardWriter {

@@ -236,7 +236,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         pool: options.pool.clone(),
         slow_sql: options.slow_sql,
     };
-    let shards = Shards::open(topology, &settings)
+    let metrics = Arc::new(Metrics::new().map_err(ServeError::Metrics)?);
+    let shards = Shards::open(topology, &settings, |shard| metrics.shard_observer(shard))
         .await
         .map_err(|e| ServeError::Shard {
             shard: e.shard,
@@ -250,7 +251,6 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             address: options.listen_address.clone(),
             error,
         })?;
-    let metrics = Arc::new(Metrics::new().map_err(ServeError::Metrics)?);
     let endpoint = options.endpoint.clone();
     let core = Arc::new(Core {
         shards,
@@ -291,6 +291,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     let max_message = core.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let background = background::spawn(core.clone());
+    let sampler = crate::metrics::spawn_sampler(core.clone());
     let auto_compaction = core
         .options
         .auto_compaction
@@ -356,7 +357,10 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         metrics_task,
         shutdown: Some(shutdown_tx),
         join,
-        background: std::iter::once(background).chain(auto_compaction).collect(),
+        background: [background, sampler]
+            .into_iter()
+            .chain(auto_compaction)
+            .collect(),
         core,
     })
 }

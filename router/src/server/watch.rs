@@ -191,6 +191,22 @@ fn revision(event: &Event) -> i64 {
 /// The client went away: the session ends.
 struct Gone;
 
+/// One more on a gauge while it lives (also when its future is dropped).
+struct GaugeHeld<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeHeld<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        GaugeHeld(gauge)
+    }
+}
+
+impl Drop for GaugeHeld<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 struct Session {
     core: Arc<Core>,
     shards: Arc<Shards>,
@@ -238,7 +254,10 @@ impl Session {
                 batch = events.next() => match batch {
                     Some((id, Ok(batch))) => self.on_batch(id, &batch).await,
                     // The next batch shows the gap, which is then read from history.
-                    Some((_, Err(BroadcastStreamRecvError::Lagged(_)))) => Ok(()),
+                    Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => {
+                        self.core.metrics.watch_lagged(&self.shards.get(id).name);
+                        Ok(())
+                    }
                     None => Err(Gone),
                 },
                 Some(target) = progress_rx.recv() => {
@@ -264,7 +283,18 @@ impl Session {
     }
 
     async fn send(&self, response: WatchResponse) -> Result<(), Gone> {
-        self.tx.send(Ok(response)).await.map_err(|_| Gone)
+        let permit = match self.tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(Gone),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                // The client reads slower than its events come: a slow
+                // watcher, counted while it holds this stream up.
+                let _slow = GaugeHeld::new(&self.core.metrics.slow_watch_streams);
+                self.tx.reserve().await.map_err(|_| Gone)?
+            }
+        };
+        permit.send(Ok(response));
+        Ok(())
     }
 
     /// Ends the stream with a database error: etcd's Go client re-creates

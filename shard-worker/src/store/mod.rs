@@ -12,10 +12,11 @@
 
 mod guarded_writes;
 mod label_index;
+mod observed;
 mod page_counts;
+mod pool_use;
 mod range;
 mod selection;
-mod slow_log;
 mod sql;
 mod sqlite_reads;
 mod sqlite_writes;
@@ -34,7 +35,8 @@ use crate::error::Result;
 use crate::keys::KeyRange;
 
 pub use label_index::{LabelChange, LabelIndexOutcome};
-pub use slow_log::SlowLog;
+pub use observed::Observed;
+pub use pool_use::Connections;
 pub use sql::SqlShard;
 pub(crate) use sqlite_reads::SqliteReads;
 pub(crate) use sqlite_writes::SqliteWriter;
@@ -181,6 +183,11 @@ pub struct LeaseRecord {
 pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
     /// The dialect's name, for logs.
     fn backend(&self) -> &'static str;
+
+    /// How busy the shard's connection pools are, where there are pools.
+    fn connections(&self) -> Option<Connections> {
+        None
+    }
 
     /// Counter and compaction mark in one snapshot.
     async fn revisions(&self) -> Result<Revisions>;

@@ -16,6 +16,7 @@ use sqlx::{
 use super::guarded_writes::{self, GuardPause, GuardedTx, KnownState, SpeculationPause, Start};
 use super::label_index::{self, LabelChange, LabelIndexOutcome, Narrowing};
 use super::page_counts::PageCounts;
+use super::pool_use::{Connections, PoolUse};
 use super::range::PreparedRange;
 use super::selection::SelectedRange;
 use super::sqlite_reads::SqliteReads;
@@ -63,6 +64,8 @@ pub struct SqlShard<DB: Database> {
     /// one to speculate from (`guarded_writes.rs`). Only the writer, under
     /// `write_conn`, uses it.
     known: std::sync::Mutex<Option<KnownState>>,
+    /// Calls waiting for a connection (the dashboard's pool panel).
+    pool_use: PoolUse,
 }
 
 impl<DB: Database> fmt::Debug for SqlShard<DB> {
@@ -76,6 +79,11 @@ impl<DB: Database> fmt::Debug for SqlShard<DB> {
 impl<DB: Database> SqlShard<DB> {
     pub(super) fn dialect(&self) -> &'static dyn Dialect {
         self.dialect
+    }
+
+    /// A connection of the read pool, counted while it is waited for.
+    async fn acquire(&self) -> std::result::Result<PoolConnection<DB>, sqlx::Error> {
+        self.pool_use.acquire(&self.pool).await
     }
 }
 
@@ -117,6 +125,7 @@ where
             guard_pause: GuardPause::default(),
             speculation_pause: SpeculationPause::default(),
             known: std::sync::Mutex::new(None),
+            pool_use: PoolUse::default(),
         }
     }
 
@@ -136,7 +145,7 @@ where
 
     /// Creates the schema when missing and checks its version.
     pub async fn migrate(&self) -> Result<i64> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         for ddl in self.dialect.schema() {
             sqlx::query(ddl).execute(&mut *conn).await?;
         }
@@ -263,7 +272,7 @@ where
     /// instead of four (BEGIN, counter, row, COMMIT).
     async fn plain_get(&self, request: &RangeRequest) -> Result<RangeResponse> {
         let st = plain_get_statement(self.dialect, request);
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let rows = Self::fetch_all_in(&mut conn, &st).await?;
         let row = rows
             .first()
@@ -664,7 +673,8 @@ where
         if is_plain_get(request) && narrowing.is_none() {
             return self.plain_get(request).await;
         }
-        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
+        let mut conn = self.acquire().await?;
+        let mut tx = conn.begin_with(self.dialect.begin_read()).await?;
         let revs = Self::read_revisions(&mut tx).await?;
         let marked = match narrowing {
             Some(n) => {
@@ -783,8 +793,16 @@ where
         self.dialect.name()
     }
 
+    fn connections(&self) -> Option<Connections> {
+        let connections = Connections {
+            waiting: self.pool_use.waiting(),
+            ..Connections::default()
+        };
+        Some(connections.with_pool(&self.pool).with_pool(&self.write_pool))
+    }
+
     async fn revisions(&self) -> Result<Revisions> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         Self::read_revisions(&mut conn).await
     }
 
@@ -809,7 +827,7 @@ where
         let mut held = self.write_conn.lock().await;
         let conn = match held.as_mut() {
             Some(conn) => conn,
-            None => held.insert(self.write_pool.acquire().await?),
+            None => held.insert(self.pool_use.acquire(&self.write_pool).await?),
         };
         let committed = self.commit_on(conn, batch, collect_events).await;
         if matches!(committed, Err(ShardError::Database(_))) {
@@ -820,7 +838,8 @@ where
     }
 
     async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage> {
-        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
+        let mut conn = self.acquire().await?;
+        let mut tx = conn.begin_with(self.dialect.begin_read()).await?;
         let revs = Self::read_revisions(&mut tx).await?;
         if revs.current <= after {
             tx.commit().await?;
@@ -848,7 +867,8 @@ where
         to: i64,
         max_events: usize,
     ) -> Result<EventPage> {
-        let mut tx = self.pool.begin_with(self.dialect.begin_read()).await?;
+        let mut conn = self.acquire().await?;
+        let mut tx = conn.begin_with(self.dialect.begin_read()).await?;
         let revs = Self::read_revisions(&mut tx).await?;
         if from < revs.compacted {
             tx.commit().await?;
@@ -874,7 +894,8 @@ where
         to: i64,
         changes: &[LabelChange],
     ) -> Result<LabelIndexOutcome> {
-        let mut tx = self.pool.begin_with(self.dialect.begin_write()).await?;
+        let mut conn = self.acquire().await?;
+        let mut tx = conn.begin_with(self.dialect.begin_write()).await?;
         let rows = sqlx::query(self.dialect.lock_label_mark())
             .fetch_all(&mut *tx)
             .await?;
@@ -901,7 +922,7 @@ where
     }
 
     async fn purge_compacted(&self, upto: i64, batch: i64) -> Result<u64> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let row = sqlx::query("SELECT MIN(revision) FROM ks_history")
             .fetch_one(&mut *conn)
             .await?;
@@ -928,7 +949,7 @@ where
     }
 
     async fn lease_renew(&self, id: i64, now_ms: i64) -> Result<Option<i64>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let mut st = self.statement("UPDATE ks_lease SET expires_at_ms = ");
         st.int(now_ms)
             .sql(" + ttl * 1000 WHERE id = ")
@@ -942,7 +963,7 @@ where
     }
 
     async fn lease_get(&self, id: i64) -> Result<Option<LeaseRecord>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let mut st = self.statement("SELECT id, ttl, expires_at_ms FROM ks_lease WHERE id = ");
         st.int(id);
         let rows = Self::fetch_all_in(&mut conn, &st).await?;
@@ -957,7 +978,7 @@ where
     }
 
     async fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let mut st = self.statement("SELECT key_bytes FROM ks_live WHERE lease = ");
         st.int(id).sql(" ORDER BY key_bytes");
         let mut keys = Vec::new();
@@ -968,7 +989,7 @@ where
     }
 
     async fn lease_list(&self) -> Result<Vec<i64>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let rows = sqlx::query("SELECT id FROM ks_lease ORDER BY id")
             .fetch_all(&mut *conn)
             .await?;
@@ -976,7 +997,7 @@ where
     }
 
     async fn expired_leases(&self, now_ms: i64, limit: i64) -> Result<Vec<i64>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let mut st = self.statement("SELECT id FROM ks_lease WHERE expires_at_ms <= ");
         st.int(now_ms)
             .sql(" ORDER BY expires_at_ms LIMIT ")
@@ -986,7 +1007,7 @@ where
     }
 
     async fn try_lock(&self, name: &str, owner: &str, now_ms: i64, hold_ms: i64) -> Result<bool> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let mut st = self.statement("UPDATE ks_lock SET owner = ");
         st.arg(Arg::Text(owner))
             .sql(", until_ms = ")
@@ -1011,7 +1032,7 @@ where
     }
 
     async fn db_size(&self) -> Result<i64> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         let row = sqlx::query(self.dialect.db_size())
             .fetch_one(&mut *conn)
             .await?;
@@ -1019,7 +1040,7 @@ where
     }
 
     async fn defragment(&self) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.acquire().await?;
         for statement in self.dialect.defragment() {
             sqlx::query(statement).execute(&mut *conn).await?;
         }

@@ -1,7 +1,9 @@
-//! Logs the shard's database calls that take long (`--slow-sql-threshold`
-//! and `--slow-sql-warning-threshold`, kine's flags): a decorator around any
-//! [`ShardStore`], so every backend and every read and write path is timed
-//! the same way, with the shard's name and what the call was.
+//! Watches every database call of a shard: a decorator around any
+//! [`ShardStore`], so every backend and every read and write path is seen
+//! the same way. It times each call for the shard's [`ShardObserver`] (the
+//! router's metrics) and logs the calls that take long
+//! (`--slow-sql-threshold` and `--slow-sql-warning-threshold`, kine's flags)
+//! with the shard's name and what the call was.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,32 +15,42 @@ use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use tracing::{info, warn};
 
 use super::{
-    CommittedBatch, EventPage, LabelChange, LabelIndexOutcome, LeaseRecord, Revisions, ShardStore,
-    WriteRequest,
+    CommittedBatch, Connections, EventPage, LabelChange, LabelIndexOutcome, LeaseRecord, Revisions,
+    ShardStore, WriteRequest,
 };
 use crate::error::Result;
 use crate::keys::KeyRange;
+use crate::observe::ShardObserver;
 
 #[derive(Debug)]
-pub struct SlowLog {
+pub struct Observed {
     inner: Arc<dyn ShardStore>,
     shard: Arc<str>,
-    settings: SlowSql,
+    slow: SlowSql,
+    observer: Option<Arc<dyn ShardObserver>>,
 }
 
-impl SlowLog {
-    /// `store` itself when slow calls are not logged (threshold 0).
-    pub fn wrap(store: Arc<dyn ShardStore>, shard: &str, settings: SlowSql) -> Arc<dyn ShardStore> {
-        if settings.info.is_none() {
+impl Observed {
+    /// `store` itself when there is nothing to observe for (no observer and
+    /// slow calls not logged).
+    pub fn wrap(
+        store: Arc<dyn ShardStore>,
+        shard: &str,
+        slow: SlowSql,
+        observer: Option<Arc<dyn ShardObserver>>,
+    ) -> Arc<dyn ShardStore> {
+        if slow.info.is_none() && observer.is_none() {
             return store;
         }
-        Arc::new(SlowLog {
+        Arc::new(Observed {
             inner: store,
             shard: shard.into(),
-            settings,
+            slow,
+            observer,
         })
     }
 
+    /// Runs `call`, named `operation` (one of [`crate::observe::DATABASE_CALLS`]).
     async fn timed<T>(
         &self,
         operation: &'static str,
@@ -48,7 +60,10 @@ impl SlowLog {
         let started = Instant::now();
         let result = call.await;
         let elapsed = started.elapsed();
-        if let Some(warning) = self.settings.level(elapsed) {
+        if let Some(observer) = &self.observer {
+            observer.database_call(operation, elapsed.as_secs_f64(), result.is_ok());
+        }
+        if let Some(warning) = self.slow.level(elapsed) {
             let (shard, backend, ok) = (&*self.shard, self.inner.backend(), result.is_ok());
             let detail = detail();
             if warning {
@@ -97,9 +112,13 @@ fn key(bytes: &[u8]) -> String {
 }
 
 #[async_trait]
-impl ShardStore for SlowLog {
+impl ShardStore for Observed {
     fn backend(&self) -> &'static str {
         self.inner.backend()
+    }
+
+    fn connections(&self) -> Option<Connections> {
+        self.inner.connections()
     }
 
     async fn revisions(&self) -> Result<Revisions> {
@@ -126,14 +145,14 @@ impl ShardStore for SlowLog {
         collect_events: bool,
     ) -> Result<CommittedBatch> {
         let call = self.inner.commit_batch(batch, collect_events);
-        self.timed("commit batch", || describe_batch(batch), call)
+        self.timed("commit_batch", || describe_batch(batch), call)
             .await
     }
 
     async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage> {
         let detail = || format!("after={after} max={max_events}");
         self.timed(
-            "poll events",
+            "poll_events",
             detail,
             self.inner.poll_events(after, max_events),
         )
@@ -160,38 +179,38 @@ impl ShardStore for SlowLog {
     ) -> Result<LabelIndexOutcome> {
         let detail = || format!("from={from} to={to} changes={}", changes.len());
         let call = self.inner.index_labels(from, to, changes);
-        self.timed("index labels", detail, call).await
+        self.timed("index_labels", detail, call).await
     }
 
     async fn purge_compacted(&self, upto: i64, batch: i64) -> Result<u64> {
         let detail = || format!("upto={upto} batch={batch}");
         let call = self.inner.purge_compacted(upto, batch);
-        self.timed("purge compacted", detail, call).await
+        self.timed("purge_compacted", detail, call).await
     }
 
     async fn lease_renew(&self, id: i64, now_ms: i64) -> Result<Option<i64>> {
         let call = self.inner.lease_renew(id, now_ms);
-        self.timed("lease renew", || format!("id={id}"), call).await
+        self.timed("lease_renew", || format!("id={id}"), call).await
     }
 
     async fn lease_get(&self, id: i64) -> Result<Option<LeaseRecord>> {
         let call = self.inner.lease_get(id);
-        self.timed("lease get", || format!("id={id}"), call).await
+        self.timed("lease_get", || format!("id={id}"), call).await
     }
 
     async fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>> {
         let call = self.inner.lease_keys(id);
-        self.timed("lease keys", || format!("id={id}"), call).await
+        self.timed("lease_keys", || format!("id={id}"), call).await
     }
 
     async fn lease_list(&self) -> Result<Vec<i64>> {
-        self.timed("lease list", String::new, self.inner.lease_list())
+        self.timed("lease_list", String::new, self.inner.lease_list())
             .await
     }
 
     async fn expired_leases(&self, now_ms: i64, limit: i64) -> Result<Vec<i64>> {
         let call = self.inner.expired_leases(now_ms, limit);
-        self.timed("expired leases", || format!("limit={limit}"), call)
+        self.timed("expired_leases", || format!("limit={limit}"), call)
             .await
     }
 
@@ -249,7 +268,7 @@ mod tests {
         let store = crate::connect::open_store(&endpoint, RevisionClass::ALL)
             .await
             .unwrap();
-        let store = SlowLog::wrap(store, "pods", settings);
+        let store = Observed::wrap(store, "pods", settings, None);
         let request = RangeRequest {
             key: b"/registry/pods/".to_vec(),
             range_end: b"/registry/pods0".to_vec(),
@@ -294,5 +313,76 @@ mod tests {
         assert_eq!(key(b"/registry/pods/a"), "/registry/pods/a");
         assert_eq!(key(b"\xff\x00"), "\\xff\\x00");
         assert_eq!(key(&[b'a'; 300]).len(), 203);
+    }
+}
+
+#[cfg(test)]
+mod observer_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    use kubeshard_config::Endpoint;
+    use kubeshard_proto::etcdserverpb::PutRequest;
+
+    use super::*;
+    use crate::observe::DATABASE_CALLS;
+    use crate::store::RevisionClass;
+
+    #[derive(Debug, Default)]
+    struct Recorder {
+        calls: Mutex<Vec<(&'static str, bool)>>,
+    }
+
+    impl ShardObserver for Recorder {
+        fn database_call(&self, call: &'static str, seconds: f64, ok: bool) {
+            assert!(seconds >= 0.0);
+            self.calls.lock().unwrap().push((call, ok));
+        }
+        fn write_batch(&self, _requests: usize, _seconds: f64, _ok: bool) {}
+    }
+
+    /// Every call of the store reaches the observer under a name of
+    /// DATABASE_CALLS (the router starts each one's error count at zero),
+    /// and every name there is used.
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_call_is_observed_under_a_listed_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = Endpoint::parse(&format!("sqlite://{}/s.db", dir.path().display())).unwrap();
+        let store = crate::connect::open_store(&endpoint, RevisionClass::ALL)
+            .await
+            .unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let store = Observed::wrap(store, "s", SlowSql::default(), Some(recorder.clone()));
+        let put = WriteRequest::Put(PutRequest {
+            key: b"a".to_vec(),
+            value: b"1".to_vec(),
+            ..Default::default()
+        });
+        let _ = store.revisions().await;
+        let _ = store.range(&RangeRequest::default()).await;
+        let _ = store.commit_batch(&[put], true).await;
+        let _ = store.poll_events(0, 10).await;
+        let _ = store.history(&KeyRange::new(b"a", b"b"), 1, 10, 10).await;
+        let _ = store.index_labels(0, 1, &[]).await;
+        let _ = store.purge_compacted(0, 10).await;
+        let _ = store.lease_renew(1, 0).await;
+        let _ = store.lease_get(1).await;
+        let _ = store.lease_keys(1).await;
+        let _ = store.lease_list().await;
+        let _ = store.expired_leases(0, 10).await;
+        let _ = store.try_lock("l", "me", 0, 10).await;
+        let _ = store.db_size().await;
+        let _ = store.defragment().await;
+        let calls = recorder.calls.lock().unwrap().clone();
+        let seen: BTreeSet<&str> = calls.iter().map(|(name, _)| *name).collect();
+        let listed: BTreeSet<&str> = DATABASE_CALLS.iter().copied().collect();
+        assert_eq!(seen, listed);
+        assert!(
+            calls
+                .iter()
+                .any(|(name, ok)| *name == "commit_batch" && *ok)
+        );
     }
 }
