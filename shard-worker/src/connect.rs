@@ -11,9 +11,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Executor};
 use tracing::info;
 
+use crate::bulk::BulkSink;
 use crate::dialect;
 use crate::error::{Result, ShardError};
-use crate::store::{RevisionClass, ShardStore, SqlShard, SqliteReads, SqliteWriter};
+use crate::store::{RevisionClass, ShardStore, SqlBulk, SqlShard, SqliteReads, SqliteWriter};
 
 /// Connections per shard pool unless configured (reads share them; the
 /// writer has a pool of one of its own).
@@ -44,16 +45,7 @@ pub async fn open_store_with(
                     ))
                 })?;
             }
-            // WAL lets readers work during a write; synchronous=FULL makes an
-            // acknowledged commit survive power loss, not just a crash.
-            let options = SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(30))
-                .pragma("cache_size", "-16384")
-                .disable_statement_logging();
+            let options = sqlite_options(path);
             let pool = recycled(SqlitePoolOptions::new(), settings)
                 .max_connections(size)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -117,6 +109,53 @@ pub async fn open_store_with(
             Ok(Arc::new(shard))
         }
     }
+}
+
+/// How every connection to a SQLite shard is made.
+fn sqlite_options(path: &std::path::Path) -> SqliteConnectOptions {
+    // WAL lets readers work during a write; synchronous=FULL makes an
+    // acknowledged commit survive power loss, not just a crash.
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(30))
+        .pragma("cache_size", "-16384")
+        .disable_statement_logging()
+}
+
+/// A [`BulkSink`] of the shard at `endpoint`, over two connections of its
+/// own; [`open_store`] must have made the database and its schema.
+pub async fn open_bulk(endpoint: &Endpoint) -> Result<Arc<dyn BulkSink>> {
+    const CONNECTIONS: u32 = 2;
+    Ok(match endpoint {
+        Endpoint::Sqlite { path } => {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(CONNECTIONS)
+                .connect_with(sqlite_options(path))
+                .await?;
+            Arc::new(SqlBulk::new(pool, &dialect::Sqlite))
+        }
+        Endpoint::Postgres { url, database } => {
+            let server: PgConnectOptions = url.as_str().parse()?;
+            let pool = PgPoolOptions::new()
+                .max_connections(CONNECTIONS)
+                .connect_with(server.database(database).disable_statement_logging())
+                .await?;
+            Arc::new(SqlBulk::new(pool, &dialect::Postgres))
+        }
+        Endpoint::Mysql { url, database } => {
+            let mut server_url = url.clone();
+            server_url.set_path("");
+            let server: MySqlConnectOptions = server_url.as_str().parse()?;
+            let pool = MySqlPoolOptions::new()
+                .max_connections(CONNECTIONS)
+                .connect_with(server.database(database).disable_statement_logging())
+                .await?;
+            Arc::new(SqlBulk::new(pool, &dialect::Mysql))
+        }
+    })
 }
 
 /// Connection lifetime and idle limits (`--datastore-connection-max-*`).

@@ -3,6 +3,7 @@
 //! polls the shard's history.
 #![forbid(unsafe_code)]
 
+pub mod bulk;
 pub mod connect;
 pub mod dialect;
 pub mod error;
@@ -13,7 +14,7 @@ pub mod store;
 pub mod watch;
 pub mod writer;
 
-pub use connect::{open_store, open_store_with};
+pub use connect::{open_bulk, open_store, open_store_with};
 pub use error::{Result, ShardError};
 pub use keys::KeyRange;
 pub use observe::{DATABASE_CALLS, ShardObserver};

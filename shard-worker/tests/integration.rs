@@ -12,6 +12,8 @@
 
 #[path = "integration/backends.rs"]
 mod backends;
+#[path = "integration/bulk.rs"]
+mod bulk;
 #[path = "integration/model.rs"]
 mod model;
 #[path = "integration/ops.rs"]

@@ -49,7 +49,8 @@ use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use kubeshard_proto::mvccpb::KeyValue;
 use sqlx::{ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
 
-use super::sql::{RowsAffected, SqlShard, kv_from_row};
+use super::sql::SqlShard;
+use super::sqlx_rows::{RowsAffected, kv_from_row};
 use super::write::{self, HistoryRow, TxOps};
 use super::write_sql;
 use super::{LeaseRecord, Revisions, WriteRequest};

@@ -10,6 +10,7 @@
 //!   transaction, so reads at the current revision cost O(keys in range);
 //! - `ks_lease`: leases with absolute deadlines (they survive restarts).
 
+mod bulk_sql;
 mod guarded_writes;
 mod label_index;
 mod observed;
@@ -20,6 +21,7 @@ mod selection;
 mod sql;
 mod sqlite_reads;
 mod sqlite_writes;
+mod sqlx_rows;
 mod statement;
 mod write;
 mod write_sql;
@@ -34,6 +36,7 @@ use kubeshard_proto::mvccpb::Event;
 use crate::error::Result;
 use crate::keys::KeyRange;
 
+pub use bulk_sql::SqlBulk;
 pub use label_index::{LabelChange, LabelIndexOutcome};
 pub use observed::Observed;
 pub use pool_use::Connections;

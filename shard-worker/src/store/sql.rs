@@ -21,6 +21,7 @@ use super::range::PreparedRange;
 use super::selection::SelectedRange;
 use super::sqlite_reads::SqliteReads;
 use super::sqlite_writes::SqliteWriter;
+use super::sqlx_rows::{RowsAffected, bound, kv_from_row};
 use super::statement::{Arg, Statement};
 use super::write::{self, HistoryRow, TxOps};
 use super::write_sql;
@@ -204,15 +205,7 @@ where
 
     /// The statement as a sqlx query with its parameters bound.
     fn query<'q>(st: &'q Statement<'q>) -> sqlx::query::Query<'q, DB, DB::Arguments<'q>> {
-        let mut q = sqlx::query(&st.text);
-        for a in &st.args {
-            q = match *a {
-                Arg::Int(v) => q.bind(v),
-                Arg::Bytes(v) => q.bind(v),
-                Arg::Text(v) => q.bind(v),
-            };
-        }
-        q
+        bound(st)
     }
 
     pub(super) async fn fetch_all_in(
@@ -432,48 +425,6 @@ where
              ON p.key_bytes = h.key_bytes AND p.revision = h.prev_revision AND p.deleted = 0 WHERE ",
         )
     }
-}
-
-/// The affected-row count, which sqlx only offers per driver.
-pub trait RowsAffected {
-    fn rows(&self) -> u64;
-}
-
-impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
-    fn rows(&self) -> u64 {
-        self.rows_affected()
-    }
-}
-
-impl RowsAffected for sqlx::postgres::PgQueryResult {
-    fn rows(&self) -> u64 {
-        self.rows_affected()
-    }
-}
-
-impl RowsAffected for sqlx::mysql::MySqlQueryResult {
-    fn rows(&self) -> u64 {
-        self.rows_affected()
-    }
-}
-
-/// Decodes (key, create, mod, version, lease, value) starting at column `at`.
-pub(super) fn kv_from_row<DB>(row: &DB::Row, at: usize) -> Result<KeyValue>
-where
-    DB: Database,
-    i64: Type<DB> + for<'r> Decode<'r, DB>,
-    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
-    usize: ColumnIndex<DB::Row>,
-    DB::QueryResult: RowsAffected,
-{
-    Ok(KeyValue {
-        key: row.try_get(at)?,
-        create_revision: row.try_get(at + 1)?,
-        mod_revision: row.try_get(at + 2)?,
-        version: row.try_get(at + 3)?,
-        lease: row.try_get(at + 4)?,
-        value: row.try_get(at + 5)?,
-    })
 }
 
 /// The statement of [`SqlShard::plain_get`]: the counter, then the key's
@@ -798,7 +749,11 @@ where
             waiting: self.pool_use.waiting(),
             ..Connections::default()
         };
-        Some(connections.with_pool(&self.pool).with_pool(&self.write_pool))
+        Some(
+            connections
+                .with_pool(&self.pool)
+                .with_pool(&self.write_pool),
+        )
     }
 
     async fn revisions(&self) -> Result<Revisions> {

@@ -220,6 +220,10 @@ impl Server {
 }
 
 impl TestDb {
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// A second store on the same database, as a second router would open.
     pub async fn open_another(&self) -> Arc<dyn ShardStore> {
         open_store(&self.endpoint, self.class)

@@ -1,0 +1,75 @@
+//! Writing a shard's rows with their revisions kept, outside the writer
+//! actor: how `kubeshard import` copies an etcd cluster in and follows it,
+//! and how keys move between shards. The rows keep the revisions they got
+//! elsewhere, so nothing here may run while a router serves the shard: a
+//! router's watch stream would never read rows below its mark. The SQL is
+//! in `store/bulk_sql.rs`.
+
+use async_trait::async_trait;
+use kubeshard_proto::mvccpb::KeyValue;
+
+use crate::error::Result;
+use crate::store::{LeaseRecord, Revisions};
+
+/// One change, at the revision it already has.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// The key's new state; its `mod_revision` is the change's revision.
+    Put(KeyValue),
+    Delete {
+        key: Vec<u8>,
+        revision: i64,
+    },
+}
+
+impl Change {
+    pub fn revision(&self) -> i64 {
+        match self {
+            Change::Put(kv) => kv.mod_revision,
+            Change::Delete { revision, .. } => *revision,
+        }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Change::Put(kv) => &kv.key,
+            Change::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// What a shard holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Contents {
+    pub live_keys: i64,
+    pub history_rows: i64,
+    pub leases: i64,
+    pub revisions: Revisions,
+}
+
+impl Contents {
+    /// Nothing was ever written: a new database.
+    pub fn is_empty(&self) -> bool {
+        self.live_keys == 0 && self.history_rows == 0 && self.leases == 0
+    }
+}
+
+/// Writes rows of one shard as they are given.
+#[async_trait]
+pub trait BulkSink: Send + Sync + std::fmt::Debug {
+    async fn contents(&self) -> Result<Contents>;
+
+    /// Applies `changes` in order in one transaction, each keeping its
+    /// revision, and raises the shard's counter to the highest of them.
+    /// Within a revision, changes keep their order. A delete of a key the
+    /// shard does not hold is refused (Corrupt): source and shard differ.
+    async fn apply(&self, changes: &[Change]) -> Result<()>;
+
+    /// Inserts leases, or replaces those with the same id.
+    async fn put_leases(&self, leases: &[LeaseRecord]) -> Result<()>;
+
+    async fn delete_leases(&self, ids: &[i64]) -> Result<()>;
+
+    /// Raises the counter and the compaction revision to at least these.
+    async fn raise(&self, to: Revisions) -> Result<()>;
+}

@@ -1,0 +1,171 @@
+//! The bulk sink (`kubeshard import`, resharding): rows written with their
+//! own revisions read back through the store as etcd would show them, and
+//! the ordinary write path carries on above them.
+
+use kubeshard_proto::etcdserverpb::{PutRequest, RangeRequest};
+use kubeshard_proto::mvccpb::KeyValue;
+use kubeshard_proto::mvccpb::event::EventType;
+use kubeshard_shard_worker::bulk::Change;
+use kubeshard_shard_worker::{
+    KeyRange, LeaseRecord, Revisions, ShardError, WriteRequest, WriteResponse, open_bulk,
+};
+
+use crate::backends;
+
+fn key_value(
+    key: &str,
+    value: &str,
+    create: i64,
+    modified: i64,
+    version: i64,
+    lease: i64,
+) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        create_revision: create,
+        mod_revision: modified,
+        version,
+        value: value.into(),
+        lease,
+    }
+}
+
+fn all_at(revision: i64) -> RangeRequest {
+    RangeRequest {
+        key: b"\0".to_vec(),
+        range_end: b"\0".to_vec(),
+        revision,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn rows_keep_their_revisions() {
+    let rt = crate::runtime();
+    for server in backends::servers("bulk_rows_keep_their_revisions") {
+        rt.block_on(async {
+            let db = server.create().await;
+            let store = db.store.clone();
+            let sink = open_bulk(db.endpoint()).await.expect("open the bulk sink");
+            assert!(sink.contents().await.expect("contents").is_empty());
+
+            // An import at revision 10: the keys as they were then.
+            let a7 = key_value("a", "a2", 3, 7, 2, 0);
+            let b9 = key_value("b", "b1", 9, 9, 1, 77);
+            let c9 = key_value("c", "c4", 5, 9, 4, 0);
+            sink.apply(&[
+                Change::Put(a7.clone()),
+                Change::Put(b9.clone()),
+                Change::Put(c9.clone()),
+            ])
+            .await
+            .expect("apply the import");
+            sink.raise(Revisions {
+                current: 10,
+                compacted: 10,
+            })
+            .await
+            .expect("raise");
+            let contents = sink.contents().await.expect("contents");
+            assert_eq!((contents.live_keys, contents.history_rows), (3, 3));
+            assert!(!contents.is_empty());
+            assert_eq!(
+                store.revisions().await.expect("revisions"),
+                Revisions {
+                    current: 10,
+                    compacted: 10
+                }
+            );
+            let now = store.range(&all_at(0)).await.expect("range");
+            assert_eq!(now.kvs, vec![a7.clone(), b9.clone(), c9.clone()]);
+            assert_eq!(now.header.map(|h| h.revision), Some(10));
+            assert!(matches!(
+                store.range(&all_at(9)).await,
+                Err(ShardError::Compacted {
+                    compact_revision: 10
+                })
+            ));
+
+            // Followed changes, then what a watch from 11 sees.
+            let a12 = key_value("a", "a3", 3, 12, 3, 0);
+            let d13 = key_value("d", "d1", 13, 13, 1, 0);
+            sink.apply(&[
+                Change::Put(a12.clone()),
+                Change::Delete {
+                    key: b"b".to_vec(),
+                    revision: 13,
+                },
+                Change::Put(d13.clone()),
+            ])
+            .await
+            .expect("apply followed changes");
+            let whole = KeyRange::new(b"\0", b"\0");
+            let page = store.history(&whole, 11, 13, 100).await.expect("history");
+            let seen: Vec<(i32, i64, Option<KeyValue>)> = page
+                .events
+                .iter()
+                .map(|e| {
+                    (
+                        e.r#type,
+                        e.kv.as_ref().map_or(0, |k| k.mod_revision),
+                        e.prev_kv.clone(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                seen,
+                vec![
+                    (EventType::Put as i32, 12, Some(a7.clone())),
+                    (EventType::Delete as i32, 13, Some(b9.clone())),
+                    (EventType::Put as i32, 13, None),
+                ]
+            );
+            let at12 = store.range(&all_at(12)).await.expect("range at 12");
+            assert_eq!(at12.kvs, vec![a12.clone(), b9.clone(), c9.clone()]);
+            assert_eq!(store.revisions().await.expect("revisions").current, 13);
+
+            // What does not fit is refused, and changes nothing.
+            for bad in [
+                Change::Delete {
+                    key: b"zz".to_vec(),
+                    revision: 20,
+                },
+                Change::Put(key_value("a", "x", 3, 12, 4, 0)),
+            ] {
+                assert!(
+                    matches!(
+                        sink.apply(&[bad.clone()]).await,
+                        Err(ShardError::Corrupt(_))
+                    ),
+                    "{bad:?} was applied"
+                );
+            }
+            assert_eq!(store.revisions().await.expect("revisions").current, 13);
+
+            // Leases, as imported.
+            let lease = LeaseRecord {
+                id: 77,
+                ttl: 60,
+                expires_at_ms: 4_000_000_000_000,
+            };
+            sink.put_leases(&[lease]).await.expect("put lease");
+            sink.put_leases(&[lease]).await.expect("put it again");
+            assert_eq!(store.lease_get(77).await.expect("lease"), Some(lease));
+            sink.delete_leases(&[77]).await.expect("delete lease");
+            assert_eq!(store.lease_get(77).await.expect("lease"), None);
+
+            // The ordinary write path goes on above the copied rows.
+            let put = WriteRequest::Put(PutRequest {
+                key: b"e".to_vec(),
+                value: b"e1".to_vec(),
+                ..Default::default()
+            });
+            let committed = store.apply_batch(&[put]).await.expect("write");
+            let Some(Ok(WriteResponse::Put(p))) = committed.first() else {
+                panic!("no put answer: {committed:?}");
+            };
+            assert_eq!(p.header.as_ref().map(|h| h.revision), Some(14));
+            db.drop_db().await;
+        });
+    }
+}
