@@ -134,7 +134,7 @@ fn rows_keep_their_revisions() {
             ] {
                 assert!(
                     matches!(
-                        sink.apply(&[bad.clone()]).await,
+                        sink.apply(std::slice::from_ref(&bad)).await,
                         Err(ShardError::Corrupt(_))
                     ),
                     "{bad:?} was applied"
