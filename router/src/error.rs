@@ -89,7 +89,9 @@ pub fn shard_status(e: ShardError) -> Status {
         | ShardError::NeedsLock { .. }
         | ShardError::NotSpeculative { .. }
         | ShardError::Stopped(_) => Status::unavailable(format!("kubeshard: {e}")),
-        ShardError::Corrupt(_) => Status::internal(format!("kubeshard: {e}")),
+        ShardError::Corrupt(_) | ShardError::ImportUnfinished { .. } => {
+            Status::internal(format!("kubeshard: {e}"))
+        }
     }
 }
 

@@ -7,6 +7,11 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Subcommands come first; without one, the command line is kine's
+    // (which takes no positional arguments).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "import") {
+        return import().await;
+    }
     let cli = Cli::parse_with_kine_env();
     init_logging(cli.log_format, cli.debug);
     for (flag, why) in cli.ignored_flags() {
@@ -23,6 +28,26 @@ async fn main() -> anyhow::Result<()> {
             server.shutdown().await.context("shutdown")?;
         }
     }
+    Ok(())
+}
+
+/// `kubeshard import`: copies an etcd cluster in (kubeshard-transfer).
+async fn import() -> anyhow::Result<()> {
+    use clap::Parser;
+    let cli = kubeshard_transfer::ImportCli::parse_from(std::env::args_os().skip(1));
+    init_logging(LogFormat::Text, false);
+    let options = cli.options()?;
+    let report = kubeshard_transfer::run_import(options, shutdown_signal())
+        .await
+        .context("kubeshard import failed")?;
+    tracing::info!(
+        copied_at = report.copied_at,
+        keys = report.keys,
+        leases = report.leases,
+        revision = report.revision,
+        verified_keys = report.verified_keys,
+        "imported"
+    );
     Ok(())
 }
 

@@ -54,16 +54,57 @@ impl Contents {
     }
 }
 
+/// How far an import into the shard got (`ks_import`). Routers refuse a
+/// shard whose import is not done: its data is not whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportState {
+    /// Where the data comes from (the source's URL and cluster id).
+    pub source: String,
+    /// Every change of the source up to here is in the shard.
+    pub revision: i64,
+    pub phase: ImportPhase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportPhase {
+    /// Keys are being copied; `revision` is the snapshot's.
+    Copying,
+    /// The snapshot is in; later changes are being applied.
+    Following,
+    Done,
+}
+
+impl ImportPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportPhase::Copying => "copying",
+            ImportPhase::Following => "following",
+            ImportPhase::Done => "done",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            ImportPhase::Copying,
+            ImportPhase::Following,
+            ImportPhase::Done,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == text)
+    }
+}
+
 /// Writes rows of one shard as they are given.
 #[async_trait]
 pub trait BulkSink: Send + Sync + std::fmt::Debug {
     async fn contents(&self) -> Result<Contents>;
 
     /// Applies `changes` in order in one transaction, each keeping its
-    /// revision, and raises the shard's counter to the highest of them.
-    /// Within a revision, changes keep their order. A delete of a key the
-    /// shard does not hold is refused (Corrupt): source and shard differ.
-    async fn apply(&self, changes: &[Change]) -> Result<()>;
+    /// revision, and raises the shard's counter to the highest of them and
+    /// to `at_least`. Within a revision, changes keep their order. A delete
+    /// of a key the shard does not hold is refused (Corrupt): source and
+    /// shard differ.
+    async fn apply(&self, changes: &[Change], at_least: i64) -> Result<()>;
 
     /// Inserts leases, or replaces those with the same id.
     async fn put_leases(&self, leases: &[LeaseRecord]) -> Result<()>;
@@ -72,4 +113,8 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
 
     /// Raises the counter and the compaction revision to at least these.
     async fn raise(&self, to: Revisions) -> Result<()>;
+
+    async fn import_state(&self) -> Result<Option<ImportState>>;
+
+    async fn set_import_state(&self, state: &ImportState) -> Result<()>;
 }

@@ -63,6 +63,17 @@ pub enum ShardError {
     /// The shard's writer actor is gone (shutting down).
     #[error("shard {0} is not accepting requests (shutting down)")]
     Stopped(String),
+    /// An import into the shard started and did not finish: its data is not
+    /// whole, so it is not served.
+    #[error(
+        "an import from {source_name} into this database is unfinished ({phase} at revision {revision}): \
+         run `kubeshard import` again to finish it, or start over on an empty database"
+    )]
+    ImportUnfinished {
+        source_name: String,
+        phase: &'static str,
+        revision: i64,
+    },
     /// The stored data is not what this version of kubeshard wrote.
     #[error("unexpected stored data: {0}")]
     Corrupt(String),

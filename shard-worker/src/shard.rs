@@ -7,7 +7,8 @@ use std::time::Duration;
 use kubeshard_config::{Endpoint, PoolSettings, SlowSql};
 use tokio::task::JoinHandle;
 
-use crate::error::Result;
+use crate::bulk::ImportPhase;
+use crate::error::{Result, ShardError};
 use crate::labels::{LabelIndexer, run_label_indexer};
 use crate::observe::ShardObserver;
 use crate::store::{Observed, RevisionClass, ShardStore};
@@ -49,6 +50,7 @@ impl Shard {
         observer: Option<Arc<dyn ShardObserver>>,
     ) -> Result<Self> {
         let store = crate::connect::open_store_with(endpoint, class, &settings.pool).await?;
+        refuse_unfinished_import(endpoint).await?;
         let store = Observed::wrap(store, name, settings.slow_sql, observer.clone());
         let start = store.revisions().await?.current;
         let hub = WatchHub::new(start);
@@ -88,5 +90,18 @@ impl Shard {
         self.writer.stop();
         self.poller.abort();
         self.indexer.abort();
+    }
+}
+
+/// An import that did not finish left a shard without all its data.
+async fn refuse_unfinished_import(endpoint: &Endpoint) -> Result<()> {
+    let bulk = crate::connect::open_bulk(endpoint).await?;
+    match bulk.import_state().await? {
+        Some(state) if state.phase != ImportPhase::Done => Err(ShardError::ImportUnfinished {
+            source_name: state.source,
+            phase: state.phase.as_str(),
+            revision: state.revision,
+        }),
+        _ => Ok(()),
     }
 }

@@ -285,6 +285,43 @@ pub const SHARDED_TOPOLOGY: [(&str, Option<&str>); 3] = [
     ("events", Some("/registry/events/")),
 ];
 
+/// Writes `dir/topology.toml`: [`SHARDED_TOPOLOGY`], shard i on a fresh
+/// database of `backends[i]`. Returns the file and the databases' URLs, or
+/// `None` like [`KubeshardServer::start`].
+pub fn sharded_topology(
+    test: &str,
+    backends: [Backend; 3],
+    dir: &Path,
+) -> Option<(PathBuf, Vec<String>)> {
+    let mut toml = String::from("default_shard = \"core\"\n");
+    let mut urls = Vec::new();
+    for ((name, _), backend) in SHARDED_TOPOLOGY.iter().zip(backends) {
+        let url = match backend.fresh_endpoint(&dir.join(name)) {
+            Ok(u) => u,
+            Err(why) => {
+                return skip(
+                    test,
+                    &format!("backend {} unavailable: {why}", backend.name()),
+                );
+            }
+        };
+        toml.push_str(&format!(
+            "\n[[shards]]\nname = \"{name}\"\nendpoint = \"{url}\"\n"
+        ));
+        urls.push(url);
+    }
+    for (name, prefix) in SHARDED_TOPOLOGY {
+        if let Some(prefix) = prefix {
+            toml.push_str(&format!(
+                "\n[[routes]]\nprefix = \"{prefix}\"\nshard = \"{name}\"\n"
+            ));
+        }
+    }
+    let config = dir.join("topology.toml");
+    std::fs::write(&config, toml).expect("write the topology file");
+    Some((config, urls))
+}
+
 impl KubeshardServer {
     /// Starts kubeshard on `backend` with a fresh database. Returns `None` (after
     /// a loud message) if the backend is not configured, unless REQUIRE_ALL is
@@ -332,32 +369,7 @@ impl KubeshardServer {
             .prefix("kubeshard-server-")
             .tempdir()
             .expect("create a temporary directory for kubeshard");
-        let mut toml = String::from("default_shard = \"core\"\n");
-        let mut urls = Vec::new();
-        for ((name, _), backend) in SHARDED_TOPOLOGY.iter().zip(backends) {
-            let url = match backend.fresh_endpoint(&dir.path().join(name)) {
-                Ok(u) => u,
-                Err(why) => {
-                    return skip(
-                        test,
-                        &format!("backend {} unavailable: {why}", backend.name()),
-                    );
-                }
-            };
-            toml.push_str(&format!(
-                "\n[[shards]]\nname = \"{name}\"\nendpoint = \"{url}\"\n"
-            ));
-            urls.push(url);
-        }
-        for (name, prefix) in SHARDED_TOPOLOGY {
-            if let Some(prefix) = prefix {
-                toml.push_str(&format!(
-                    "\n[[routes]]\nprefix = \"{prefix}\"\nshard = \"{name}\"\n"
-                ));
-            }
-        }
-        let config = dir.path().join("topology.toml");
-        std::fs::write(&config, toml).expect("write the topology file");
+        let (config, urls) = sharded_topology(test, backends, dir.path())?;
         let args = vec!["--config".to_string(), config.display().to_string()];
         Some(Self::spawn(backends[0], args, Vec::new(), urls, dir).await)
     }
@@ -488,7 +500,7 @@ impl Drop for KubeshardServer {
 }
 
 /// Drops the PostgreSQL or MySQL database named by `endpoint_url`, if any.
-fn drop_database(endpoint_url: &str) {
+pub fn drop_database(endpoint_url: &str) {
     let Ok(url) = url::Url::parse(endpoint_url) else {
         return;
     };

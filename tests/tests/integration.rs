@@ -11,6 +11,9 @@
 //!   skipping.
 #![allow(clippy::expect_used)]
 
+#[path = "integration/import.rs"]
+mod import;
+
 use std::path::Path;
 
 use kubeshard_tests::env::EtcdTools;

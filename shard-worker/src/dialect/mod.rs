@@ -22,7 +22,9 @@ pub use sqlite::Sqlite;
 /// The label index's tables (`ks_label`, `ks_label_mark`) came later
 /// without a new version: they are created when missing, routers that do
 /// not know them leave them alone, and the index is right whatever it missed
-/// (see `store/label_index.rs`).
+/// (see `store/label_index.rs`). So did `ks_import` (`crate::bulk`): an
+/// older router does not see an unfinished import, so finish imports
+/// before starting older routers.
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The SQL differences between the supported databases.

@@ -55,6 +55,11 @@ const SCHEMA: &[&str] = &[
         id BIGINT PRIMARY KEY,
         revision BIGINT NOT NULL) ENGINE=InnoDB",
     "INSERT IGNORE INTO ks_label_mark (id, revision) VALUES (1, 0)",
+    "CREATE TABLE IF NOT EXISTS ks_import (
+        id BIGINT PRIMARY KEY,
+        source VARCHAR(512) NOT NULL,
+        revision BIGINT NOT NULL,
+        phase VARCHAR(32) NOT NULL) ENGINE=InnoDB",
 ];
 
 impl Dialect for Mysql {

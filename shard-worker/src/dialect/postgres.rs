@@ -52,6 +52,11 @@ const SCHEMA: &[&str] = &[
         id BIGINT PRIMARY KEY,
         revision BIGINT NOT NULL)",
     "INSERT INTO ks_label_mark (id, revision) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    "CREATE TABLE IF NOT EXISTS ks_import (
+        id BIGINT PRIMARY KEY,
+        source TEXT NOT NULL,
+        revision BIGINT NOT NULL,
+        phase TEXT NOT NULL)",
 ];
 
 impl Dialect for Postgres {

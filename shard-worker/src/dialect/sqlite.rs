@@ -50,6 +50,11 @@ const SCHEMA: &[&str] = &[
         id INTEGER PRIMARY KEY,
         revision INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO ks_label_mark (id, revision) VALUES (1, 0)",
+    "CREATE TABLE IF NOT EXISTS ks_import (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        phase TEXT NOT NULL)",
 ];
 
 impl Dialect for Sqlite {

@@ -12,11 +12,11 @@ use sqlx::{
 };
 
 use super::sqlx_rows::{RowsAffected, bound, kv_from_row};
-use super::statement::Statement;
+use super::statement::{Arg, Statement};
 use super::write::HistoryRow;
 use super::write_sql;
 use super::{LeaseRecord, Revisions};
-use crate::bulk::{BulkSink, Change, Contents};
+use crate::bulk::{BulkSink, Change, Contents, ImportPhase, ImportState};
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 
@@ -83,6 +83,7 @@ where
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    String: Type<DB> + for<'r> Decode<'r, DB>,
     usize: ColumnIndex<DB::Row>,
     DB::QueryResult: RowsAffected,
 {
@@ -108,10 +109,7 @@ where
         Ok(contents)
     }
 
-    async fn apply(&self, changes: &[Change]) -> Result<()> {
-        if changes.is_empty() {
-            return Ok(());
-        }
+    async fn apply(&self, changes: &[Change], at_least: i64) -> Result<()> {
         let d = self.dialect;
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin_with(d.begin_write()).await?;
@@ -135,7 +133,7 @@ where
             }
         }
         let mut history = Vec::with_capacity(changes.len());
-        let mut highest = revs.current;
+        let mut highest = revs.current.max(at_least);
         for change in changes {
             let revision = change.revision();
             let before = live.get(change.key()).cloned().flatten();
@@ -188,6 +186,10 @@ where
             );
             history.push(row);
             highest = highest.max(revision);
+        }
+        if history.is_empty() && highest == revs.current {
+            tx.commit().await?;
+            return Ok(());
         }
         for st in write_sql::write_history(d, &history) {
             run::<DB>(&mut tx, &st).await?;
@@ -252,6 +254,47 @@ where
             compacted: compacted.max(to.compacted),
         };
         run::<DB>(&mut tx, &write_sql::set_revisions(d, revs)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn import_state(&self) -> Result<Option<ImportState>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = sqlx::query("SELECT source, revision, phase FROM ks_import WHERE id = 1")
+            .fetch_all(&mut *conn)
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let phase: String = row.try_get(2)?;
+        Ok(Some(ImportState {
+            source: row.try_get(0)?,
+            revision: row.try_get(1)?,
+            phase: ImportPhase::parse(&phase)
+                .ok_or_else(|| ShardError::Corrupt(format!("ks_import has phase {phase:?}")))?,
+        }))
+    }
+
+    async fn set_import_state(&self, state: &ImportState) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        run::<DB>(
+            &mut tx,
+            &Statement::new(d, "DELETE FROM ks_import WHERE id = 1"),
+        )
+        .await?;
+        let mut st = Statement::new(
+            d,
+            "INSERT INTO ks_import (id, source, revision, phase) VALUES (1, ",
+        );
+        st.arg(Arg::Text(&state.source))
+            .sql(", ")
+            .int(state.revision)
+            .sql(", ")
+            .arg(Arg::Text(state.phase.as_str()))
+            .sql(")");
+        run::<DB>(&mut tx, &st).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -5,7 +5,7 @@
 use kubeshard_proto::etcdserverpb::{PutRequest, RangeRequest};
 use kubeshard_proto::mvccpb::KeyValue;
 use kubeshard_proto::mvccpb::event::EventType;
-use kubeshard_shard_worker::bulk::Change;
+use kubeshard_shard_worker::bulk::{Change, ImportPhase, ImportState};
 use kubeshard_shard_worker::{
     KeyRange, LeaseRecord, Revisions, ShardError, WriteRequest, WriteResponse, open_bulk,
 };
@@ -53,11 +53,14 @@ fn rows_keep_their_revisions() {
             let a7 = key_value("a", "a2", 3, 7, 2, 0);
             let b9 = key_value("b", "b1", 9, 9, 1, 77);
             let c9 = key_value("c", "c4", 5, 9, 4, 0);
-            sink.apply(&[
-                Change::Put(a7.clone()),
-                Change::Put(b9.clone()),
-                Change::Put(c9.clone()),
-            ])
+            sink.apply(
+                &[
+                    Change::Put(a7.clone()),
+                    Change::Put(b9.clone()),
+                    Change::Put(c9.clone()),
+                ],
+                0,
+            )
             .await
             .expect("apply the import");
             sink.raise(Revisions {
@@ -89,14 +92,17 @@ fn rows_keep_their_revisions() {
             // Followed changes, then what a watch from 11 sees.
             let a12 = key_value("a", "a3", 3, 12, 3, 0);
             let d13 = key_value("d", "d1", 13, 13, 1, 0);
-            sink.apply(&[
-                Change::Put(a12.clone()),
-                Change::Delete {
-                    key: b"b".to_vec(),
-                    revision: 13,
-                },
-                Change::Put(d13.clone()),
-            ])
+            sink.apply(
+                &[
+                    Change::Put(a12.clone()),
+                    Change::Delete {
+                        key: b"b".to_vec(),
+                        revision: 13,
+                    },
+                    Change::Put(d13.clone()),
+                ],
+                0,
+            )
             .await
             .expect("apply followed changes");
             let whole = KeyRange::new(b"\0", b"\0");
@@ -134,13 +140,31 @@ fn rows_keep_their_revisions() {
             ] {
                 assert!(
                     matches!(
-                        sink.apply(std::slice::from_ref(&bad)).await,
+                        sink.apply(std::slice::from_ref(&bad), 0).await,
                         Err(ShardError::Corrupt(_))
                     ),
                     "{bad:?} was applied"
                 );
             }
             assert_eq!(store.revisions().await.expect("revisions").current, 13);
+
+            // Nothing to apply still raises the counter (a followed revision
+            // of other shards), never lowers it.
+            sink.apply(&[], 15).await.expect("raise by apply");
+            sink.apply(&[], 14).await.expect("no lowering");
+            assert_eq!(store.revisions().await.expect("revisions").current, 15);
+
+            // The import's progress, which routers check.
+            assert_eq!(sink.import_state().await.expect("state"), None);
+            for phase in [ImportPhase::Copying, ImportPhase::Done] {
+                let state = ImportState {
+                    source: "http://etcd:2379 cluster 1f".into(),
+                    revision: 10,
+                    phase,
+                };
+                sink.set_import_state(&state).await.expect("set state");
+                assert_eq!(sink.import_state().await.expect("state"), Some(state));
+            }
 
             // Leases, as imported.
             let lease = LeaseRecord {
@@ -164,7 +188,7 @@ fn rows_keep_their_revisions() {
             let Some(Ok(WriteResponse::Put(p))) = committed.first() else {
                 panic!("no put answer: {committed:?}");
             };
-            assert_eq!(p.header.as_ref().map(|h| h.revision), Some(14));
+            assert_eq!(p.header.as_ref().map(|h| h.revision), Some(16));
             db.drop_db().await;
         });
     }
