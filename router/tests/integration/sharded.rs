@@ -680,3 +680,65 @@ endpoint = "postgres://nobody:secret@127.0.0.1:1/nothing"
     );
     assert!(!error.contains("secret"), "the password leaked: {error}");
 }
+
+/// A shard whose import from etcd did not finish is not served: the start
+/// fails naming the shard, the source and how to go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_import_is_not_served() {
+    use kubeshard_shard_worker::bulk::{ImportPhase, ImportState};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let toml = format!(
+        r#"default_shard = "zero"
+
+[[shards]]
+name = "zero"
+endpoint = "sqlite://{dir}/zero.db"
+
+[[shards]]
+name = "half"
+endpoint = "sqlite://{dir}/half.db"
+"#,
+        dir = dir.path().display()
+    );
+    let topology = Topology::from_toml_str(&toml, "half.toml").expect("valid topology");
+    for phase in [
+        ImportPhase::Copying,
+        ImportPhase::Following,
+        ImportPhase::Done,
+    ] {
+        let endpoint = &topology.shards()[1].endpoint;
+        kubeshard_shard_worker::open_store(endpoint, kubeshard_shard_worker::RevisionClass::ALL)
+            .await
+            .expect("create the shard");
+        let bulk = kubeshard_shard_worker::open_bulk(endpoint)
+            .await
+            .expect("bulk sink");
+        let state = ImportState {
+            source: "etcd cluster 1f at http://127.0.0.1:2379".into(),
+            revision: 42,
+            phase,
+        };
+        bulk.set_import_state(&state).await.expect("set the state");
+        let mut options = ServerOptions::for_endpoint(
+            Endpoint::parse("sqlite:///unused.db").expect("endpoint"),
+            "127.0.0.1:0",
+        );
+        options.topology = topology.clone();
+        match (phase, kubeshard::start(options).await) {
+            (ImportPhase::Done, Ok(server)) => server.shutdown().await.expect("shutdown"),
+            (ImportPhase::Done, Err(e)) => panic!("a finished import is refused: {e}"),
+            (_, Ok(_)) => panic!("an unfinished import ({phase:?}) was served"),
+            (_, Err(e)) => {
+                let error = e.to_string();
+                assert!(error.contains("shard half"), "{error}");
+                assert!(
+                    error.contains(&format!(
+                        "an import from etcd cluster 1f at http://127.0.0.1:2379 into this database is unfinished ({} at revision 42)",
+                        phase.as_str()
+                    )),
+                    "{error}"
+                );
+            }
+        }
+    }
+}
