@@ -143,6 +143,29 @@ impl Endpoint {
         }
     }
 
+    /// What makes two endpoints the same database: the backend, the server
+    /// and the database name, or the normalised SQLite path (so two shards
+    /// cannot share one, and a topology change knows which shards stay).
+    /// `None` for SQLite's `:memory:`, which is a new database every time.
+    pub fn identity(&self) -> Option<String> {
+        match self {
+            Endpoint::Sqlite { path } => {
+                let normal: std::path::PathBuf = path
+                    .components()
+                    .filter(|c| !matches!(c, std::path::Component::CurDir))
+                    .collect();
+                (normal.as_os_str() != ":memory:").then(|| format!("sqlite:{}", normal.display()))
+            }
+            Endpoint::Postgres { database, .. } | Endpoint::Mysql { database, .. } => {
+                Some(format!(
+                    "{}://{}/{database}",
+                    self.backend(),
+                    self.server().unwrap_or_default()
+                ))
+            }
+        }
+    }
+
     /// Where the database server listens: `unix:PATH` for a socket (the
     /// folder for PostgreSQL, the file for MySQL), else `host:port`, in
     /// lower case. Two endpoints with the same server and database are the

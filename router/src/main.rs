@@ -9,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     // Subcommands come first; without one, the command line is kine's
     // (which takes no positional arguments).
-    if std::env::args_os().nth(1).is_some_and(|a| a == "import") {
-        return import().await;
+    match std::env::args_os().nth(1) {
+        Some(a) if a == "import" => return import().await,
+        Some(a) if a == "reshard" => return reshard().await,
+        _ => {}
     }
     let cli = Cli::parse_with_kine_env();
     init_logging(cli.log_format, cli.debug);
@@ -47,6 +49,24 @@ async fn import() -> anyhow::Result<()> {
         revision = report.revision,
         verified_keys = report.verified_keys,
         "imported"
+    );
+    Ok(())
+}
+
+/// `kubeshard reshard`: moves keys between shards (kubeshard-transfer).
+async fn reshard() -> anyhow::Result<()> {
+    use clap::Parser;
+    let cli = kubeshard_transfer::ReshardCli::parse_from(std::env::args_os().skip(1));
+    init_logging(LogFormat::Text, false);
+    let (options, describe) = cli.options()?;
+    let report = kubeshard_transfer::run_reshard(options, &describe)
+        .await
+        .context("kubeshard reshard failed")?;
+    tracing::info!(
+        history_rows = report.history_rows_moved,
+        live_keys = report.live_keys_moved,
+        verified_keys = report.verified_keys,
+        "resharded"
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use kubeshard_proto::mvccpb::KeyValue;
 
 use crate::error::Result;
+pub use crate::store::HistoryRow;
 use crate::store::{LeaseRecord, Revisions};
 
 /// One change, at the revision it already has.
@@ -54,11 +55,13 @@ impl Contents {
     }
 }
 
-/// How far an import into the shard got (`ks_import`). Routers refuse a
-/// shard whose import is not done: its data is not whole.
+/// How far a move of data into the shard (an import, a reshard) got
+/// (`ks_import`). Routers refuse a shard whose move is not done: its data
+/// is not whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportState {
-    /// Where the data comes from (the source's URL and cluster id).
+    /// What moves the data in (`import from etcd cluster ID at URL`,
+    /// `reshard from FILE to FILE`).
     pub source: String,
     /// Every change of the source up to here is in the shard.
     pub revision: i64,
@@ -117,4 +120,41 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
     async fn import_state(&self) -> Result<Option<ImportState>>;
 
     async fn set_import_state(&self, state: &ImportState) -> Result<()>;
+
+    /// Adds history rows of keys moved in from another shard, keeping their
+    /// revisions. A row whose revision and key the shard already holds is
+    /// skipped (a move that runs again); the others get subs above the
+    /// shard's own in their revision, in the order given. Returns the rows
+    /// added.
+    async fn append_history(&self, rows: &[HistoryRow]) -> Result<u64>;
+
+    /// Inserts or replaces live rows.
+    async fn upsert_live(&self, kvs: &[KeyValue]) -> Result<()>;
+
+    /// Removes the history rows at these (revision, sub).
+    async fn delete_history(&self, at: &[(i64, i64)]) -> Result<()>;
+
+    async fn delete_live(&self, keys: &[Vec<u8>]) -> Result<()>;
+
+    /// Empties the label index, which then rebuilds itself from the history
+    /// (keys moved in carry revisions below its mark).
+    async fn reset_label_index(&self) -> Result<()>;
 }
+
+/// Reads a shard's rows as stored, for moving them.
+#[async_trait]
+pub trait RowSource: Send + Sync + std::fmt::Debug {
+    /// Up to `limit` history rows after (revision, sub), in that order.
+    async fn history_page(&self, after: (i64, i64), limit: usize) -> Result<Vec<HistoryRow>>;
+
+    /// Up to `limit` live rows with keys above `after` (from the first with
+    /// None), in key order.
+    async fn live_page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>>;
+
+    async fn leases(&self) -> Result<Vec<LeaseRecord>>;
+}
+
+/// Both sides of a shard's bulk access.
+pub trait Bulk: BulkSink + RowSource {}
+
+impl<T: BulkSink + RowSource> Bulk for T {}

@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Executor};
 use tracing::info;
 
-use crate::bulk::BulkSink;
+use crate::bulk::Bulk;
 use crate::dialect;
 use crate::error::{Result, ShardError};
 use crate::store::{RevisionClass, ShardStore, SqlBulk, SqlShard, SqliteReads, SqliteWriter};
@@ -125,9 +125,9 @@ fn sqlite_options(path: &std::path::Path) -> SqliteConnectOptions {
         .disable_statement_logging()
 }
 
-/// A [`BulkSink`] of the shard at `endpoint`, over two connections of its
+/// Bulk access ([`Bulk`]) to the shard at `endpoint`, over two connections of its
 /// own; [`open_store`] must have made the database and its schema.
-pub async fn open_bulk(endpoint: &Endpoint) -> Result<Arc<dyn BulkSink>> {
+pub async fn open_bulk(endpoint: &Endpoint) -> Result<Arc<dyn Bulk>> {
     const CONNECTIONS: u32 = 2;
     Ok(match endpoint {
         Endpoint::Sqlite { path } => {

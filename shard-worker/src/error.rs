@@ -63,11 +63,12 @@ pub enum ShardError {
     /// The shard's writer actor is gone (shutting down).
     #[error("shard {0} is not accepting requests (shutting down)")]
     Stopped(String),
-    /// An import into the shard started and did not finish: its data is not
-    /// whole, so it is not served.
+    /// A move of data into the shard (`kubeshard import`, `kubeshard
+    /// reshard`) started and did not finish: its data is not whole, so it is
+    /// not served.
     #[error(
-        "an import from {source_name} into this database is unfinished ({phase} at revision {revision}): \
-         run `kubeshard import` again to finish it, or start over on an empty database"
+        "a data move into this database is unfinished ({source_name}; {phase} at revision {revision}): \
+         run it again to finish it"
     )]
     ImportUnfinished {
         source_name: String,

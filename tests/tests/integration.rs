@@ -13,6 +13,8 @@
 
 #[path = "integration/import.rs"]
 mod import;
+#[path = "integration/reshard.rs"]
+mod reshard;
 
 use std::path::Path;
 

@@ -9,6 +9,7 @@ use kubeshard_config::{DEFAULT_ENDPOINT, DatabaseTls, Endpoint, Topology};
 use crate::error::{Result, TransferError};
 use crate::etcd::SourceTls;
 use crate::import::ImportOptions;
+use crate::reshard::ReshardOptions;
 
 /// Copies an etcd cluster into kubeshard's databases, keeping every key's
 /// revisions, version and lease, then optionally follows its changes until
@@ -81,5 +82,61 @@ impl ImportCli {
             follow: self.follow,
             verify: self.verify,
         })
+    }
+}
+
+/// Moves the keys whose shard changes between two topologies (with their
+/// retained history, revisions unchanged) while no router serves either.
+/// Running it again finishes a move that stopped half-way.
+#[derive(Debug, Parser)]
+#[command(name = "kubeshard reshard", version)]
+pub struct ReshardCli {
+    /// The topology the data is arranged for now.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// The topology to arrange it for.
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
+    /// CA certificate for TLS to the databases (as the server's).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    #[arg(long)]
+    pub skip_verify: bool,
+    /// Afterwards, check that every key is on the shard the new topology
+    /// puts it on.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+impl ReshardCli {
+    pub fn options(&self) -> Result<(ReshardOptions, String)> {
+        let tls = DatabaseTls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            skip_verify: self.skip_verify,
+        };
+        let load = |path: &PathBuf| {
+            Topology::from_file(path)
+                .map(|t| t.map_endpoints(|e| e.with_database_tls(&tls)))
+                .map_err(|e| TransferError::Config(e.to_string()))
+        };
+        let describe = format!(
+            "reshard from {} to {}",
+            self.from.display(),
+            self.to.display()
+        );
+        Ok((
+            ReshardOptions {
+                from: load(&self.from)?,
+                to: load(&self.to)?,
+                verify: self.verify,
+            },
+            describe,
+        ))
     }
 }

@@ -22,6 +22,9 @@ pub enum TransferError {
          start over on empty databases"
     )]
     Compacted { needed: i64, detail: String },
+    /// Keys on another shard than the topology puts them (reshard's verify).
+    #[error("{count} row(s) not on the shard the new topology puts them on:\n{shown}")]
+    Misplaced { count: usize, shown: String },
     /// Source and target differ (`--verify`).
     #[error("{count} difference(s) between source and target at revision {revision}:\n{shown}")]
     Differences {

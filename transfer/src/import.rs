@@ -79,7 +79,7 @@ pub(crate) fn lease_record(id: i64, lease: Option<SourceLease>, now_ms: i64) -> 
 pub async fn run(options: ImportOptions, stop: impl Future<Output = ()>) -> Result<ImportReport> {
     let etcd = Etcd::connect(&options.from, &options.tls).await?;
     let (head, cluster) = etcd.head().await?;
-    let source = format!("etcd cluster {cluster:x} at {}", etcd.url());
+    let source = format!("import from etcd cluster {cluster:x} at {}", etcd.url());
     info!(%source, revision = head, "source");
     let target = Target::open(options.topology.clone()).await?;
     let mut report = ImportReport::default();
@@ -146,7 +146,7 @@ fn resume_point(
     if contents.iter().all(|c| c.is_empty()) && states.iter().all(Option::is_none) {
         return Ok(None);
     }
-    let ours = format!("etcd cluster {cluster:x} at ");
+    let ours = format!("import from etcd cluster {cluster:x} at ");
     let following = states.iter().all(|s| {
         s.as_ref()
             .is_some_and(|s| s.phase == ImportPhase::Following && s.source.starts_with(&ours))
@@ -162,7 +162,7 @@ fn resume_point(
         }
         let what = match state {
             Some(s) => format!(
-                "an import from {} stopped while {} at revision {}{}",
+                "an {} stopped while {} at revision {}{}",
                 s.source,
                 s.phase.as_str(),
                 s.revision,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures::future::try_join_all;
 use kubeshard_config::Topology;
-use kubeshard_shard_worker::bulk::{BulkSink, Change, Contents, ImportState};
+use kubeshard_shard_worker::bulk::{Bulk, Change, Contents, ImportState};
 use kubeshard_shard_worker::{
     LeaseRecord, RevisionClass, Revisions, ShardError, ShardStore, open_bulk, open_store,
 };
@@ -16,7 +16,7 @@ use crate::error::{Result, TransferError};
 pub struct TargetShard {
     pub name: String,
     pub store: Arc<dyn ShardStore>,
-    pub bulk: Arc<dyn BulkSink>,
+    pub bulk: Arc<dyn Bulk>,
 }
 
 #[derive(Debug)]

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::Component;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -194,25 +193,6 @@ fn valid_shard_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// What makes two endpoints the same database (so two shards cannot share one).
-fn database_identity(endpoint: &Endpoint) -> Option<String> {
-    match endpoint {
-        Endpoint::Sqlite { path } => {
-            let normal: std::path::PathBuf = path
-                .components()
-                .filter(|c| !matches!(c, Component::CurDir))
-                .collect();
-            // Every connection to ":memory:" opens a database of its own.
-            (normal.as_os_str() != ":memory:").then(|| format!("sqlite:{}", normal.display()))
-        }
-        Endpoint::Postgres { database, .. } | Endpoint::Mysql { database, .. } => Some(format!(
-            "{}://{}/{database}",
-            endpoint.backend(),
-            endpoint.server().unwrap_or_default()
-        )),
-    }
-}
-
 fn check_shards(checker: &mut Checker<'_>, raw: Vec<Spanned<RawShard>>) -> (Vec<Shard>, Names) {
     let mut names = Names {
         ids: HashMap::new(),
@@ -264,7 +244,7 @@ fn check_shards(checker: &mut Checker<'_>, raw: Vec<Spanned<RawShard>>) -> (Vec<
         match Endpoint::parse(shard.endpoint.get_ref()) {
             Err(e) => checker.error(shard.endpoint.span(), format!("shard {name:?}: {e}")),
             Ok(endpoint) => {
-                if let Some(identity) = database_identity(&endpoint) {
+                if let Some(identity) = endpoint.identity() {
                     match databases.get(&identity) {
                         Some((other, offset)) => {
                             let line = checker.location(*offset).line;

@@ -714,7 +714,7 @@ endpoint = "sqlite://{dir}/half.db"
             .await
             .expect("bulk sink");
         let state = ImportState {
-            source: "etcd cluster 1f at http://127.0.0.1:2379".into(),
+            source: "import from etcd cluster 1f at http://127.0.0.1:2379".into(),
             revision: 42,
             phase,
         };
@@ -733,7 +733,7 @@ endpoint = "sqlite://{dir}/half.db"
                 assert!(error.contains("shard half"), "{error}");
                 assert!(
                     error.contains(&format!(
-                        "an import from etcd cluster 1f at http://127.0.0.1:2379 into this database is unfinished ({} at revision 42)",
+                        "a data move into this database is unfinished (import from etcd cluster 1f at http://127.0.0.1:2379; {} at revision 42)",
                         phase.as_str()
                     )),
                     "{error}"

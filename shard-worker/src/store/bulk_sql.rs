@@ -2,7 +2,7 @@
 //! transaction under the revision lock, built from the same statements as
 //! the write path (`write_sql.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use async_trait::async_trait;
@@ -16,7 +16,7 @@ use super::statement::{Arg, Statement};
 use super::write::HistoryRow;
 use super::write_sql;
 use super::{LeaseRecord, Revisions};
-use crate::bulk::{BulkSink, Change, Contents, ImportPhase, ImportState};
+use crate::bulk::{BulkSink, Change, Contents, ImportPhase, ImportState, RowSource};
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 
@@ -60,7 +60,7 @@ where
     Ok(bound::<DB>(st).execute(&mut *conn).await?.rows())
 }
 
-async fn rows<DB>(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<Vec<DB::Row>>
+async fn fetch<DB>(conn: &mut DB::Connection, st: &Statement<'_>) -> Result<Vec<DB::Row>>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -113,7 +113,7 @@ where
         let d = self.dialect;
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin_with(d.begin_write()).await?;
-        let locked = rows::<DB>(&mut tx, &Statement::new(d, d.lock_meta())).await?;
+        let locked = fetch::<DB>(&mut tx, &Statement::new(d, d.lock_meta())).await?;
         let Some(meta) = locked.first() else {
             return Err(ShardError::Corrupt("ks_meta has no row".into()));
         };
@@ -127,7 +127,7 @@ where
         keys.dedup();
         let mut live: HashMap<Vec<u8>, Option<KeyValue>> = HashMap::new();
         for st in write_sql::live_get(d, &keys) {
-            for row in rows::<DB>(&mut tx, &st).await? {
+            for row in fetch::<DB>(&mut tx, &st).await? {
                 let kv = kv_from_row::<DB>(&row, 0)?;
                 live.insert(kv.key.clone(), Some(kv));
             }
@@ -243,7 +243,7 @@ where
         let d = self.dialect;
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin_with(d.begin_write()).await?;
-        let locked = rows::<DB>(&mut tx, &Statement::new(d, d.lock_meta())).await?;
+        let locked = fetch::<DB>(&mut tx, &Statement::new(d, d.lock_meta())).await?;
         let Some(meta) = locked.first() else {
             return Err(ShardError::Corrupt("ks_meta has no row".into()));
         };
@@ -297,5 +297,178 @@ where
         run::<DB>(&mut tx, &st).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn append_history(&self, rows: &[HistoryRow]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        let mut revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
+        revisions.sort_unstable();
+        revisions.dedup();
+        let mut present: HashSet<(i64, Vec<u8>)> = HashSet::new();
+        let mut top_sub: HashMap<i64, i64> = HashMap::new();
+        let head = "SELECT revision, sub, key_bytes FROM ks_history WHERE revision IN (";
+        for chunk in write_sql::shaped_chunks(&revisions) {
+            let st = write_sql::in_list(d, head, chunk, Arg::Int);
+            for row in fetch::<DB>(&mut tx, &st).await? {
+                let revision: i64 = row.try_get(0)?;
+                let sub: i64 = row.try_get(1)?;
+                present.insert((revision, row.try_get(2)?));
+                let top = top_sub.entry(revision).or_insert(sub);
+                *top = (*top).max(sub);
+            }
+        }
+        let mut added = Vec::new();
+        for r in rows {
+            if present.contains(&(r.revision, r.key.clone())) {
+                continue;
+            }
+            let top = top_sub.entry(r.revision).or_insert(-1);
+            *top += 1;
+            added.push(HistoryRow {
+                sub: *top,
+                ..r.clone()
+            });
+        }
+        for st in write_sql::write_history(d, &added) {
+            run::<DB>(&mut tx, &st).await?;
+        }
+        tx.commit().await?;
+        Ok(added.len() as u64)
+    }
+
+    async fn upsert_live(&self, kvs: &[KeyValue]) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        let upserts: Vec<&KeyValue> = kvs.iter().collect();
+        for st in write_sql::write_live(d, &upserts, &[]) {
+            run::<DB>(&mut tx, &st).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_history(&self, at: &[(i64, i64)]) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        for chunk in write_sql::shaped_chunks(at) {
+            let mut st = Statement::new(d, "DELETE FROM ks_history WHERE (revision, sub) IN (");
+            for (i, (revision, sub)) in chunk.iter().enumerate() {
+                st.sql(if i == 0 { "(" } else { ", (" });
+                st.int(*revision).sql(", ").int(*sub).sql(")");
+            }
+            st.sql(")");
+            run::<DB>(&mut tx, &st).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_live(&self, keys: &[Vec<u8>]) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        for st in write_sql::write_live(d, &[], &keys) {
+            run::<DB>(&mut tx, &st).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn reset_label_index(&self) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        run::<DB>(&mut tx, &Statement::new(d, "DELETE FROM ks_label")).await?;
+        let reset = "UPDATE ks_label_mark SET revision = 0 WHERE id = 1";
+        run::<DB>(&mut tx, &Statement::new(d, reset)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<DB> RowSource for SqlBulk<DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB>,
+    i64: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Vec<u8>: Type<DB> + for<'r> Decode<'r, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    String: Type<DB> + for<'r> Decode<'r, DB>,
+    usize: ColumnIndex<DB::Row>,
+    DB::QueryResult: RowsAffected,
+{
+    async fn history_page(&self, after: (i64, i64), limit: usize) -> Result<Vec<HistoryRow>> {
+        let d = self.dialect;
+        let mut st = Statement::new(
+            d,
+            "SELECT revision, sub, key_bytes, deleted, create_revision, prev_revision, version, \
+             lease, value_bytes FROM ks_history WHERE revision > ",
+        );
+        st.int(after.0).sql(" OR (revision = ").int(after.0);
+        st.sql(" AND sub > ")
+            .int(after.1)
+            .sql(") ORDER BY revision, sub LIMIT ");
+        st.int(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut conn = self.pool.acquire().await?;
+        let mut out = Vec::new();
+        for row in fetch::<DB>(&mut conn, &st).await? {
+            let deleted: i64 = row.try_get(3)?;
+            out.push(HistoryRow {
+                revision: row.try_get(0)?,
+                sub: row.try_get(1)?,
+                key: row.try_get(2)?,
+                deleted: deleted != 0,
+                create_revision: row.try_get(4)?,
+                prev_revision: row.try_get(5)?,
+                version: row.try_get(6)?,
+                lease: row.try_get(7)?,
+                value: row.try_get(8)?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn live_page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>> {
+        let d = self.dialect;
+        let mut st = Statement::new(d, format!("SELECT {} FROM ks_live", write_sql::KV_COLUMNS));
+        if let Some(after) = after {
+            st.sql(" WHERE key_bytes > ").bytes(after);
+        }
+        st.sql(" ORDER BY key_bytes LIMIT ")
+            .int(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut conn = self.pool.acquire().await?;
+        let mut out = Vec::new();
+        for row in fetch::<DB>(&mut conn, &st).await? {
+            out.push(kv_from_row::<DB>(&row, 0)?);
+        }
+        Ok(out)
+    }
+
+    async fn leases(&self) -> Result<Vec<LeaseRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = sqlx::query("SELECT id, ttl, expires_at_ms FROM ks_lease ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(LeaseRecord {
+                id: row.try_get(0)?,
+                ttl: row.try_get(1)?,
+                expires_at_ms: row.try_get(2)?,
+            });
+        }
+        Ok(out)
     }
 }

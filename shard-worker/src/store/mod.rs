@@ -43,7 +43,7 @@ pub use pool_use::Connections;
 pub use sql::SqlShard;
 pub(crate) use sqlite_reads::SqliteReads;
 pub(crate) use sqlite_writes::SqliteWriter;
-pub use write::{CommittedBatch, WritePath};
+pub use write::{CommittedBatch, HistoryRow, WritePath};
 
 /// The revision counter and compaction mark of a shard, read together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

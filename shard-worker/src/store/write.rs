@@ -30,7 +30,7 @@ use crate::keys::KeyRange;
 
 /// One row of `ks_history`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct HistoryRow {
+pub struct HistoryRow {
     pub revision: i64,
     pub sub: i64,
     pub key: Vec<u8>,

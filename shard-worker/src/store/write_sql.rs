@@ -23,7 +23,8 @@ const BYTES_PER_INSERT: usize = 4 << 20;
 pub(crate) const EXACT_ROWS: usize = 16;
 
 /// The columns of a live key, in `KeyValue` order (see `kv_from_row`).
-const KV_COLUMNS: &str = "key_bytes, create_revision, mod_revision, version, lease, value_bytes";
+pub(crate) const KV_COLUMNS: &str =
+    "key_bytes, create_revision, mod_revision, version, lease, value_bytes";
 
 /// Splits rows into chunks of at most [`ROWS_PER_INSERT`] with few distinct
 /// shapes per kind, so prepared statements stay cached without piling up,
@@ -82,7 +83,7 @@ fn push_in_list<'a, T: Copy>(
 }
 
 /// `<head>a, b, ...)` with one placeholder per item.
-fn in_list<'a, T: Copy>(
+pub(crate) fn in_list<'a, T: Copy>(
     d: &'static dyn Dialect,
     head: &str,
     items: &[T],

@@ -193,3 +193,123 @@ fn rows_keep_their_revisions() {
         });
     }
 }
+
+/// Rows moved between two shards (resharding): read in order, appended
+/// with their revisions where the target already has rows at the same
+/// revision, appended twice without duplicates, then removed at the source.
+#[test]
+fn moved_rows_keep_revisions() {
+    use kubeshard_shard_worker::bulk::HistoryRow;
+    let rt = crate::runtime();
+    for server in backends::servers("bulk_moved_rows_keep_revisions") {
+        rt.block_on(async {
+            let from = server.create().await;
+            let to = server.create().await;
+            let source = open_bulk(from.endpoint()).await.expect("source");
+            let target = open_bulk(to.endpoint()).await.expect("target");
+            // Revision 9 on both shards (a transaction of the source etcd).
+            let at9 = |key: &str| Change::Put(key_value(key, "x", 9, 9, 1, 0));
+            source
+                .apply(
+                    &[
+                        at9("m1"),
+                        at9("m2"),
+                        Change::Put(key_value("m1", "y", 9, 11, 2, 0)),
+                    ],
+                    0,
+                )
+                .await
+                .expect("source rows");
+            target.apply(&[at9("t1")], 0).await.expect("target rows");
+            let rows: Vec<HistoryRow> = source
+                .history_page((i64::MIN, i64::MIN), 100)
+                .await
+                .expect("page");
+            assert_eq!(
+                rows.iter()
+                    .map(|r| (r.revision, r.key.clone()))
+                    .collect::<Vec<_>>(),
+                vec![
+                    (9, b"m1".to_vec()),
+                    (9, b"m2".to_vec()),
+                    (11, b"m1".to_vec())
+                ]
+            );
+            let second = source
+                .history_page((rows[0].revision, rows[0].sub), 100)
+                .await
+                .expect("page");
+            assert_eq!(second.len(), 2);
+            assert_eq!(target.append_history(&rows).await.expect("append"), 3);
+            assert_eq!(target.append_history(&rows).await.expect("append again"), 0);
+            let live = source.live_page(None, 100).await.expect("live");
+            assert_eq!(live.len(), 2);
+            assert_eq!(
+                source
+                    .live_page(Some(b"m1"), 100)
+                    .await
+                    .expect("live")
+                    .len(),
+                1
+            );
+            target.upsert_live(&live).await.expect("upsert");
+            target
+                .raise(Revisions {
+                    current: 11,
+                    compacted: 0,
+                })
+                .await
+                .expect("raise");
+            source
+                .delete_history(&rows.iter().map(|r| (r.revision, r.sub)).collect::<Vec<_>>())
+                .await
+                .expect("delete");
+            source
+                .delete_live(&live.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>())
+                .await
+                .expect("delete");
+            assert!(
+                source
+                    .history_page((i64::MIN, i64::MIN), 100)
+                    .await
+                    .expect("page")
+                    .is_empty()
+            );
+            let contents = source.contents().await.expect("contents");
+            assert_eq!((contents.live_keys, contents.history_rows), (0, 0));
+            target
+                .reset_label_index()
+                .await
+                .expect("reset the label index");
+            // The target reads like the source did, old revision included.
+            let whole = KeyRange::new(b"\0", b"\0");
+            let events = to.store.history(&whole, 9, 11, 100).await.expect("history");
+            let seen: Vec<(i64, Vec<u8>)> = events
+                .events
+                .iter()
+                .map(|e| {
+                    e.kv.as_ref()
+                        .map(|k| (k.mod_revision, k.key.clone()))
+                        .unwrap_or_default()
+                })
+                .collect();
+            assert_eq!(seen.len(), 4, "{seen:?}");
+            assert_eq!(seen[3], (11, b"m1".to_vec()));
+            assert_eq!(
+                events.events[3].prev_kv.as_ref().map(|k| k.mod_revision),
+                Some(9)
+            );
+            let at9_read = to.store.range(&all_at(9)).await.expect("range at 9");
+            assert_eq!(
+                at9_read
+                    .kvs
+                    .iter()
+                    .map(|kv| kv.key.clone())
+                    .collect::<Vec<_>>(),
+                vec![b"m1".to_vec(), b"m2".to_vec(), b"t1".to_vec()]
+            );
+            from.drop_db().await;
+            to.drop_db().await;
+        });
+    }
+}

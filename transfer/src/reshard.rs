@@ -1,0 +1,379 @@
+//! `kubeshard reshard --from OLD.toml --to NEW.toml` (offline: no router
+//! serves either topology while it runs): moves every key whose shard
+//! changes to its new shard with its whole retained history, keeping
+//! revisions, so that reads at retained revisions, watches from them and
+//! leases behave as before.
+//!
+//! Shards are databases: a shard of both files on the same database (same
+//! server and database name, or SQLite file) stays where it is. For every
+//! database of either file, each history row and live row whose key the new
+//! topology puts on another database is copied there, then removed here;
+//! then every database of the new topology gets every lease and a revision
+//! counter and compaction revision at least the highest of all, so new
+//! revisions stay above every moved one (revisions.md, invariant 1). Every
+//! step can run again, so a move that stopped half-way is finished by
+//! running the same command again; until then routers refuse the databases
+//! (`ks_import`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kubeshard_config::Topology;
+use kubeshard_proto::mvccpb::KeyValue;
+use kubeshard_shard_worker::bulk::{Bulk, HistoryRow, ImportPhase, ImportState};
+use kubeshard_shard_worker::{Revisions, open_bulk, open_store};
+use tracing::info;
+
+use crate::error::{Result, TransferError};
+
+/// Rows read per page.
+const PAGE: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct ReshardOptions {
+    pub from: Topology,
+    pub to: Topology,
+    /// Check afterwards that every key is on the database the new topology
+    /// puts it.
+    pub verify: bool,
+}
+
+/// What a reshard did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReshardReport {
+    pub history_rows_moved: u64,
+    pub live_keys_moved: u64,
+    /// The revision and compaction revision every new shard is at.
+    pub revisions: Option<Revisions>,
+    /// Keys checked by `verify`.
+    pub verified_keys: Option<u64>,
+}
+
+/// One database, with the shards naming it.
+#[derive(Debug)]
+struct Database {
+    names: Vec<String>,
+    bulk: Arc<dyn Bulk>,
+}
+
+impl Database {
+    fn fail(&self, error: kubeshard_shard_worker::ShardError) -> TransferError {
+        TransferError::Target {
+            shard: self.names.join("/"),
+            error,
+        }
+    }
+}
+
+/// The databases of both topologies, each opened once, and where the new
+/// topology's shards are among them.
+struct Databases {
+    all: Vec<Database>,
+    /// Index in `all` of each shard of the new topology.
+    new: Vec<usize>,
+    new_default: usize,
+}
+
+async fn open(options: &ReshardOptions) -> Result<Databases> {
+    let mut all: Vec<Database> = Vec::new();
+    let mut by_identity: HashMap<String, usize> = HashMap::new();
+    let mut new = Vec::new();
+    for (topology, is_new) in [(&options.from, false), (&options.to, true)] {
+        for spec in topology.shards() {
+            let identity = spec.endpoint.identity().ok_or_else(|| {
+                TransferError::Config(format!(
+                    "shard {}: a database in memory cannot be resharded",
+                    spec.name
+                ))
+            })?;
+            let index = match by_identity.get(&identity) {
+                Some(i) => {
+                    if !all[*i].names.contains(&spec.name) {
+                        all[*i].names.push(spec.name.clone());
+                    }
+                    *i
+                }
+                None => {
+                    let fail = |error| TransferError::Target {
+                        shard: spec.name.clone(),
+                        error,
+                    };
+                    // Creates the database and its schema when new.
+                    open_store(&spec.endpoint, kubeshard_shard_worker::RevisionClass::ALL)
+                        .await
+                        .map_err(fail)?;
+                    let bulk = open_bulk(&spec.endpoint).await.map_err(fail)?;
+                    all.push(Database {
+                        names: vec![spec.name.clone()],
+                        bulk,
+                    });
+                    by_identity.insert(identity, all.len() - 1);
+                    all.len() - 1
+                }
+            };
+            if is_new {
+                new.push(index);
+            }
+        }
+    }
+    let new_default = new[options.to.default_shard().index()];
+    Ok(Databases {
+        all,
+        new,
+        new_default,
+    })
+}
+
+pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardReport> {
+    let dbs = open(&options).await?;
+    let to = &options.to;
+    let home = |key: &[u8]| dbs.new[to.route(key).index()];
+    let mut report = ReshardReport::default();
+    let mut highest = Revisions {
+        current: 0,
+        compacted: 0,
+    };
+    for db in &dbs.all {
+        let c = db.bulk.contents().await.map_err(|e| db.fail(e))?;
+        highest.current = highest.current.max(c.revisions.current);
+        highest.compacted = highest.compacted.max(c.revisions.compacted);
+    }
+    let state = |phase| ImportState {
+        source: describe.to_string(),
+        revision: highest.current,
+        phase,
+    };
+    for db in &dbs.all {
+        db.bulk
+            .set_import_state(&state(ImportPhase::Copying))
+            .await
+            .map_err(|e| db.fail(e))?;
+    }
+    let mut touched = vec![false; dbs.all.len()];
+    for (here, db) in dbs.all.iter().enumerate() {
+        let moved = move_out(&dbs, here, &home).await?;
+        if moved.0 + moved.1 > 0 {
+            touched[here] = true;
+            for t in moved.2 {
+                touched[t] = true;
+            }
+            info!(shard = %db.names.join("/"), history_rows = moved.0, live_keys = moved.1, "moved out");
+        }
+        report.history_rows_moved += moved.0;
+        report.live_keys_moved += moved.1;
+    }
+    // Every lease on every shard of the new topology; the counters and the
+    // compaction revision at least the highest of any database.
+    let default = &dbs.all[dbs.new_default];
+    let mut leases = Vec::new();
+    for db in &dbs.all {
+        leases.extend(db.bulk.leases().await.map_err(|e| db.fail(e))?);
+    }
+    leases.sort_by_key(|l| l.id);
+    leases.dedup_by_key(|l| l.id);
+    // The default shard's own records win (renewals happen there).
+    let own = default.bulk.leases().await.map_err(|e| default.fail(e))?;
+    let own: HashMap<i64, _> = own.into_iter().map(|l| (l.id, l)).collect();
+    let leases: Vec<_> = leases
+        .into_iter()
+        .map(|l| own.get(&l.id).copied().unwrap_or(l))
+        .collect();
+    for &i in &dbs.new {
+        let db = &dbs.all[i];
+        db.bulk.put_leases(&leases).await.map_err(|e| db.fail(e))?;
+        db.bulk.raise(highest).await.map_err(|e| db.fail(e))?;
+    }
+    for (i, db) in dbs.all.iter().enumerate() {
+        if touched[i] {
+            db.bulk.reset_label_index().await.map_err(|e| db.fail(e))?;
+        }
+        db.bulk
+            .set_import_state(&state(ImportPhase::Done))
+            .await
+            .map_err(|e| db.fail(e))?;
+    }
+    report.revisions = Some(highest);
+    info!(
+        history_rows = report.history_rows_moved,
+        live_keys = report.live_keys_moved,
+        revision = highest.current,
+        compacted = highest.compacted,
+        "reshard done"
+    );
+    if options.verify {
+        report.verified_keys = Some(verify(&dbs, &home).await?);
+    }
+    Ok(report)
+}
+
+/// Copies the rows of database `here` whose keys belong elsewhere to where
+/// they belong, then removes them here. Returns (history rows, live keys,
+/// databases written to).
+async fn move_out(
+    dbs: &Databases,
+    here: usize,
+    home: &impl Fn(&[u8]) -> usize,
+) -> Result<(u64, u64, Vec<usize>)> {
+    let source = &dbs.all[here];
+    let mut written = Vec::new();
+    // History first, in revision order, then live rows: a key's live row
+    // arrives after its history.
+    let mut after = (i64::MIN, i64::MIN);
+    let mut history = 0u64;
+    loop {
+        let page = source
+            .bulk
+            .history_page(after, PAGE)
+            .await
+            .map_err(|e| source.fail(e))?;
+        let Some(last) = page.last() else { break };
+        after = (last.revision, last.sub);
+        let mut per_home: HashMap<usize, Vec<HistoryRow>> = HashMap::new();
+        for row in page {
+            let to = home(&row.key);
+            if to != here {
+                per_home.entry(to).or_default().push(row);
+            }
+        }
+        for (to, rows) in per_home {
+            let target = &dbs.all[to];
+            history += rows.len() as u64;
+            target
+                .bulk
+                .append_history(&rows)
+                .await
+                .map_err(|e| target.fail(e))?;
+            written.push(to);
+        }
+    }
+    let mut live = 0u64;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = source
+            .bulk
+            .live_page(after.as_deref(), PAGE)
+            .await
+            .map_err(|e| source.fail(e))?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        let mut per_home: HashMap<usize, Vec<KeyValue>> = HashMap::new();
+        for kv in page {
+            let to = home(&kv.key);
+            if to != here {
+                per_home.entry(to).or_default().push(kv);
+            }
+        }
+        for (to, kvs) in per_home {
+            let target = &dbs.all[to];
+            live += kvs.len() as u64;
+            target
+                .bulk
+                .upsert_live(&kvs)
+                .await
+                .map_err(|e| target.fail(e))?;
+            written.push(to);
+        }
+    }
+    if history + live == 0 {
+        return Ok((0, 0, written));
+    }
+    // Everything is where it belongs: remove it here.
+    let mut after = (i64::MIN, i64::MIN);
+    loop {
+        let page = source
+            .bulk
+            .history_page(after, PAGE)
+            .await
+            .map_err(|e| source.fail(e))?;
+        let Some(last) = page.last() else { break };
+        after = (last.revision, last.sub);
+        let gone: Vec<(i64, i64)> = page
+            .iter()
+            .filter(|r| home(&r.key) != here)
+            .map(|r| (r.revision, r.sub))
+            .collect();
+        source
+            .bulk
+            .delete_history(&gone)
+            .await
+            .map_err(|e| source.fail(e))?;
+    }
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = source
+            .bulk
+            .live_page(after.as_deref(), PAGE)
+            .await
+            .map_err(|e| source.fail(e))?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        let gone: Vec<Vec<u8>> = page
+            .into_iter()
+            .filter(|kv| home(&kv.key) != here)
+            .map(|kv| kv.key)
+            .collect();
+        source
+            .bulk
+            .delete_live(&gone)
+            .await
+            .map_err(|e| source.fail(e))?;
+    }
+    written.sort_unstable();
+    written.dedup();
+    Ok((history, live, written))
+}
+
+/// Every key of every database is on the database the new topology puts
+/// it; returns the live keys seen.
+async fn verify(dbs: &Databases, home: &impl Fn(&[u8]) -> usize) -> Result<u64> {
+    let mut misplaced = Vec::new();
+    let mut keys = 0u64;
+    for (here, db) in dbs.all.iter().enumerate() {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = db
+                .bulk
+                .live_page(after.as_deref(), PAGE)
+                .await
+                .map_err(|e| db.fail(e))?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            keys += page.len() as u64;
+            misplaced.extend(
+                page.iter()
+                    .filter(|kv| home(&kv.key) != here)
+                    .map(|kv| format!("{} is on {}", kv.key.escape_ascii(), db.names.join("/"))),
+            );
+        }
+        let mut after = (i64::MIN, i64::MIN);
+        loop {
+            let page = db
+                .bulk
+                .history_page(after, PAGE)
+                .await
+                .map_err(|e| db.fail(e))?;
+            let Some(last) = page.last() else { break };
+            after = (last.revision, last.sub);
+            misplaced.extend(page.iter().filter(|r| home(&r.key) != here).map(|r| {
+                format!(
+                    "history of {} at {} is on {}",
+                    r.key.escape_ascii(),
+                    r.revision,
+                    db.names.join("/")
+                )
+            }));
+        }
+    }
+    if !misplaced.is_empty() {
+        return Err(TransferError::Misplaced {
+            count: misplaced.len(),
+            shown: misplaced
+                .iter()
+                .take(20)
+                .map(|m| format!("  {m}\n"))
+                .collect(),
+        });
+    }
+    info!(keys, "every key is on its shard");
+    Ok(keys)
+}
