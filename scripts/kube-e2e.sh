@@ -7,6 +7,9 @@
 #      (PostgreSQL and MariaDB) next to a default shard, watch cache on,
 #      over mutual TLS;
 #   4. the same topology, watch cache off;
+# then a cluster moved from etcd 3.6 with `kubeshard import --follow`
+# (tests/kubernetes/import_e2e.py), onto one SQLite shard and onto the
+# topology of 3 and 4;
 # and, first, the selector push-down run (tests/kubernetes/pushdown_e2e.py):
 # kube-apiserver patched by scripts/kube-build-pushdown.sh, watch cache off,
 # over kubeshard on one SQLite shard and on four, against the stock
@@ -170,4 +173,21 @@ sharded_topology "$work/sharded-on.toml"
 e2e sharded-watch-cache-on-tls --config "$work/sharded-on.toml" --watch-cache on --tls "${placement[@]}"
 sharded_topology "$work/sharded-off.toml"
 e2e sharded-watch-cache-off --config "$work/sharded-off.toml" --watch-cache off "${placement[@]}"
+
+# A cluster on etcd moved onto kubeshard by `kubeshard import --follow`.
+imported() { # NAME ARGS...
+  local name=$1
+  shift
+  echo "==> etcd moved to kubeshard (kubeshard import --follow): $name" >&2
+  if python3 tests/kubernetes/import_e2e.py --kube-bin "$kube_bin" --kubeshard "$kubeshard" \
+    --etcd "$reference_etcd" --work "$work/$name" "$@"; then
+    echo "    $name: passed" >&2
+  else
+    echo "    $name: FAILED (logs in $work/$name)" >&2
+    status=1
+  fi
+}
+imported import-sqlite --endpoint "sqlite://$work/import.db"
+sharded_topology "$work/import-sharded.toml"
+imported import-sharded --config "$work/import-sharded.toml"
 exit $status

@@ -323,6 +323,53 @@ impl Topology {
         self.source.as_deref()
     }
 
+    /// What decides where every key goes, in a canonical text: the registry
+    /// prefix, the shards' names in order (their order also gives each its
+    /// class of revisions), the default shard and the routes. Not the
+    /// endpoints (a database may move to another server) nor pool sizes.
+    /// Two topologies with the same placement put every key on the same
+    /// shard; the data of a cluster is arranged for one placement
+    /// (`kubeshard reshard` changes it).
+    pub fn placement(&self) -> String {
+        let name = |id: &ShardId| self.shards[id.index()].name.clone();
+        let quoted = |s: &str| format!("{s:?}");
+        let mut out = format!("registry_prefix {}\n", quoted(&self.registry_prefix));
+        for shard in &self.shards {
+            out.push_str(&format!("shard {}\n", shard.name));
+        }
+        out.push_str(&format!("default {}\n", name(&self.default_shard)));
+        for route in &self.routes {
+            let matcher = match &route.matcher {
+                Matcher::Prefix(p) => format!("prefix {}", quoted(p)),
+                Matcher::Resource {
+                    group,
+                    resource,
+                    namespace,
+                } => format!(
+                    "resource {} group {} namespace {}",
+                    quoted(resource),
+                    quoted(group),
+                    namespace.as_deref().map_or("*".to_string(), quoted)
+                ),
+                Matcher::Namespace(n) => format!("namespace {}", quoted(n)),
+                Matcher::Regex(r) => format!("regex {}", quoted(r)),
+            };
+            let target = match &route.target {
+                Target::Shard(id) => format!("shard {}", name(id)),
+                Target::Hashed { shards, hash } => format!(
+                    "hashed by {} over {}",
+                    match hash {
+                        HashBy::Resource => "resource",
+                        HashBy::ResourceNamespace => "resource-namespace",
+                    },
+                    shards.iter().map(name).collect::<Vec<_>>().join(" ")
+                ),
+            };
+            out.push_str(&format!("route {matcher} -> {target}\n"));
+        }
+        out
+    }
+
     /// kube-apiserver's `--etcd-prefix` as configured (default "/registry").
     pub fn registry_prefix(&self) -> &str {
         &self.registry_prefix

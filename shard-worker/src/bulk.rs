@@ -121,6 +121,12 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
 
     async fn set_import_state(&self, state: &ImportState) -> Result<()>;
 
+    /// The placement (`Topology::placement`) the data is arranged for, as
+    /// the default shard records it.
+    async fn placement(&self) -> Result<Option<String>>;
+
+    async fn set_placement(&self, placement: &str) -> Result<()>;
+
     /// Adds history rows of keys moved in from another shard, keeping their
     /// revisions. A row whose revision and key the shard already holds is
     /// skipped (a move that runs again); the others get subs above the

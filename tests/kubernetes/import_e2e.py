@@ -41,7 +41,7 @@ SECRETS = 20
 DEPLOYMENTS = 3
 EVENT_TTL_SECONDS = 60
 NS = "moved"
-GROUP = "kubeshard.import.io"
+GROUP = "kubeshard.e2e.io"  # the sharded topology of kube-e2e.sh routes it
 # What is compared before and after the move: (kubectl resource, namespaced).
 KINDS = [("configmaps", True), ("secrets", True), (f"widgets.{GROUP}", True),
          ("deployments", True), ("replicasets", True), ("pods", True),

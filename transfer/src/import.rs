@@ -119,6 +119,7 @@ pub async fn run(options: ImportOptions, stop: impl Future<Output = ()>) -> Resu
             compacted: 0,
         })
         .await?;
+    target.set_placement().await?;
     target
         .set_import_state(&ImportState {
             source,

@@ -72,12 +72,14 @@ struct Databases {
     /// Index in `all` of each shard of the new topology.
     new: Vec<usize>,
     new_default: usize,
+    old_default: usize,
 }
 
 async fn open(options: &ReshardOptions) -> Result<Databases> {
     let mut all: Vec<Database> = Vec::new();
     let mut by_identity: HashMap<String, usize> = HashMap::new();
     let mut new = Vec::new();
+    let mut old = Vec::new();
     for (topology, is_new) in [(&options.from, false), (&options.to, true)] {
         for spec in topology.shards() {
             let identity = spec.endpoint.identity().ok_or_else(|| {
@@ -113,14 +115,18 @@ async fn open(options: &ReshardOptions) -> Result<Databases> {
             };
             if is_new {
                 new.push(index);
+            } else {
+                old.push(index);
             }
         }
     }
     let new_default = new[options.to.default_shard().index()];
+    let old_default = old[options.from.default_shard().index()];
     Ok(Databases {
         all,
         new,
         new_default,
+        old_default,
     })
 }
 
@@ -137,6 +143,20 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
         let c = db.bulk.contents().await.map_err(|e| db.fail(e))?;
         highest.current = highest.current.max(c.revisions.current);
         highest.compacted = highest.compacted.max(c.revisions.compacted);
+    }
+    // The data must be arranged for the old topology (or already for the
+    // new one: a reshard that ran before).
+    let old_default = &dbs.all[dbs.old_default];
+    let stored = old_default
+        .bulk
+        .placement()
+        .await
+        .map_err(|e| old_default.fail(e))?;
+    let (from_placement, to_placement) = (options.from.placement(), options.to.placement());
+    if let Some(stored) = stored.filter(|p| *p != from_placement && *p != to_placement) {
+        return Err(TransferError::Config(format!(
+            "the data is arranged for neither --from nor --to; it is arranged for:\n{stored}"
+        )));
     }
     let state = |phase| ImportState {
         source: describe.to_string(),
@@ -182,6 +202,13 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
         let db = &dbs.all[i];
         db.bulk.put_leases(&leases).await.map_err(|e| db.fail(e))?;
         db.bulk.raise(highest).await.map_err(|e| db.fail(e))?;
+    }
+    for &i in &dbs.new {
+        let db = &dbs.all[i];
+        db.bulk
+            .set_placement(&to_placement)
+            .await
+            .map_err(|e| db.fail(e))?;
     }
     for (i, db) in dbs.all.iter().enumerate() {
         if touched[i] {

@@ -137,6 +137,19 @@ impl Target {
         Ok(())
     }
 
+    /// Records on every shard that the data is arranged for this topology.
+    pub async fn set_placement(&self) -> Result<()> {
+        let placement = self.topology.placement();
+        let placement = &placement;
+        try_join_all(
+            self.shards.iter().map(|s| async move {
+                s.bulk.set_placement(placement).await.map_err(|e| s.fail(e))
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn raise(&self, to: Revisions) -> Result<()> {
         try_join_all(
             self.shards

@@ -1101,3 +1101,69 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn placement_is_what_decides_where_keys_go() {
+    let a = topology(
+        r#"default_shard = "core"
+[[shards]]
+name = "core"
+endpoint = "sqlite:///a/core.db"
+max_connections = 4
+[[shards]]
+name = "pods"
+endpoint = "postgres://u:p@db1:5432/pods"
+[[routes]]
+resource = "pods"
+shard = "pods"
+[[routes]]
+resource = "events"
+shards = ["core", "pods"]
+hash = "resource-namespace"
+"#,
+    );
+    assert_eq!(
+        a.placement(),
+        "registry_prefix \"/registry\"\nshard core\nshard pods\ndefault core\n\
+         route resource \"pods\" group \"\" namespace * -> shard pods\n\
+         route resource \"events\" group \"\" namespace * -> hashed by resource-namespace over core pods\n"
+    );
+    // Other servers, passwords and pool sizes place keys the same.
+    let moved = topology(
+        r#"default_shard = "core"
+[[shards]]
+name = "core"
+endpoint = "sqlite:///b/core.db"
+[[shards]]
+name = "pods"
+endpoint = "postgres://v:q@db2:5432/pods"
+[[routes]]
+resource = "pods"
+shard = "pods"
+[[routes]]
+resource = "events"
+shards = ["core", "pods"]
+hash = "resource-namespace"
+"#,
+    );
+    assert_eq!(moved.placement(), a.placement());
+    // Another shard order gives other revision classes: another placement.
+    let reordered = topology(
+        r#"default_shard = "core"
+[[shards]]
+name = "pods"
+endpoint = "postgres://u:p@db1:5432/pods"
+[[shards]]
+name = "core"
+endpoint = "sqlite:///a/core.db"
+[[routes]]
+resource = "pods"
+shard = "pods"
+[[routes]]
+resource = "events"
+shards = ["core", "pods"]
+hash = "resource-namespace"
+"#,
+    );
+    assert_ne!(reordered.placement(), a.placement());
+}

@@ -127,6 +127,16 @@ pub enum ServeError {
         location: Option<String>,
         error: ShardError,
     },
+    #[error(
+        "the data is arranged for another topology than {source_name}'s; `kubeshard reshard \
+         --from OLD --to NEW` moves it (routers stopped). The data's placement:\n{stored}\n\
+         The placement of {source_name}:\n{ours}"
+    )]
+    Placement {
+        source_name: String,
+        stored: String,
+        ours: String,
+    },
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot create metrics: {0}")]
@@ -211,6 +221,34 @@ impl RunningServer {
     }
 }
 
+/// The data is arranged for the topology served: the default shard records
+/// the placement (`Topology::placement`) at the first start, and
+/// `kubeshard reshard` changes it; a router with another file refuses to
+/// serve, since it would look for keys where they are not.
+async fn check_placement(shards: &Shards) -> Result<(), ServeError> {
+    let topology = shards.topology();
+    let spec = topology.shard(topology.default_shard());
+    let fail = |error| ServeError::Shard {
+        shard: spec.name.clone(),
+        endpoint: spec.endpoint.to_string(),
+        location: spec.location.as_ref().map(ToString::to_string),
+        error,
+    };
+    let bulk = kubeshard_shard_worker::open_bulk(&spec.endpoint)
+        .await
+        .map_err(fail)?;
+    let ours = topology.placement();
+    match bulk.placement().await.map_err(fail)? {
+        None => bulk.set_placement(&ours).await.map_err(fail),
+        Some(stored) if stored == ours => Ok(()),
+        Some(stored) => Err(ServeError::Placement {
+            source_name: topology.source().unwrap_or("--endpoint").to_string(),
+            stored,
+            ours,
+        }),
+    }
+}
+
 /// Opens the shards, binds the listener and serves the etcd API.
 pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> {
     let topology = options.topology.clone();
@@ -245,6 +283,10 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             location: e.location,
             error: e.error,
         })?;
+    if let Err(e) = check_placement(&shards).await {
+        shards.stop();
+        return Err(e);
+    }
     let (bound, listening) = Bound::bind(&options.listen_address)
         .await
         .map_err(|error| ServeError::Bind {

@@ -742,3 +742,55 @@ endpoint = "sqlite://{dir}/half.db"
         }
     }
 }
+
+/// The data is arranged for the topology of the first start; a router given
+/// a topology that places keys elsewhere refuses to serve (it would look
+/// for keys where they are not), one that only moves a database or changes
+/// a pool size serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_placement_is_refused() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = |routes: &str, pool: &str| {
+        format!(
+            r#"default_shard = "zero"
+
+[[shards]]
+name = "zero"
+endpoint = "sqlite://{dir}/zero.db"
+{pool}
+[[shards]]
+name = "one"
+endpoint = "sqlite://{dir}/one.db"
+{routes}"#,
+            dir = dir.path().display()
+        )
+    };
+    let pods = "\n[[routes]]\nresource = \"pods\"\nshard = \"one\"\n";
+    let events = "\n[[routes]]\nresource = \"events\"\nshard = \"one\"\n";
+    let start = |toml: String, name: &'static str| async move {
+        let mut options = ServerOptions::for_endpoint(
+            Endpoint::parse("sqlite:///unused.db").expect("endpoint"),
+            "127.0.0.1:0",
+        );
+        options.topology = Topology::from_toml_str(&toml, name).expect("valid topology");
+        kubeshard::start(options).await
+    };
+    let first = start(file(pods, ""), "pods.toml")
+        .await
+        .expect("first start");
+    first.shutdown().await.expect("shutdown");
+    let same = start(file(pods, "max_connections = 3\n"), "pods-pool.toml")
+        .await
+        .expect("the same placement with another pool size");
+    same.shutdown().await.expect("shutdown");
+    let error = match start(file(events, ""), "events.toml").await {
+        Ok(_) => panic!("a topology placing keys elsewhere was served"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.starts_with("the data is arranged for another topology than events.toml's"),
+        "{error}"
+    );
+    assert!(error.contains("route resource \"pods\""), "{error}");
+    assert!(error.contains("route resource \"events\""), "{error}");
+}

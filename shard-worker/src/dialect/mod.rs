@@ -24,7 +24,8 @@ pub use sqlite::Sqlite;
 /// not know them leave them alone, and the index is right whatever it missed
 /// (see `store/label_index.rs`). So did `ks_import` (`crate::bulk`): an
 /// older router does not see an unfinished import, so finish imports
-/// before starting older routers.
+/// before starting older routers. And `ks_placement`: the placement
+/// (`Topology::placement`) the data is arranged for, which routers check.
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The SQL differences between the supported databases.

@@ -60,6 +60,9 @@ const SCHEMA: &[&str] = &[
         source VARCHAR(512) NOT NULL,
         revision BIGINT NOT NULL,
         phase VARCHAR(32) NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS ks_placement (
+        id BIGINT PRIMARY KEY,
+        placement TEXT NOT NULL) ENGINE=InnoDB",
 ];
 
 impl Dialect for Mysql {

@@ -57,6 +57,9 @@ const SCHEMA: &[&str] = &[
         source TEXT NOT NULL,
         revision BIGINT NOT NULL,
         phase TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_placement (
+        id BIGINT PRIMARY KEY,
+        placement TEXT NOT NULL)",
 ];
 
 impl Dialect for Postgres {

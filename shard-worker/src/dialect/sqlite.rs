@@ -55,6 +55,9 @@ const SCHEMA: &[&str] = &[
         source TEXT NOT NULL,
         revision INTEGER NOT NULL,
         phase TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_placement (
+        id INTEGER PRIMARY KEY,
+        placement TEXT NOT NULL)",
 ];
 
 impl Dialect for Sqlite {

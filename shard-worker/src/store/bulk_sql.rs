@@ -299,6 +299,33 @@ where
         Ok(())
     }
 
+    async fn placement(&self) -> Result<Option<String>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = sqlx::query("SELECT placement FROM ks_placement WHERE id = 1")
+            .fetch_all(&mut *conn)
+            .await?;
+        match rows.first() {
+            Some(row) => Ok(Some(row.try_get(0)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn set_placement(&self, placement: &str) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        run::<DB>(
+            &mut tx,
+            &Statement::new(d, "DELETE FROM ks_placement WHERE id = 1"),
+        )
+        .await?;
+        let mut st = Statement::new(d, "INSERT INTO ks_placement (id, placement) VALUES (1, ");
+        st.arg(Arg::Text(placement)).sql(")");
+        run::<DB>(&mut tx, &st).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn append_history(&self, rows: &[HistoryRow]) -> Result<u64> {
         if rows.is_empty() {
             return Ok(0);

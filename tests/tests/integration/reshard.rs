@@ -240,6 +240,31 @@ async fn reshard_moves_keys_with_their_history() {
     assert!(status.success(), "reshard again failed:\n{again}");
     assert!(again.contains("history_rows=0 live_keys=0"), "{again}");
 
+    // The old file is refused now: it would look for keys where they were.
+    let bin = kubeshard_binary().await;
+    let refused = Command::new(&bin)
+        .args([
+            "--config",
+            &old,
+            "--listen-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "",
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubeshard");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "served the old topology:\n{said}"
+    );
+    assert!(
+        said.contains("the data is arranged for another topology"),
+        "{said}"
+    );
+
     let server = serve(&new).await;
     let mut k = connect(&server.endpoint()).await.expect("connect");
     let (after, header) = everything(&mut k, 0).await;
