@@ -329,8 +329,13 @@ impl Topology {
     /// endpoints (a database may move to another server) nor pool sizes.
     /// Two topologies with the same placement put every key on the same
     /// shard; the data of a cluster is arranged for one placement
-    /// (`kubeshard reshard` changes it).
+    /// (`kubeshard reshard` changes it). Every one-shard topology has the
+    /// same placement (`--endpoint URL` and a file naming that database).
     pub fn placement(&self) -> String {
+        // One shard holds every key, whatever its name and routes.
+        if self.shards.len() == 1 {
+            return "one shard\n".to_string();
+        }
         let name = |id: &ShardId| self.shards[id.index()].name.clone();
         let quoted = |s: &str| format!("{s:?}");
         let mut out = format!("registry_prefix {}\n", quoted(&self.registry_prefix));

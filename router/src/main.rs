@@ -39,7 +39,21 @@ async fn import() -> anyhow::Result<()> {
     let cli = kubeshard_transfer::ImportCli::parse_from(std::env::args_os().skip(1));
     init_logging(LogFormat::Text, false);
     let options = cli.options()?;
-    let report = kubeshard_transfer::run_import(options, shutdown_signal())
+    // With --follow, SIGINT and SIGTERM end the follow; they are caught
+    // from the start, so one that comes during the copy ends the follow
+    // right after it instead of killing the import half-way.
+    let stop = if options.follow {
+        Some(stop_signals().context("cannot catch SIGINT and SIGTERM")?)
+    } else {
+        None
+    };
+    let stop = async move {
+        match stop {
+            Some(stop) => stop.await,
+            None => std::future::pending().await,
+        }
+    };
+    let report = kubeshard_transfer::run_import(options, stop)
         .await
         .context("kubeshard import failed")?;
     tracing::info!(
@@ -81,6 +95,27 @@ fn init_logging(format: LogFormat, debug: bool) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// SIGINT or SIGTERM, caught from the moment this is called.
+#[cfg(unix)]
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 async fn shutdown_signal() {

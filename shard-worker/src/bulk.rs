@@ -121,11 +121,18 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
 
     async fn set_import_state(&self, state: &ImportState) -> Result<()>;
 
+    /// A random token of this database, made on first use: two endpoints
+    /// reach the same database exactly when their tokens are equal.
+    async fn database_id(&self) -> Result<String>;
+
     /// The placement (`Topology::placement`) the data is arranged for, as
     /// the default shard records it.
     async fn placement(&self) -> Result<Option<String>>;
 
-    async fn set_placement(&self, placement: &str) -> Result<()>;
+    /// Records `placement`: in place of the one recorded when `replace`
+    /// (a reshard), else only when none is (a first start: of two routers
+    /// starting at once, the first one's stands).
+    async fn set_placement(&self, placement: &str, replace: bool) -> Result<()>;
 
     /// Adds history rows of keys moved in from another shard, keeping their
     /// revisions. A row whose revision and key the shard already holds is

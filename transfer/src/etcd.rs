@@ -9,8 +9,8 @@ use kubeshard_proto::etcdserverpb::lease_client::LeaseClient;
 use kubeshard_proto::etcdserverpb::watch_client::WatchClient;
 use kubeshard_proto::etcdserverpb::watch_request::RequestUnion;
 use kubeshard_proto::etcdserverpb::{
-    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, WatchCreateRequest,
-    WatchProgressRequest, WatchRequest, WatchResponse,
+    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, WatchCreateRequest, WatchRequest,
+    WatchResponse,
 };
 use kubeshard_proto::mvccpb::KeyValue;
 use tokio::sync::mpsc;
@@ -144,8 +144,10 @@ impl Etcd {
         Ok((header.revision, header.cluster_id))
     }
 
-    /// Up to `limit` keys from `from` on (`\0` for the first), in key order,
-    /// as they were at `revision`; and whether more follow.
+    /// Up to `limit` keys from `from` on (`\0` for the first) up to `end`,
+    /// in key order, as they were at `revision`; and whether more follow.
+    /// A page too big for one message (large values) is asked again in
+    /// halves.
     pub async fn page(
         &self,
         from: &[u8],
@@ -153,26 +155,43 @@ impl Etcd {
         revision: i64,
         limit: i64,
     ) -> Result<(Vec<KeyValue>, bool)> {
-        let answer = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: from.to_vec(),
-                range_end: end.to_vec(),
-                revision,
-                limit,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                source_error(
-                    &self.url,
-                    &format!("range at revision {revision}"),
-                    e.message(),
-                )
-            })?
-            .into_inner();
-        Ok((answer.kvs, answer.more))
+        let mut limit = limit.max(1);
+        loop {
+            let asked = self
+                .kv
+                .clone()
+                .range(RangeRequest {
+                    key: from.to_vec(),
+                    range_end: end.to_vec(),
+                    revision,
+                    limit,
+                    ..Default::default()
+                })
+                .await;
+            match asked {
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    return Ok((answer.kvs, answer.more));
+                }
+                Err(status)
+                    if limit > 1
+                        && matches!(
+                            status.code(),
+                            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+                        )
+                        && status.message().contains("message") =>
+                {
+                    limit /= 2;
+                }
+                Err(status) => {
+                    return Err(source_error(
+                        &self.url,
+                        &format!("range at revision {revision}"),
+                        status.message(),
+                    ));
+                }
+            }
+        }
     }
 
     /// Every lease with its TTLs.
@@ -215,8 +234,8 @@ impl Etcd {
         }))
     }
 
-    /// A watch of every key from `revision` on, with progress notifications;
-    /// the sender asks for progress reports.
+    /// A watch of every key from `revision` on; the sender keeps the
+    /// request side open.
     pub async fn watch_all(
         &self,
         revision: i64,
@@ -227,7 +246,6 @@ impl Etcd {
                 key: b"\0".to_vec(),
                 range_end: b"\0".to_vec(),
                 start_revision: revision,
-                progress_notify: true,
                 ..Default::default()
             })),
         };
@@ -243,12 +261,5 @@ impl Etcd {
             .map_err(|e| source_error(&self.url, "watch", e.message()))?
             .into_inner();
         Ok((requests, stream))
-    }
-}
-
-/// A progress request for [`Etcd::watch_all`]'s sender.
-pub fn progress_request() -> WatchRequest {
-    WatchRequest {
-        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
     }
 }

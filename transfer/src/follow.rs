@@ -17,12 +17,13 @@ use kubeshard_shard_worker::bulk::Change;
 use tracing::info;
 
 use crate::error::{Result, TransferError};
-use crate::etcd::{Etcd, progress_request};
+use crate::etcd::Etcd;
 use crate::import::{compacted_or, lease_record, now_ms};
 use crate::target::Target;
 
-/// How often to ask for progress while catching up after the stop.
-const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// How long the source's watch may send nothing while the import catches up
+/// after the stop (it has events up to the stop's revision to send).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
 
 /// Follows from revision `from`; returns the last source revision applied
 /// (at least the source's revision when `stop` came).
@@ -33,23 +34,34 @@ pub async fn run(
     mut skip_to: Vec<i64>,
     stop: impl Future<Output = ()>,
 ) -> Result<i64> {
-    let (requests, mut stream) = etcd.watch_all(from).await?;
+    // The request side stays open for as long as the watch is wanted.
+    let (_requests, mut stream) = etcd.watch_all(from).await?;
     let mut applied = from - 1;
+    // Below these, a shard already has the changes (a resumed follow).
+    let resumed_to = skip_to.iter().copied().max().unwrap_or(0);
     let mut known: HashSet<i64> = HashSet::new();
     for shard in &target.shards {
         let ids = shard.store.lease_list().await.map_err(|e| shard.fail(e))?;
         known.extend(ids);
     }
     let mut stop = std::pin::pin!(stop);
-    // The source's revision when the stop came: done once applied reaches it.
+    // The source's revision when the stop came: done once applied reaches
+    // it. Only events count: every etcd revision has at least one (a write
+    // that changes nothing makes none), while a progress report from etcd
+    // before 3.4.25 may run ahead of events still in flight.
     let mut until: Option<i64> = None;
-    let mut ask = tokio::time::interval(PROGRESS_EVERY);
     let mut logged = Instant::now();
     info!(from, "following the source");
     loop {
         if until.is_some_and(|u| applied >= u) {
             break;
         }
+        // Before the stop the source may rightly be idle for any time.
+        let limit = if until.is_some() {
+            CATCH_UP_LIMIT
+        } else {
+            Duration::MAX
+        };
         let response = tokio::select! {
             () = &mut stop, if until.is_none() => {
                 let (head, _) = etcd.head().await?;
@@ -57,12 +69,16 @@ pub async fn run(
                 until = Some(head);
                 continue;
             }
-            _ = ask.tick(), if until.is_some() => {
-                // Answered once every event up to the source's revision was sent.
-                let _ = requests.send(progress_request()).await;
-                continue;
-            }
-            message = stream.message() => message,
+            message = tokio::time::timeout(limit, stream.message()) => match message {
+                Ok(message) => message,
+                Err(_) => {
+                    return Err(TransferError::Source(format!(
+                        "the source's watch sent nothing for {} s while catching up from {applied} to {}",
+                        CATCH_UP_LIMIT.as_secs(),
+                        until.unwrap_or_default()
+                    )));
+                }
+            },
         };
         let response = match response {
             Ok(Some(r)) => r,
@@ -78,21 +94,20 @@ pub async fn run(
                 ));
             }
         };
-        if response.canceled || response.compact_revision > 0 {
+        if response.compact_revision > 0 {
             return Err(TransferError::Compacted {
                 needed: applied + 1,
-                detail: format!(
-                    "watch canceled: {} (compact revision {})",
-                    response.cancel_reason, response.compact_revision
-                ),
+                detail: format!("compact revision {}", response.compact_revision),
             });
         }
-        let header_revision = response.header.as_ref().map_or(0, |h| h.revision);
+        if response.canceled {
+            return Err(TransferError::Source(format!(
+                "the watch was canceled: {}; run the import again with --follow to go on",
+                response.cancel_reason
+            )));
+        }
         if response.events.is_empty() {
-            // A progress report: every event up to it was sent.
-            if !response.created && until.is_some() {
-                applied = applied.max(header_revision);
-            }
+            // Created, or a progress report: nothing to apply.
             continue;
         }
         let mut changes = Vec::with_capacity(response.events.len());
@@ -116,8 +131,10 @@ pub async fn run(
             }
         }
         target.apply(changes, last, &skip_to).await?;
-        skip_to.clear();
         applied = last;
+        if applied >= resumed_to {
+            skip_to.clear();
+        }
         if logged.elapsed() > Duration::from_secs(10) {
             info!(revision = applied, "following");
             logged = Instant::now();

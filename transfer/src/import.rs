@@ -129,7 +129,9 @@ pub async fn run(options: ImportOptions, stop: impl Future<Output = ()>) -> Resu
         .await?;
     info!(revision = report.revision, "import done");
     if options.verify {
-        report.verified_keys = Some(verify::run(&etcd, &target, report.revision).await?);
+        // Leases only match exactly after a follow brought them up to date.
+        let verified = verify::run(&etcd, &target, report.revision, options.follow).await?;
+        report.verified_keys = Some(verified);
     }
     Ok(report)
 }
@@ -148,9 +150,16 @@ fn resume_point(
         return Ok(None);
     }
     let ours = format!("import from etcd cluster {cluster:x} at ");
+    // Every shard following (or already done: a stop that was writing the
+    // final phase when it was cut short).
     let following = states.iter().all(|s| {
+        s.as_ref().is_some_and(|s| {
+            matches!(s.phase, ImportPhase::Following | ImportPhase::Done)
+                && s.source.starts_with(&ours)
+        })
+    }) && states.iter().any(|s| {
         s.as_ref()
-            .is_some_and(|s| s.phase == ImportPhase::Following && s.source.starts_with(&ours))
+            .is_some_and(|s| s.phase == ImportPhase::Following)
     });
     if follow && following {
         let counters: Vec<i64> = contents.iter().map(|c| c.revisions.current).collect();

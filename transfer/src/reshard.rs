@@ -71,13 +71,13 @@ struct Databases {
     all: Vec<Database>,
     /// Index in `all` of each shard of the new topology.
     new: Vec<usize>,
-    new_default: usize,
     old_default: usize,
 }
 
 async fn open(options: &ReshardOptions) -> Result<Databases> {
     let mut all: Vec<Database> = Vec::new();
     let mut by_identity: HashMap<String, usize> = HashMap::new();
+    let mut by_token: HashMap<String, usize> = HashMap::new();
     let mut new = Vec::new();
     let mut old = Vec::new();
     for (topology, is_new) in [(&options.from, false), (&options.to, true)] {
@@ -105,12 +105,25 @@ async fn open(options: &ReshardOptions) -> Result<Databases> {
                         .await
                         .map_err(fail)?;
                     let bulk = open_bulk(&spec.endpoint).await.map_err(fail)?;
-                    all.push(Database {
-                        names: vec![spec.name.clone()],
-                        bulk,
-                    });
-                    by_identity.insert(identity, all.len() - 1);
-                    all.len() - 1
+                    // Two URLs may reach one database (a path written two
+                    // ways, a host name and its address): its token tells.
+                    let token = bulk.database_id().await.map_err(fail)?;
+                    let index = match by_token.get(&token) {
+                        Some(i) => {
+                            all[*i].names.push(spec.name.clone());
+                            *i
+                        }
+                        None => {
+                            all.push(Database {
+                                names: vec![spec.name.clone()],
+                                bulk,
+                            });
+                            by_token.insert(token, all.len() - 1);
+                            all.len() - 1
+                        }
+                    };
+                    by_identity.insert(identity, index);
+                    index
                 }
             };
             if is_new {
@@ -120,12 +133,10 @@ async fn open(options: &ReshardOptions) -> Result<Databases> {
             }
         }
     }
-    let new_default = new[options.to.default_shard().index()];
     let old_default = old[options.from.default_shard().index()];
     Ok(Databases {
         all,
         new,
-        new_default,
         old_default,
     })
 }
@@ -169,35 +180,24 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
             .await
             .map_err(|e| db.fail(e))?;
     }
-    let mut touched = vec![false; dbs.all.len()];
     for (here, db) in dbs.all.iter().enumerate() {
-        let moved = move_out(&dbs, here, &home).await?;
-        if moved.0 + moved.1 > 0 {
-            touched[here] = true;
-            for t in moved.2 {
-                touched[t] = true;
-            }
-            info!(shard = %db.names.join("/"), history_rows = moved.0, live_keys = moved.1, "moved out");
+        let (history, live) = move_out(&dbs, here, &home).await?;
+        if history + live > 0 {
+            info!(shard = %db.names.join("/"), history_rows = history, live_keys = live, "moved out");
         }
-        report.history_rows_moved += moved.0;
-        report.live_keys_moved += moved.1;
+        report.history_rows_moved += history;
+        report.live_keys_moved += live;
     }
-    // Every lease on every shard of the new topology; the counters and the
-    // compaction revision at least the highest of any database.
-    let default = &dbs.all[dbs.new_default];
-    let mut leases = Vec::new();
-    for db in &dbs.all {
-        leases.extend(db.bulk.leases().await.map_err(|e| db.fail(e))?);
-    }
-    leases.sort_by_key(|l| l.id);
-    leases.dedup_by_key(|l| l.id);
-    // The default shard's own records win (renewals happen there).
-    let own = default.bulk.leases().await.map_err(|e| default.fail(e))?;
-    let own: HashMap<i64, _> = own.into_iter().map(|l| (l.id, l)).collect();
-    let leases: Vec<_> = leases
-        .into_iter()
-        .map(|l| own.get(&l.id).copied().unwrap_or(l))
-        .collect();
+    // Every lease on every shard of the new topology, as the old default
+    // shard has it (KeepAlive renews the leases there, not their copies);
+    // the counters and the compaction revision at least the highest of any
+    // database.
+    let old_default = &dbs.all[dbs.old_default];
+    let leases = old_default
+        .bulk
+        .leases()
+        .await
+        .map_err(|e| old_default.fail(e))?;
     for &i in &dbs.new {
         let db = &dbs.all[i];
         db.bulk.put_leases(&leases).await.map_err(|e| db.fail(e))?;
@@ -206,14 +206,14 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
     for &i in &dbs.new {
         let db = &dbs.all[i];
         db.bulk
-            .set_placement(&to_placement)
+            .set_placement(&to_placement, true)
             .await
             .map_err(|e| db.fail(e))?;
     }
-    for (i, db) in dbs.all.iter().enumerate() {
-        if touched[i] {
-            db.bulk.reset_label_index().await.map_err(|e| db.fail(e))?;
-        }
+    for db in &dbs.all {
+        // Keys moved in carry revisions below the index's mark; a run that
+        // finishes an earlier one may not know which databases got keys.
+        db.bulk.reset_label_index().await.map_err(|e| db.fail(e))?;
         db.bulk
             .set_import_state(&state(ImportPhase::Done))
             .await
@@ -234,15 +234,14 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
 }
 
 /// Copies the rows of database `here` whose keys belong elsewhere to where
-/// they belong, then removes them here. Returns (history rows, live keys,
-/// databases written to).
+/// they belong, then removes them here. Returns the history rows and live
+/// keys copied (0 for rows a run before already copied).
 async fn move_out(
     dbs: &Databases,
     here: usize,
     home: &impl Fn(&[u8]) -> usize,
-) -> Result<(u64, u64, Vec<usize>)> {
+) -> Result<(u64, u64)> {
     let source = &dbs.all[here];
-    let mut written = Vec::new();
     // History first, in revision order, then live rows: a key's live row
     // arrives after its history.
     let mut after = (i64::MIN, i64::MIN);
@@ -264,13 +263,11 @@ async fn move_out(
         }
         for (to, rows) in per_home {
             let target = &dbs.all[to];
-            history += rows.len() as u64;
-            target
+            history += target
                 .bulk
                 .append_history(&rows)
                 .await
                 .map_err(|e| target.fail(e))?;
-            written.push(to);
         }
     }
     let mut live = 0u64;
@@ -298,13 +295,10 @@ async fn move_out(
                 .upsert_live(&kvs)
                 .await
                 .map_err(|e| target.fail(e))?;
-            written.push(to);
         }
     }
-    if history + live == 0 {
-        return Ok((0, 0, written));
-    }
-    // Everything is where it belongs: remove it here.
+    // Everything is where it belongs: remove it here (also what an earlier
+    // run copied and did not get to remove).
     let mut after = (i64::MIN, i64::MIN);
     loop {
         let page = source
@@ -345,9 +339,7 @@ async fn move_out(
             .await
             .map_err(|e| source.fail(e))?;
     }
-    written.sort_unstable();
-    written.dedup();
-    Ok((history, live, written))
+    Ok((history, live))
 }
 
 /// Every key of every database is on the database the new topology puts

@@ -141,11 +141,12 @@ impl Target {
     pub async fn set_placement(&self) -> Result<()> {
         let placement = self.topology.placement();
         let placement = &placement;
-        try_join_all(
-            self.shards.iter().map(|s| async move {
-                s.bulk.set_placement(placement).await.map_err(|e| s.fail(e))
-            }),
-        )
+        try_join_all(self.shards.iter().map(|s| async move {
+            s.bulk
+                .set_placement(placement, true)
+                .await
+                .map_err(|e| s.fail(e))
+        }))
         .await?;
         Ok(())
     }

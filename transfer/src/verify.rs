@@ -17,10 +17,13 @@ use crate::target::Target;
 /// Differences listed in the error; the count covers all.
 const SHOWN: usize = 20;
 
-/// Compares at `revision`; returns the number of keys compared.
-pub async fn run(etcd: &Etcd, target: &Target, revision: i64) -> Result<u64> {
+/// Compares at `revision`; returns the number of keys compared. Leases are
+/// compared by id when `leases` (after a follow, which brings them up to
+/// date); otherwise only those the target's keys name must be there.
+pub async fn run(etcd: &Etcd, target: &Target, revision: i64, leases: bool) -> Result<u64> {
     let mut differences = Vec::new();
     let mut compared = 0u64;
+    let mut named_leases = BTreeSet::new();
     let mut from = b"\0".to_vec();
     loop {
         let (source, more) = etcd
@@ -57,6 +60,9 @@ pub async fn run(etcd: &Etcd, target: &Target, revision: i64) -> Result<u64> {
         }
         for kv in &source {
             compared += 1;
+            if kv.lease != 0 {
+                named_leases.insert(kv.lease);
+            }
             match theirs.remove(&kv.key) {
                 None => differences.push(format!("{} is missing", show(&kv.key))),
                 Some(t) if t != *kv => differences.push(format!(
@@ -99,11 +105,19 @@ pub async fn run(etcd: &Etcd, target: &Target, revision: i64) -> Result<u64> {
         .map_err(|e| default.fail(e))?
         .into_iter()
         .collect();
-    for id in source_leases.difference(&target_leases) {
+    let named: BTreeSet<i64> = if leases {
+        source_leases.clone()
+    } else {
+        // Leases granted since the copy are not the import's business.
+        named_leases.into_iter().collect()
+    };
+    for id in named.difference(&target_leases) {
         differences.push(format!("lease {id:x} is missing"));
     }
-    for id in target_leases.difference(&source_leases) {
-        differences.push(format!("lease {id:x} is in the target only"));
+    if leases {
+        for id in target_leases.difference(&source_leases) {
+            differences.push(format!("lease {id:x} is in the target only"));
+        }
     }
     if !differences.is_empty() {
         let mut shown = String::new();

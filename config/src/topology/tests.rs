@@ -1167,3 +1167,20 @@ hash = "resource-namespace"
     );
     assert_ne!(reordered.placement(), a.placement());
 }
+
+#[test]
+fn every_one_shard_topology_places_keys_alike() {
+    let file = topology(
+        r#"default_shard = "core"
+registry_prefix = "/other"
+[[shards]]
+name = "core"
+endpoint = "sqlite:///a/core.db"
+[[routes]]
+prefix = "/x/"
+shard = "core"
+"#,
+    );
+    let single = Topology::single(Endpoint::parse("sqlite:///a/core.db").expect("endpoint"));
+    assert_eq!(file.placement(), single.placement());
+}

@@ -238,8 +238,19 @@ async fn check_placement(shards: &Shards) -> Result<(), ServeError> {
         .await
         .map_err(fail)?;
     let ours = topology.placement();
-    match bulk.placement().await.map_err(fail)? {
-        None => bulk.set_placement(&ours).await.map_err(fail),
+    let stored = match bulk.placement().await.map_err(fail)? {
+        Some(stored) => Some(stored),
+        None => {
+            // First start: record ours, unless a router starting at the
+            // same time recorded its own first.
+            bulk.set_placement(&ours, false).await.map_err(fail)?;
+            bulk.placement().await.map_err(fail)?
+        }
+    };
+    match stored {
+        None => Err(fail(kubeshard_shard_worker::ShardError::Corrupt(
+            "ks_placement has no row after writing it".into(),
+        ))),
         Some(stored) if stored == ours => Ok(()),
         Some(stored) => Err(ServeError::Placement {
             source_name: topology.source().unwrap_or("--endpoint").to_string(),

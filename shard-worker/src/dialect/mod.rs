@@ -26,6 +26,8 @@ pub use sqlite::Sqlite;
 /// older router does not see an unfinished import, so finish imports
 /// before starting older routers. And `ks_placement`: the placement
 /// (`Topology::placement`) the data is arranged for, which routers check.
+/// And `ks_identity`: a random token telling one database from another
+/// whatever URL reaches it.
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The SQL differences between the supported databases.

@@ -63,6 +63,9 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_placement (
         id BIGINT PRIMARY KEY,
         placement TEXT NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS ks_identity (
+        id BIGINT PRIMARY KEY,
+        token VARCHAR(64) NOT NULL) ENGINE=InnoDB",
 ];
 
 impl Dialect for Mysql {

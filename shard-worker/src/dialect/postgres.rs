@@ -60,6 +60,9 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_placement (
         id BIGINT PRIMARY KEY,
         placement TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_identity (
+        id BIGINT PRIMARY KEY,
+        token TEXT NOT NULL)",
 ];
 
 impl Dialect for Postgres {

@@ -58,6 +58,9 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_placement (
         id INTEGER PRIMARY KEY,
         placement TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_identity (
+        id INTEGER PRIMARY KEY,
+        token TEXT NOT NULL)",
 ];
 
 impl Dialect for Sqlite {

@@ -299,6 +299,34 @@ where
         Ok(())
     }
 
+    async fn database_id(&self) -> Result<String> {
+        let read = || async {
+            let mut conn = self.pool.acquire().await?;
+            let rows = sqlx::query("SELECT token FROM ks_identity WHERE id = 1")
+                .fetch_all(&mut *conn)
+                .await?;
+            match rows.first() {
+                Some(row) => Ok::<_, ShardError>(Some(row.try_get::<String, _>(0)?)),
+                None => Ok(None),
+            }
+        };
+        if let Some(token) = read().await? {
+            return Ok(token);
+        }
+        let token = random_token();
+        let mut st = Statement::new(
+            self.dialect,
+            "INSERT INTO ks_identity (id, token) VALUES (1, ",
+        );
+        st.arg(Arg::Text(&token)).sql(")");
+        let mut conn = self.pool.acquire().await?;
+        // Another process may have made it first: then its token stands.
+        let _ = run::<DB>(&mut conn, &st).await;
+        read()
+            .await?
+            .ok_or_else(|| ShardError::Corrupt("ks_identity has no row".into()))
+    }
+
     async fn placement(&self) -> Result<Option<String>> {
         let mut conn = self.pool.acquire().await?;
         let rows = sqlx::query("SELECT placement FROM ks_placement WHERE id = 1")
@@ -310,17 +338,23 @@ where
         }
     }
 
-    async fn set_placement(&self, placement: &str) -> Result<()> {
+    async fn set_placement(&self, placement: &str, replace: bool) -> Result<()> {
         let d = self.dialect;
         let mut conn = self.pool.acquire().await?;
+        let mut st = Statement::new(d, "INSERT INTO ks_placement (id, placement) VALUES (1, ");
+        st.arg(Arg::Text(placement)).sql(")");
+        if !replace {
+            // A row written meanwhile by another router makes this fail; the
+            // caller reads back what stands.
+            let _ = run::<DB>(&mut conn, &st).await;
+            return Ok(());
+        }
         let mut tx = conn.begin_with(d.begin_write()).await?;
         run::<DB>(
             &mut tx,
             &Statement::new(d, "DELETE FROM ks_placement WHERE id = 1"),
         )
         .await?;
-        let mut st = Statement::new(d, "INSERT INTO ks_placement (id, placement) VALUES (1, ");
-        st.arg(Arg::Text(placement)).sql(")");
         run::<DB>(&mut tx, &st).await?;
         tx.commit().await?;
         Ok(())
@@ -336,22 +370,25 @@ where
         let mut revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
         revisions.sort_unstable();
         revisions.dedup();
-        let mut present: HashSet<(i64, Vec<u8>)> = HashSet::new();
+        // A key has at most one row per revision and kind (a put and then a
+        // delete of it may share a revision).
+        let mut present: HashSet<(i64, Vec<u8>, bool)> = HashSet::new();
         let mut top_sub: HashMap<i64, i64> = HashMap::new();
-        let head = "SELECT revision, sub, key_bytes FROM ks_history WHERE revision IN (";
+        let head = "SELECT revision, sub, key_bytes, deleted FROM ks_history WHERE revision IN (";
         for chunk in write_sql::shaped_chunks(&revisions) {
             let st = write_sql::in_list(d, head, chunk, Arg::Int);
             for row in fetch::<DB>(&mut tx, &st).await? {
                 let revision: i64 = row.try_get(0)?;
                 let sub: i64 = row.try_get(1)?;
-                present.insert((revision, row.try_get(2)?));
+                let deleted: i64 = row.try_get(3)?;
+                present.insert((revision, row.try_get(2)?, deleted != 0));
                 let top = top_sub.entry(revision).or_insert(sub);
                 *top = (*top).max(sub);
             }
         }
         let mut added = Vec::new();
         for r in rows {
-            if present.contains(&(r.revision, r.key.clone())) {
+            if present.contains(&(r.revision, r.key.clone(), r.deleted)) {
                 continue;
             }
             let top = top_sub.entry(r.revision).or_insert(-1);
@@ -498,4 +535,14 @@ where
         }
         Ok(out)
     }
+}
+
+/// 128 random bits as hex, from the standard library's per-process random
+/// hash keys and the clock.
+fn random_token() -> String {
+    use std::hash::BuildHasher;
+    let seed = (std::time::SystemTime::now(), std::process::id());
+    let a = std::collections::hash_map::RandomState::new().hash_one(seed);
+    let b = std::collections::hash_map::RandomState::new().hash_one((seed, a));
+    format!("{a:016x}{b:016x}")
 }

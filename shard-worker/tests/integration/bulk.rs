@@ -207,6 +207,11 @@ fn moved_rows_keep_revisions() {
             let to = server.create().await;
             let source = open_bulk(from.endpoint()).await.expect("source");
             let target = open_bulk(to.endpoint()).await.expect("target");
+            // One database, one token; another database, another.
+            let token = source.database_id().await.expect("token");
+            let again = open_bulk(from.endpoint()).await.expect("source again");
+            assert_eq!(again.database_id().await.expect("token"), token);
+            assert_ne!(target.database_id().await.expect("token"), token);
             // Revision 9 on both shards (a transaction of the source etcd).
             let at9 = |key: &str| Change::Put(key_value(key, "x", 9, 9, 1, 0));
             source
