@@ -1181,6 +1181,9 @@ prefix = "/x/"
 shard = "core"
 "#,
     );
-    let single = Topology::single(Endpoint::parse("sqlite:///a/core.db").expect("endpoint"));
+    let Ok(endpoint) = Endpoint::parse("sqlite:///a/core.db") else {
+        panic!("endpoint");
+    };
+    let single = Topology::single(endpoint);
     assert_eq!(file.placement(), single.placement());
 }
