@@ -124,10 +124,14 @@ class Move(Cluster):
         return ["--endpoint", self.args.endpoint]
 
     def stop_named(self, name, sig=signal.SIGTERM, timeout=60):
-        for n, proc in self.procs:
-            if n == name and proc.poll() is None:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=timeout)
+        """Stops process NAME; it no longer counts as one that must run."""
+        for entry in list(self.procs):
+            n, proc = entry
+            if n == name:
+                self.procs.remove(entry)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=timeout)
                 return proc.returncode
         return None
 
@@ -186,7 +190,10 @@ def run(k, args):
     # The controllers first, so that nothing changes the objects compared.
     k.stop_named("kube-controller-manager")
     before = snapshot(k)
-    last_rv = k.kubectl_json("get", "configmaps", "-n", NS)["metadata"]["resourceVersion"]
+    # The server's list (kubectl's own List has no resourceVersion).
+    last_rv = json.loads(k.kubectl_raw(
+        "get", "--raw", f"/api/v1/namespaces/{NS}/configmaps"))["metadata"]["resourceVersion"]
+    check(last_rv, "the list has no resourceVersion")
     events_before = {e["metadata"]["name"] for e in
                      k.kubectl_json("get", "events", "-n", NS)["items"]}
     k.stop_named("kube-apiserver")
