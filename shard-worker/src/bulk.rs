@@ -102,6 +102,9 @@ impl ImportPhase {
 pub trait BulkSink: Send + Sync + std::fmt::Debug {
     async fn contents(&self) -> Result<Contents>;
 
+    /// The backend's name and the longest key it can hold, if limited.
+    fn key_limit(&self) -> (&'static str, Option<usize>);
+
     /// Applies `changes` in order in one transaction, each keeping its
     /// revision, and raises the shard's counter to the highest of them and
     /// to `at_least`. Within a revision, changes keep their order. A delete

@@ -13,6 +13,13 @@ pub enum TransferError {
     /// A shard of the target failed.
     #[error("target shard {shard}: {error}")]
     Target { shard: String, error: ShardError },
+    /// A key of the source that a shard of the target cannot hold.
+    #[error("target shard {shard} cannot hold key {key}: {why}; nothing of the import is served")]
+    Refused {
+        shard: String,
+        key: String,
+        why: String,
+    },
     /// The target already holds data.
     #[error("target shard {shard} is not empty ({what}); import into new, empty databases")]
     NotEmpty { shard: String, what: String },

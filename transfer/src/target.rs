@@ -96,6 +96,26 @@ impl Target {
         let mut per_shard: Vec<Vec<Change>> = vec![Vec::new(); self.shards.len()];
         for change in changes {
             let i = self.route(change.key());
+            let shard = &self.shards[i];
+            if let (backend, Some(max)) = shard.bulk.key_limit()
+                && change.key().len() > max
+            {
+                let shown: String = change
+                    .key()
+                    .escape_ascii()
+                    .to_string()
+                    .chars()
+                    .take(120)
+                    .collect();
+                return Err(TransferError::Refused {
+                    shard: shard.name.clone(),
+                    key: format!("{shown}..."),
+                    why: format!(
+                        "it is {} bytes, and the {backend} backend stores keys of at most {max} bytes",
+                        change.key().len()
+                    ),
+                });
+            }
             if change.revision() > skip_to.get(i).copied().unwrap_or(0) {
                 per_shard[i].push(change);
             }

@@ -87,6 +87,10 @@ where
     usize: ColumnIndex<DB::Row>,
     DB::QueryResult: RowsAffected,
 {
+    fn key_limit(&self) -> (&'static str, Option<usize>) {
+        (self.dialect.name(), self.dialect.max_key_len())
+    }
+
     async fn contents(&self) -> Result<Contents> {
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin_with(self.dialect.begin_read()).await?;

@@ -413,3 +413,84 @@ async fn events_between(c: &mut Client, from: i64, to: i64) -> Seen {
         })
         .collect()
 }
+
+/// Bad input is a clear error: a source that does not answer, and a key the
+/// target's database cannot hold (named, and the target not served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_refuses_bad_input() {
+    let test = "import_refuses_bad_input";
+    let Some(tools) = EtcdTools::find(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = match Backend::Postgres.fresh_endpoint(dir.path()) {
+        Ok(url) => url,
+        Err(why) => return kubeshard_tests::env::skip(test, &why).unwrap_or(()),
+    };
+    let _drop = Databases(vec![url.clone()]);
+    let bin = kubeshard_binary().await;
+    let run = |args: Vec<String>| {
+        let out = Command::new(&bin)
+            .arg("import")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubeshard import");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), text)
+    };
+    let (ok, said) = run(vec![
+        "--from-etcd".into(),
+        "http://127.0.0.1:1".into(),
+        "--endpoint".into(),
+        url.clone(),
+    ]);
+    assert!(!ok);
+    assert!(
+        said.contains("source: 127.0.0.1:1") || said.contains("http://127.0.0.1:1"),
+        "{said}"
+    );
+    assert!(said.contains("cannot connect"), "{said}");
+
+    let etcd = EtcdServer::start(&tools).await;
+    let mut c = connect(&etcd.endpoint()).await.expect("connect to etcd");
+    put(&mut c, "/registry/configmaps/ns/fine", "v", None).await;
+    let long = format!("/registry/configmaps/ns/{}", "x".repeat(2700));
+    put(&mut c, &long, "v", None).await;
+    let (ok, said) = run(vec![
+        "--from-etcd".into(),
+        etcd.endpoint(),
+        "--endpoint".into(),
+        url.clone(),
+    ]);
+    assert!(!ok);
+    assert!(
+        said.contains("target shard default cannot hold key /registry/configmaps/ns/xxx"),
+        "{said}"
+    );
+    assert!(
+        said.contains("the postgres backend stores keys of at most 2600 bytes"),
+        "{said}"
+    );
+    // The half-copied target is not served.
+    let served = Command::new(&bin)
+        .args([
+            "--endpoint",
+            &url,
+            "--listen-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "",
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubeshard");
+    let said = String::from_utf8_lossy(&served.stderr);
+    assert!(!served.status.success());
+    assert!(
+        said.contains("a data move into this database is unfinished"),
+        "{said}"
+    );
+}
