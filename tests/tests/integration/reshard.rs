@@ -110,6 +110,33 @@ async fn serve(config: &str) -> KubeshardServer {
     KubeshardServer::start_with(Backend::Sqlite, args, Vec::new(), Vec::new()).await
 }
 
+/// Whether a router on `config` serves (it is stopped again) or refuses.
+async fn serves(bin: &Path, config: &str) -> bool {
+    let mut child = Command::new(bin)
+        .args([
+            "--config",
+            config,
+            "--listen-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kubeshard");
+    for _ in 0..30 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    true
+}
+
 fn reshard(from: &str, to: &str, log: &Path) -> std::process::ExitStatus {
     let bin = futures::executor::block_on(kubeshard_binary());
     let out = std::fs::File::create(log).expect("log");
@@ -302,5 +329,96 @@ async fn reshard_moves_keys_with_their_history() {
     let answer = k.txn(update).await.expect("txn");
     assert!(answer.succeeded());
     assert!(answer.header().map_or(0, |h| h.revision()) > head);
+    drop(server);
+}
+
+/// A reshard killed at any point is finished by running it again: the
+/// routers refuse the databases in between, and afterwards every key,
+/// revision and history event is as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reshard_killed_then_run_again() {
+    let test = "reshard_killed_then_run_again";
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut urls = Vec::new();
+    for (name, backend) in [("core", Backend::Sqlite), ("cm", Backend::Mysql)] {
+        match backend.fresh_endpoint(&dir.path().join(name)) {
+            Ok(url) => urls.push(url),
+            Err(why) => {
+                return skip(test, &format!("backend {}: {why}", backend.name())).unwrap_or(());
+            }
+        }
+    }
+    std::fs::create_dir_all(dir.path().join("core")).expect("dir");
+    let _drop = Databases(urls.clone());
+    let old = topology(dir.path(), "old.toml", &[("core", &urls[0])], "");
+    let new = topology(
+        dir.path(),
+        "new.toml",
+        &[("core", &urls[0]), ("cm", &urls[1])],
+        "\n[[routes]]\nresource = \"configmaps\"\nshard = \"cm\"\n",
+    );
+    let server = serve(&old).await;
+    let mut c = connect(&server.endpoint()).await.expect("connect");
+    let value = "v".repeat(512);
+    for round in 0..2 {
+        for chunk in (0..1500).collect::<Vec<_>>().chunks(100) {
+            let puts = chunk.iter().map(|i| {
+                let mut c = c.clone();
+                let value = format!("{round} {value}");
+                async move {
+                    c.put(format!("/registry/configmaps/ns/c{i:04}"), value, None)
+                        .await
+                        .expect("put");
+                }
+            });
+            futures::future::join_all(puts).await;
+        }
+    }
+    let (before, head) = everything(&mut c, 0).await;
+    let events = history(&mut c, 1, head).await;
+    drop(c);
+    drop(server);
+
+    let bin = kubeshard_binary().await;
+    let mut cut_short = 0;
+    for delay in [60u64, 120, 250, 500] {
+        let mut child = Command::new(&bin)
+            .args(["reshard", "--from", &old, "--to", &new])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kubeshard reshard");
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        // Until it has finished, a router on the new file refuses to serve.
+        if !serves(&bin, &new).await {
+            cut_short += 1;
+        }
+    }
+    assert!(
+        cut_short > 0,
+        "every reshard finished before it was killed: the test proves nothing"
+    );
+    let log = dir.path().join("reshard.log");
+    let status = reshard(&old, &new, &log);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "the reshard run again failed:\n{text}");
+    assert!(text.contains("every key is on its shard"), "{text}");
+
+    let server = serve(&new).await;
+    let mut k = connect(&server.endpoint()).await.expect("connect");
+    let (after, header) = everything(&mut k, 0).await;
+    assert_eq!(header, head);
+    assert!(
+        after == before,
+        "the keys after a killed and finished reshard differ"
+    );
+    let seen = history(&mut k, 1, head).await;
+    assert!(
+        seen == events,
+        "the history after a killed and finished reshard differs"
+    );
     drop(server);
 }
