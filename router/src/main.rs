@@ -33,10 +33,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A subcommand's arguments, named as the user typed it (for usage lines).
+fn subcommand_args(name: &str) -> impl Iterator<Item = std::ffi::OsString> {
+    std::iter::once(name.into()).chain(std::env::args_os().skip(2))
+}
+
 /// `kubeshard import`: copies an etcd cluster in (kubeshard-transfer).
 async fn import() -> anyhow::Result<()> {
     use clap::Parser;
-    let cli = kubeshard_transfer::ImportCli::parse_from(std::env::args_os().skip(1));
+    let cli = kubeshard_transfer::ImportCli::parse_from(subcommand_args("kubeshard import"));
     init_logging(LogFormat::Text, false);
     let options = cli.options()?;
     // With --follow, SIGINT and SIGTERM end the follow; they are caught
@@ -70,7 +75,7 @@ async fn import() -> anyhow::Result<()> {
 /// `kubeshard reshard`: moves keys between shards (kubeshard-transfer).
 async fn reshard() -> anyhow::Result<()> {
     use clap::Parser;
-    let cli = kubeshard_transfer::ReshardCli::parse_from(std::env::args_os().skip(1));
+    let cli = kubeshard_transfer::ReshardCli::parse_from(subcommand_args("kubeshard reshard"));
     init_logging(LogFormat::Text, false);
     let (options, describe) = cli.options()?;
     let report = kubeshard_transfer::run_reshard(options, &describe)

@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from e2e import GROUP, crd  # the custom resource the e2e topology routes
 from kube_cluster import Cluster, Failure, check, free_port
 
 CUSTOM_RESOURCES = 300
@@ -41,29 +42,11 @@ SECRETS = 20
 DEPLOYMENTS = 3
 EVENT_TTL_SECONDS = 60
 NS = "moved"
-GROUP = "kubeshard.e2e.io"  # the sharded topology of kube-e2e.sh routes it
 # What is compared before and after the move: (kubectl resource, namespaced).
 KINDS = [("configmaps", True), ("secrets", True), (f"widgets.{GROUP}", True),
          ("deployments", True), ("replicasets", True), ("pods", True),
          ("serviceaccounts", True), ("namespaces", False),
          ("customresourcedefinitions", False), ("clusterroles", False)]
-
-
-def crd():
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"widgets.{GROUP}"},
-        "spec": {
-            "group": GROUP, "scope": "Namespaced",
-            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
-            "versions": [{
-                "name": "v1", "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                    "spec": {"type": "object", "properties": {
-                        "size": {"type": "integer"}}}}}},
-            }],
-        },
-    }
 
 
 def widget(i):

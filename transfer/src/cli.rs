@@ -11,6 +11,34 @@ use crate::etcd::SourceTls;
 use crate::import::ImportOptions;
 use crate::reshard::ReshardOptions;
 
+/// TLS to the databases, with the server's flag names (kine's).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseTlsArgs {
+    /// CA certificate the databases' certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for the databases.
+    #[arg(long, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Client key for the databases.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// MySQL/MariaDB: TLS without verifying the server's certificate.
+    #[arg(long)]
+    pub skip_verify: bool,
+}
+
+impl DatabaseTlsArgs {
+    fn settings(&self) -> DatabaseTls {
+        DatabaseTls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            skip_verify: self.skip_verify,
+        }
+    }
+}
+
 /// Copies an etcd cluster into kubeshard's databases, keeping every key's
 /// revisions, version and lease, then optionally follows its changes until
 /// stopped (SIGINT or SIGTERM) and compares both sides.
@@ -36,15 +64,8 @@ pub struct ImportCli {
     /// The target: one database, as the server's --endpoint.
     #[arg(long, value_name = "URL")]
     pub endpoint: Option<String>,
-    /// CA certificate for TLS to the target's databases (as the server's).
-    #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    pub cert_file: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    pub key_file: Option<PathBuf>,
-    #[arg(long)]
-    pub skip_verify: bool,
+    #[command(flatten)]
+    pub database_tls: DatabaseTlsArgs,
     /// After the copy, apply the source's changes until stopped; then catch
     /// up to the source's revision at that moment and finish.
     #[arg(long)]
@@ -65,12 +86,7 @@ impl ImportCli {
                     .map_err(|e| config(&e))?,
             ),
         };
-        let tls = DatabaseTls {
-            ca_file: self.ca_file.clone(),
-            cert_file: self.cert_file.clone(),
-            key_file: self.key_file.clone(),
-            skip_verify: self.skip_verify,
-        };
+        let tls = self.database_tls.settings();
         Ok(ImportOptions {
             from: self.from_etcd.clone(),
             tls: SourceTls {
@@ -97,15 +113,8 @@ pub struct ReshardCli {
     /// The topology to arrange it for.
     #[arg(long, value_name = "FILE")]
     pub to: PathBuf,
-    /// CA certificate for TLS to the databases (as the server's).
-    #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    pub cert_file: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    pub key_file: Option<PathBuf>,
-    #[arg(long)]
-    pub skip_verify: bool,
+    #[command(flatten)]
+    pub database_tls: DatabaseTlsArgs,
     /// Afterwards, check that every key is on the shard the new topology
     /// puts it on.
     #[arg(long)]
@@ -114,12 +123,7 @@ pub struct ReshardCli {
 
 impl ReshardCli {
     pub fn options(&self) -> Result<(ReshardOptions, String)> {
-        let tls = DatabaseTls {
-            ca_file: self.ca_file.clone(),
-            cert_file: self.cert_file.clone(),
-            key_file: self.key_file.clone(),
-            skip_verify: self.skip_verify,
-        };
+        let tls = self.database_tls.settings();
         let load = |path: &PathBuf| {
             Topology::from_file(path)
                 .map(|t| t.map_endpoints(|e| e.with_database_tls(&tls)))

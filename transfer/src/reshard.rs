@@ -63,6 +63,47 @@ impl Database {
             error,
         }
     }
+
+    /// Visits every history row, a page at a time, in primary-key order
+    /// (rows the visit removes do not disturb the walk).
+    async fn each_history_page(
+        &self,
+        mut visit: impl AsyncFnMut(Vec<HistoryRow>) -> Result<()>,
+    ) -> Result<()> {
+        let mut after = (i64::MIN, i64::MIN);
+        loop {
+            let page = self
+                .bulk
+                .history_page(after, PAGE)
+                .await
+                .map_err(|e| self.fail(e))?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = (last.revision, last.sub);
+            visit(page).await?;
+        }
+    }
+
+    /// Visits every live row, a page at a time, in key order.
+    async fn each_live_page(
+        &self,
+        mut visit: impl AsyncFnMut(Vec<KeyValue>) -> Result<()>,
+    ) -> Result<()> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .bulk
+                .live_page(after.as_deref(), PAGE)
+                .await
+                .map_err(|e| self.fail(e))?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.key.clone());
+            visit(page).await?;
+        }
+    }
 }
 
 /// The databases of both topologies, each opened once, and where the new
@@ -244,101 +285,79 @@ async fn move_out(
     let source = &dbs.all[here];
     // History first, in revision order, then live rows: a key's live row
     // arrives after its history.
-    let mut after = (i64::MIN, i64::MIN);
     let mut history = 0u64;
-    loop {
-        let page = source
-            .bulk
-            .history_page(after, PAGE)
-            .await
-            .map_err(|e| source.fail(e))?;
-        let Some(last) = page.last() else { break };
-        after = (last.revision, last.sub);
-        let mut per_home: HashMap<usize, Vec<HistoryRow>> = HashMap::new();
-        for row in page {
-            let to = home(&row.key);
-            if to != here {
-                per_home.entry(to).or_default().push(row);
+    source
+        .each_history_page(async |page| {
+            let mut per_home: HashMap<usize, Vec<HistoryRow>> = HashMap::new();
+            for row in page {
+                let to = home(&row.key);
+                if to != here {
+                    per_home.entry(to).or_default().push(row);
+                }
             }
-        }
-        for (to, rows) in per_home {
-            let target = &dbs.all[to];
-            history += target
-                .bulk
-                .append_history(&rows)
-                .await
-                .map_err(|e| target.fail(e))?;
-        }
-    }
+            for (to, rows) in per_home {
+                let target = &dbs.all[to];
+                history += target
+                    .bulk
+                    .append_history(&rows)
+                    .await
+                    .map_err(|e| target.fail(e))?;
+            }
+            Ok(())
+        })
+        .await?;
     let mut live = 0u64;
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = source
-            .bulk
-            .live_page(after.as_deref(), PAGE)
-            .await
-            .map_err(|e| source.fail(e))?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        let mut per_home: HashMap<usize, Vec<KeyValue>> = HashMap::new();
-        for kv in page {
-            let to = home(&kv.key);
-            if to != here {
-                per_home.entry(to).or_default().push(kv);
+    source
+        .each_live_page(async |page| {
+            let mut per_home: HashMap<usize, Vec<KeyValue>> = HashMap::new();
+            for kv in page {
+                let to = home(&kv.key);
+                if to != here {
+                    per_home.entry(to).or_default().push(kv);
+                }
             }
-        }
-        for (to, kvs) in per_home {
-            let target = &dbs.all[to];
-            live += kvs.len() as u64;
-            target
-                .bulk
-                .upsert_live(&kvs)
-                .await
-                .map_err(|e| target.fail(e))?;
-        }
-    }
+            for (to, kvs) in per_home {
+                let target = &dbs.all[to];
+                live += kvs.len() as u64;
+                target
+                    .bulk
+                    .upsert_live(&kvs)
+                    .await
+                    .map_err(|e| target.fail(e))?;
+            }
+            Ok(())
+        })
+        .await?;
     // Everything is where it belongs: remove it here (also what an earlier
     // run copied and did not get to remove).
-    let mut after = (i64::MIN, i64::MIN);
-    loop {
-        let page = source
-            .bulk
-            .history_page(after, PAGE)
-            .await
-            .map_err(|e| source.fail(e))?;
-        let Some(last) = page.last() else { break };
-        after = (last.revision, last.sub);
-        let gone: Vec<(i64, i64)> = page
-            .iter()
-            .filter(|r| home(&r.key) != here)
-            .map(|r| (r.revision, r.sub))
-            .collect();
-        source
-            .bulk
-            .delete_history(&gone)
-            .await
-            .map_err(|e| source.fail(e))?;
-    }
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = source
-            .bulk
-            .live_page(after.as_deref(), PAGE)
-            .await
-            .map_err(|e| source.fail(e))?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        let gone: Vec<Vec<u8>> = page
-            .into_iter()
-            .filter(|kv| home(&kv.key) != here)
-            .map(|kv| kv.key)
-            .collect();
-        source
-            .bulk
-            .delete_live(&gone)
-            .await
-            .map_err(|e| source.fail(e))?;
-    }
+    source
+        .each_history_page(async |page| {
+            let gone: Vec<(i64, i64)> = page
+                .iter()
+                .filter(|r| home(&r.key) != here)
+                .map(|r| (r.revision, r.sub))
+                .collect();
+            source
+                .bulk
+                .delete_history(&gone)
+                .await
+                .map_err(|e| source.fail(e))
+        })
+        .await?;
+    source
+        .each_live_page(async |page| {
+            let gone: Vec<Vec<u8>> = page
+                .into_iter()
+                .filter(|kv| home(&kv.key) != here)
+                .map(|kv| kv.key)
+                .collect();
+            source
+                .bulk
+                .delete_live(&gone)
+                .await
+                .map_err(|e| source.fail(e))
+        })
+        .await?;
     Ok((history, live))
 }
 
@@ -348,40 +367,28 @@ async fn verify(dbs: &Databases, home: &impl Fn(&[u8]) -> usize) -> Result<u64> 
     let mut misplaced = Vec::new();
     let mut keys = 0u64;
     for (here, db) in dbs.all.iter().enumerate() {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = db
-                .bulk
-                .live_page(after.as_deref(), PAGE)
-                .await
-                .map_err(|e| db.fail(e))?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
+        let place = db.names.join("/");
+        db.each_live_page(async |page| {
             keys += page.len() as u64;
             misplaced.extend(
                 page.iter()
                     .filter(|kv| home(&kv.key) != here)
-                    .map(|kv| format!("{} is on {}", kv.key.escape_ascii(), db.names.join("/"))),
+                    .map(|kv| format!("{} is on {place}", kv.key.escape_ascii())),
             );
-        }
-        let mut after = (i64::MIN, i64::MIN);
-        loop {
-            let page = db
-                .bulk
-                .history_page(after, PAGE)
-                .await
-                .map_err(|e| db.fail(e))?;
-            let Some(last) = page.last() else { break };
-            after = (last.revision, last.sub);
+            Ok(())
+        })
+        .await?;
+        db.each_history_page(async |page| {
             misplaced.extend(page.iter().filter(|r| home(&r.key) != here).map(|r| {
                 format!(
-                    "history of {} at {} is on {}",
+                    "history of {} at {} is on {place}",
                     r.key.escape_ascii(),
-                    r.revision,
-                    db.names.join("/")
+                    r.revision
                 )
             }));
-        }
+            Ok(())
+        })
+        .await?;
     }
     if !misplaced.is_empty() {
         return Err(TransferError::Misplaced {
