@@ -97,6 +97,18 @@ impl ImportPhase {
     }
 }
 
+/// A router seen this recently is taken to be serving (routers record
+/// themselves every 2 s): the tools that write around routers refuse to run.
+pub const ROUTER_SEEN_WITHIN_MS: i64 = 10_000;
+
+/// A router that recorded itself (`BulkSink::router_seen`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterSeen {
+    pub id: String,
+    pub address: String,
+    pub seen_ms: i64,
+}
+
 /// Writes rows of one shard as they are given.
 #[async_trait]
 pub trait BulkSink: Send + Sync + std::fmt::Debug {
@@ -136,6 +148,16 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
     /// (a reshard), else only when none is (a first start: of two routers
     /// starting at once, the first one's stands).
     async fn set_placement(&self, placement: &str, replace: bool) -> Result<()>;
+
+    /// Records that router `id`, serving `address`, was alive at `now_ms`
+    /// (routers do every few seconds, in their default shard).
+    async fn router_seen(&self, id: &str, address: &str, now_ms: i64) -> Result<()>;
+
+    /// The router has stopped.
+    async fn router_gone(&self, id: &str) -> Result<()>;
+
+    /// Routers seen at or after `since_ms`.
+    async fn routers_seen(&self, since_ms: i64) -> Result<Vec<RouterSeen>>;
 
     /// Adds history rows of keys moved in from another shard, keeping their
     /// revisions. A row whose revision and key the shard already holds is

@@ -20,6 +20,12 @@ pub enum TransferError {
         key: String,
         why: String,
     },
+    /// A router serves a database the tool would write around.
+    #[error(
+        "routers serve shard {shard}: {routers}; stop every router first (one that died counts \
+         as serving for 10 s after its last record)"
+    )]
+    RoutersServing { shard: String, routers: String },
     /// The target already holds data.
     #[error("target shard {shard} is not empty ({what}); import into new, empty databases")]
     NotEmpty { shard: String, what: String },

@@ -82,6 +82,9 @@ pub async fn run(options: ImportOptions, stop: impl Future<Output = ()>) -> Resu
     let source = format!("import from etcd cluster {cluster:x} at {}", etcd.url());
     info!(%source, revision = head, "source");
     let target = Target::open(options.topology.clone()).await?;
+    for shard in &target.shards {
+        crate::routers::none_serving(&shard.name, shard.bulk.as_ref()).await?;
+    }
     let mut report = ImportReport::default();
 
     let contents = target.contents().await?;

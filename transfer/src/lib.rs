@@ -13,6 +13,7 @@ mod etcd;
 mod follow;
 mod import;
 mod reshard;
+mod routers;
 mod target;
 mod verify;
 

@@ -151,7 +151,9 @@ async fn open(options: &ReshardOptions) -> Result<Databases> {
                     let token = bulk.database_id().await.map_err(fail)?;
                     let index = match by_token.get(&token) {
                         Some(i) => {
-                            all[*i].names.push(spec.name.clone());
+                            if !all[*i].names.contains(&spec.name) {
+                                all[*i].names.push(spec.name.clone());
+                            }
                             *i
                         }
                         None => {
@@ -184,6 +186,9 @@ async fn open(options: &ReshardOptions) -> Result<Databases> {
 
 pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardReport> {
     let dbs = open(&options).await?;
+    for db in &dbs.all {
+        crate::routers::none_serving(&db.names.join("/"), db.bulk.as_ref()).await?;
+    }
     let to = &options.to;
     let home = |key: &[u8]| dbs.new[to.route(key).index()];
     let mut report = ReshardReport::default();

@@ -156,6 +156,7 @@ pub struct RunningServer {
     /// Lease expiry and purges; automatic compaction when configured.
     background: Vec<JoinHandle<()>>,
     core: Arc<Core>,
+    presence: Arc<crate::presence::Presence>,
 }
 
 impl RunningServer {
@@ -207,6 +208,7 @@ impl RunningServer {
         if let Some(task) = self.metrics_task.take() {
             task.abort();
         }
+        self.presence.gone().await;
         self.core.shards.stop();
         crate::listen::remove_socket(&self.listening);
         result
@@ -225,7 +227,9 @@ impl RunningServer {
 /// the placement (`Topology::placement`) at the first start, and
 /// `kubeshard reshard` changes it; a router with another file refuses to
 /// serve, since it would look for keys where they are not.
-async fn check_placement(shards: &Shards) -> Result<(), ServeError> {
+async fn check_placement(
+    shards: &Shards,
+) -> Result<Arc<dyn kubeshard_shard_worker::bulk::Bulk>, ServeError> {
     let topology = shards.topology();
     let spec = topology.shard(topology.default_shard());
     let fail = |error| ServeError::Shard {
@@ -251,7 +255,7 @@ async fn check_placement(shards: &Shards) -> Result<(), ServeError> {
         None => Err(fail(kubeshard_shard_worker::ShardError::Corrupt(
             "ks_placement has no row after writing it".into(),
         ))),
-        Some(stored) if stored == ours => Ok(()),
+        Some(stored) if stored == ours => Ok(bulk),
         Some(stored) => Err(ServeError::Placement {
             source_name: topology.source().unwrap_or("--endpoint").to_string(),
             stored,
@@ -294,10 +298,13 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             location: e.location,
             error: e.error,
         })?;
-    if let Err(e) = check_placement(&shards).await {
-        shards.stop();
-        return Err(e);
-    }
+    let default_bulk = match check_placement(&shards).await {
+        Ok(bulk) => bulk,
+        Err(e) => {
+            shards.stop();
+            return Err(e);
+        }
+    };
     let (bound, listening) = Bound::bind(&options.listen_address)
         .await
         .map_err(|error| ServeError::Bind {
@@ -339,6 +346,15 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         }
         None => (None, None),
     };
+    let default_spec = core.shards.topology().shard(core.shards.default_id());
+    let presence = crate::presence::Presence::start(default_bulk, &core.client_url)
+        .await
+        .map_err(|error| ServeError::Shard {
+            shard: default_spec.name.clone(),
+            endpoint: default_spec.endpoint.to_string(),
+            location: default_spec.location.as_ref().map(ToString::to_string),
+            error,
+        })?;
     info!(url = %core.client_url, "serving the etcd v3 API");
 
     let max_message = core.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -410,10 +426,11 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         metrics_task,
         shutdown: Some(shutdown_tx),
         join,
-        background: [background, sampler]
+        background: [background, sampler, presence.spawn()]
             .into_iter()
             .chain(auto_compaction)
             .collect(),
         core,
+        presence,
     })
 }

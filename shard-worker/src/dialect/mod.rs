@@ -27,7 +27,8 @@ pub use sqlite::Sqlite;
 /// before starting older routers. And `ks_placement`: the placement
 /// (`Topology::placement`) the data is arranged for, which routers check.
 /// And `ks_identity`: a random token telling one database from another
-/// whatever URL reaches it.
+/// whatever URL reaches it. And `ks_router`: the routers serving, as they
+/// last said (`crate::bulk`).
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The SQL differences between the supported databases.

@@ -66,6 +66,10 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_identity (
         id BIGINT PRIMARY KEY,
         token VARCHAR(64) NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS ks_router (
+        id VARCHAR(64) PRIMARY KEY,
+        address VARCHAR(512) NOT NULL,
+        seen_ms BIGINT NOT NULL) ENGINE=InnoDB",
 ];
 
 impl Dialect for Mysql {

@@ -63,6 +63,10 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_identity (
         id BIGINT PRIMARY KEY,
         token TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_router (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        seen_ms BIGINT NOT NULL)",
 ];
 
 impl Dialect for Postgres {

@@ -61,6 +61,10 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_identity (
         id INTEGER PRIMARY KEY,
         token TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_router (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        seen_ms INTEGER NOT NULL)",
 ];
 
 impl Dialect for Sqlite {

@@ -16,7 +16,7 @@ use super::statement::{Arg, Statement};
 use super::write::HistoryRow;
 use super::write_sql;
 use super::{LeaseRecord, Revisions};
-use crate::bulk::{BulkSink, Change, Contents, ImportPhase, ImportState, RowSource};
+use crate::bulk::{BulkSink, Change, Contents, ImportPhase, ImportState, RouterSeen, RowSource};
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 
@@ -362,6 +362,47 @@ where
         run::<DB>(&mut tx, &st).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn router_seen(&self, id: &str, address: &str, now_ms: i64) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        let mut st = Statement::new(d, "DELETE FROM ks_router WHERE id = ");
+        st.arg(Arg::Text(id));
+        run::<DB>(&mut tx, &st).await?;
+        let mut st = Statement::new(d, "INSERT INTO ks_router (id, address, seen_ms) VALUES (");
+        st.arg(Arg::Text(id)).sql(", ").arg(Arg::Text(address));
+        st.sql(", ").int(now_ms).sql(")");
+        run::<DB>(&mut tx, &st).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn router_gone(&self, id: &str) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let mut st = Statement::new(self.dialect, "DELETE FROM ks_router WHERE id = ");
+        st.arg(Arg::Text(id));
+        run::<DB>(&mut conn, &st).await?;
+        Ok(())
+    }
+
+    async fn routers_seen(&self, since_ms: i64) -> Result<Vec<RouterSeen>> {
+        let mut conn = self.pool.acquire().await?;
+        let mut st = Statement::new(
+            self.dialect,
+            "SELECT id, address, seen_ms FROM ks_router WHERE seen_ms >= ",
+        );
+        st.int(since_ms).sql(" ORDER BY id");
+        let mut out = Vec::new();
+        for row in fetch::<DB>(&mut conn, &st).await? {
+            out.push(RouterSeen {
+                id: row.try_get(0)?,
+                address: row.try_get(1)?,
+                seen_ms: row.try_get(2)?,
+            });
+        }
+        Ok(out)
     }
 
     async fn append_history(&self, rows: &[HistoryRow]) -> Result<u64> {

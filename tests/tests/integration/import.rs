@@ -454,6 +454,27 @@ async fn import_refuses_bad_input() {
     assert!(said.contains("cannot connect"), "{said}");
 
     let etcd = EtcdServer::start(&tools).await;
+    // Not into databases a router serves.
+    let mut server = KubeshardServer::start_with(
+        Backend::Postgres,
+        vec!["--endpoint".into(), url.clone()],
+        Vec::new(),
+        Vec::new(),
+    )
+    .await;
+    let (ok, said) = run(vec![
+        "--from-etcd".into(),
+        etcd.endpoint(),
+        "--endpoint".into(),
+        url.clone(),
+    ]);
+    assert!(!ok);
+    assert!(said.contains("routers serve shard default"), "{said}");
+    let stopped = server
+        .terminate(Duration::from_secs(20))
+        .expect("stop the router");
+    assert!(stopped.success());
+    drop(server);
     let mut c = connect(&etcd.endpoint()).await.expect("connect to etcd");
     put(&mut c, "/registry/configmaps/ns/fine", "v", None).await;
     let long = format!("/registry/configmaps/ns/{}", "x".repeat(2700));

@@ -132,7 +132,11 @@ async fn serves(bin: &Path, config: &str) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = child.kill();
+    // SIGTERM: a router stopped this way removes its record at once (one
+    // killed would count as serving for 10 s and hold the reshard off).
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     true
 }
@@ -240,13 +244,21 @@ async fn reshard_moves_keys_with_their_history() {
     let (at_compaction, _) = everything(&mut c, compact_at).await;
     let events = history(&mut c, compact_at, head).await;
     drop(c);
+    // Not while a router serves.
+    let log = dir.path().join("reshard.log");
+    let status = reshard(&old, &new, &log);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "a reshard ran beside a router:\n{text}");
+    assert!(
+        text.contains("routers serve shard core: http://127.0.0.1:"),
+        "{text}"
+    );
     let stopped = server
         .terminate(Duration::from_secs(20))
         .expect("stop the router");
     assert!(stopped.success());
     drop(server);
 
-    let log = dir.path().join("reshard.log");
     let status = reshard(&old, &new, &log);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "reshard failed:\n{text}");
@@ -377,6 +389,11 @@ async fn reshard_killed_then_run_again() {
     let (before, head) = everything(&mut c, 0).await;
     let events = history(&mut c, 1, head).await;
     drop(c);
+    let mut server = server;
+    let stopped = server
+        .terminate(Duration::from_secs(20))
+        .expect("stop the router");
+    assert!(stopped.success());
     drop(server);
 
     let bin = kubeshard_binary().await;
