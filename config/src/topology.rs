@@ -361,14 +361,19 @@ impl Topology {
             };
             let target = match &route.target {
                 Target::Shard(id) => format!("shard {}", name(id)),
-                Target::Hashed { shards, hash } => format!(
-                    "hashed by {} over {}",
-                    match hash {
-                        HashBy::Resource => "resource",
-                        HashBy::ResourceNamespace => "resource-namespace",
-                    },
-                    shards.iter().map(name).collect::<Vec<_>>().join(" ")
-                ),
+                Target::Hashed { shards, hash } => {
+                    // Rendezvous hashing goes by the names, not their order.
+                    let mut names: Vec<String> = shards.iter().map(name).collect();
+                    names.sort();
+                    format!(
+                        "hashed by {} over {}",
+                        match hash {
+                            HashBy::Resource => "resource",
+                            HashBy::ResourceNamespace => "resource-namespace",
+                        },
+                        names.join(" ")
+                    )
+                }
             };
             out.push_str(&format!("route {matcher} -> {target}\n"));
         }

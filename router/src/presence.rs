@@ -11,8 +11,6 @@ use rand::Rng;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::server::now_ms;
-
 /// How often a router says it is there. The tools treat a router seen in
 /// the last [`kubeshard_shard_worker::bulk::ROUTER_SEEN_WITHIN_MS`] as
 /// serving.
@@ -45,9 +43,7 @@ impl Presence {
     }
 
     async fn say(&self) -> Result<(), kubeshard_shard_worker::ShardError> {
-        self.bulk
-            .router_seen(&self.id, &self.address, now_ms())
-            .await
+        self.bulk.router_seen(&self.id, &self.address).await
     }
 
     /// Says it again every [`INTERVAL`].

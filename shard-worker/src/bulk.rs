@@ -106,7 +106,8 @@ pub const ROUTER_SEEN_WITHIN_MS: i64 = 10_000;
 pub struct RouterSeen {
     pub id: String,
     pub address: String,
-    pub seen_ms: i64,
+    /// How long ago, by the database's clock.
+    pub ago_ms: i64,
 }
 
 /// Writes rows of one shard as they are given.
@@ -149,15 +150,22 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
     /// starting at once, the first one's stands).
     async fn set_placement(&self, placement: &str, replace: bool) -> Result<()>;
 
-    /// Records that router `id`, serving `address`, was alive at `now_ms`
-    /// (routers do every few seconds, in their default shard).
-    async fn router_seen(&self, id: &str, address: &str, now_ms: i64) -> Result<()>;
+    /// Records that router `id`, serving `address`, is alive now, by the
+    /// database's clock (routers do every few seconds, in their default
+    /// shard).
+    async fn router_seen(&self, id: &str, address: &str) -> Result<()>;
 
     /// The router has stopped.
     async fn router_gone(&self, id: &str) -> Result<()>;
 
-    /// Routers seen at or after `since_ms`.
-    async fn routers_seen(&self, since_ms: i64) -> Result<Vec<RouterSeen>>;
+    /// Routers seen in the last `within_ms` by the database's clock, with
+    /// how long ago.
+    async fn routers_seen(&self, within_ms: i64) -> Result<Vec<RouterSeen>>;
+
+    /// Gives the database a new random token and returns it: another
+    /// endpoint that then reads the same token reaches the same database,
+    /// not a copy of it.
+    async fn renew_database_id(&self) -> Result<String>;
 
     /// Adds history rows of keys moved in from another shard, keeping their
     /// revisions. A row whose revision and key the shard already holds is

@@ -148,7 +148,20 @@ async fn open(options: &ReshardOptions) -> Result<Databases> {
                     let bulk = open_bulk(&spec.endpoint).await.map_err(fail)?;
                     // Two URLs may reach one database (a path written two
                     // ways, a host name and its address): its token tells.
-                    let token = bulk.database_id().await.map_err(fail)?;
+                    let mut token = bulk.database_id().await.map_err(fail)?;
+                    if let Some(&i) = by_token.get(&token) {
+                        // The same database, or a copy of it (which has the
+                        // same token): a new token on the one seen before
+                        // tells.
+                        let renewed = all[i]
+                            .bulk
+                            .renew_database_id()
+                            .await
+                            .map_err(|e| all[i].fail(e))?;
+                        by_token.remove(&token);
+                        by_token.insert(renewed, i);
+                        token = bulk.database_id().await.map_err(fail)?;
+                    }
                     let index = match by_token.get(&token) {
                         Some(i) => {
                             if !all[*i].names.contains(&spec.name) {
@@ -249,8 +262,9 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
         db.bulk.put_leases(&leases).await.map_err(|e| db.fail(e))?;
         db.bulk.raise(highest).await.map_err(|e| db.fail(e))?;
     }
-    for &i in &dbs.new {
-        let db = &dbs.all[i];
+    // Every database, also those the new topology leaves out: a router
+    // started with the old file on one of them must not serve.
+    for db in &dbs.all {
         db.bulk
             .set_placement(&to_placement, true)
             .await

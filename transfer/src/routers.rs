@@ -5,13 +5,11 @@
 use kubeshard_shard_worker::bulk::{Bulk, ROUTER_SEEN_WITHIN_MS};
 
 use crate::error::{Result, TransferError};
-use crate::import::now_ms;
 
 /// Fails if a router recorded itself in `bulk`'s database recently.
 pub async fn none_serving(shard: &str, bulk: &dyn Bulk) -> Result<()> {
-    let now = now_ms();
     let seen = bulk
-        .routers_seen(now - ROUTER_SEEN_WITHIN_MS)
+        .routers_seen(ROUTER_SEEN_WITHIN_MS)
         .await
         .map_err(|error| TransferError::Target {
             shard: shard.to_string(),
@@ -22,7 +20,7 @@ pub async fn none_serving(shard: &str, bulk: &dyn Bulk) -> Result<()> {
     }
     let routers: Vec<String> = seen
         .iter()
-        .map(|r| format!("{} ({} ms ago)", r.address, now - r.seen_ms))
+        .map(|r| format!("{} ({} ms ago)", r.address, r.ago_ms))
         .collect();
     Err(TransferError::RoutersServing {
         shard: shard.to_string(),

@@ -101,6 +101,20 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     /// Statements run by Maintenance.Defragment to give space back.
     fn defragment(&self) -> &'static [&'static str];
 
+    /// Tail of an `INSERT` that updates `columns` of the row with the same
+    /// `key` instead of failing (PostgreSQL and SQLite; MySQL has its own).
+    fn upsert_tail(&self, key: &str, columns: &[&str]) -> String {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect();
+        format!(" ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
+    }
+
+    /// An expression for the database server's clock in Unix milliseconds,
+    /// so that records several processes compare use one clock.
+    fn now_ms(&self) -> &'static str;
+
     /// Inside a write transaction: locks the label index's mark row
     /// (`store/label_index.rs`) and reads the revision it is at.
     fn lock_label_mark(&self) -> &'static str {

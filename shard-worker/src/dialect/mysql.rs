@@ -99,6 +99,16 @@ impl Dialect for Mysql {
          mod_revision = VALUES(mod_revision), version = VALUES(version), \
          lease = VALUES(lease), value_bytes = VALUES(value_bytes)"
     }
+    fn now_ms(&self) -> &'static str {
+        "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
+    }
+    fn upsert_tail(&self, _key: &str, columns: &[&str]) -> String {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c} = VALUES({c})"))
+            .collect();
+        format!(" ON DUPLICATE KEY UPDATE {}", set.join(", "))
+    }
     fn max_key_len(&self) -> Option<usize> {
         Some(MAX_KEY_LEN)
     }

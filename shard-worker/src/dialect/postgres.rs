@@ -104,6 +104,9 @@ impl Dialect for Postgres {
         // transaction id; a later version never carries an earlier id.
         Some("xmin::text")
     }
+    fn now_ms(&self) -> &'static str {
+        "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+    }
     fn max_key_len(&self) -> Option<usize> {
         // A btree entry must fit in a third of a page (2704 bytes); kept
         // below that with room for a revision, as when schema version 2

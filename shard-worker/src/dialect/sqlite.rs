@@ -102,6 +102,9 @@ impl Dialect for Sqlite {
          mod_revision = excluded.mod_revision, version = excluded.version, \
          lease = excluded.lease, value_bytes = excluded.value_bytes"
     }
+    fn now_ms(&self) -> &'static str {
+        "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+    }
     fn max_key_len(&self) -> Option<usize> {
         None
     }

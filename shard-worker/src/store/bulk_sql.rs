@@ -364,18 +364,16 @@ where
         Ok(())
     }
 
-    async fn router_seen(&self, id: &str, address: &str, now_ms: i64) -> Result<()> {
+    async fn router_seen(&self, id: &str, address: &str) -> Result<()> {
         let d = self.dialect;
         let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin_with(d.begin_write()).await?;
-        let mut st = Statement::new(d, "DELETE FROM ks_router WHERE id = ");
-        st.arg(Arg::Text(id));
-        run::<DB>(&mut tx, &st).await?;
+        // One statement: no gap locks to deadlock on when routers start
+        // together, and a record a stop removes stays removed.
         let mut st = Statement::new(d, "INSERT INTO ks_router (id, address, seen_ms) VALUES (");
         st.arg(Arg::Text(id)).sql(", ").arg(Arg::Text(address));
-        st.sql(", ").int(now_ms).sql(")");
-        run::<DB>(&mut tx, &st).await?;
-        tx.commit().await?;
+        st.sql(", ").sql(d.now_ms()).sql(")");
+        st.sql(&d.upsert_tail("id", &["address", "seen_ms"]));
+        run::<DB>(&mut conn, &st).await?;
         Ok(())
     }
 
@@ -387,22 +385,34 @@ where
         Ok(())
     }
 
-    async fn routers_seen(&self, since_ms: i64) -> Result<Vec<RouterSeen>> {
+    async fn routers_seen(&self, within_ms: i64) -> Result<Vec<RouterSeen>> {
+        let d = self.dialect;
         let mut conn = self.pool.acquire().await?;
+        let now = d.now_ms();
         let mut st = Statement::new(
-            self.dialect,
-            "SELECT id, address, seen_ms FROM ks_router WHERE seen_ms >= ",
+            d,
+            format!("SELECT id, address, {now} - seen_ms FROM ks_router WHERE seen_ms >= {now} - "),
         );
-        st.int(since_ms).sql(" ORDER BY id");
+        st.int(within_ms).sql(" ORDER BY id");
         let mut out = Vec::new();
         for row in fetch::<DB>(&mut conn, &st).await? {
             out.push(RouterSeen {
                 id: row.try_get(0)?,
                 address: row.try_get(1)?,
-                seen_ms: row.try_get(2)?,
+                ago_ms: row.try_get(2)?,
             });
         }
         Ok(out)
+    }
+
+    async fn renew_database_id(&self) -> Result<String> {
+        let token = random_token();
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut st = Statement::new(d, "UPDATE ks_identity SET token = ");
+        st.arg(Arg::Text(&token)).sql(" WHERE id = 1");
+        run::<DB>(&mut conn, &st).await?;
+        Ok(token)
     }
 
     async fn append_history(&self, rows: &[HistoryRow]) -> Result<u64> {

@@ -318,3 +318,49 @@ fn moved_rows_keep_revisions() {
         });
     }
 }
+
+/// Routers' records (`ks_router`) by the database's clock, and a renewed
+/// database token.
+#[test]
+fn routers_and_tokens() {
+    let rt = crate::runtime();
+    for server in backends::servers("bulk_routers_and_tokens") {
+        rt.block_on(async {
+            let db = server.create().await;
+            let bulk = open_bulk(db.endpoint()).await.expect("bulk");
+            assert!(bulk.routers_seen(10_000).await.expect("seen").is_empty());
+            bulk.router_seen("r1", "http://127.0.0.1:1")
+                .await
+                .expect("seen");
+            bulk.router_seen("r1", "http://127.0.0.1:2")
+                .await
+                .expect("seen again");
+            bulk.router_seen("r2", "http://127.0.0.1:3")
+                .await
+                .expect("seen");
+            let seen = bulk.routers_seen(10_000).await.expect("seen");
+            let shown: Vec<(&str, &str)> = seen
+                .iter()
+                .map(|r| (r.id.as_str(), r.address.as_str()))
+                .collect();
+            assert_eq!(
+                shown,
+                [("r1", "http://127.0.0.1:2"), ("r2", "http://127.0.0.1:3")]
+            );
+            assert!(
+                seen.iter().all(|r| (0..5_000).contains(&r.ago_ms)),
+                "{seen:?}"
+            );
+            bulk.router_gone("r1").await.expect("gone");
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            assert_eq!(bulk.routers_seen(10_000).await.expect("seen").len(), 1);
+            assert!(bulk.routers_seen(1).await.expect("seen").is_empty());
+            let token = bulk.database_id().await.expect("token");
+            let renewed = bulk.renew_database_id().await.expect("renew");
+            assert_ne!(renewed, token);
+            let other = open_bulk(db.endpoint()).await.expect("bulk");
+            assert_eq!(other.database_id().await.expect("token"), renewed);
+            db.drop_db().await;
+        });
+    }
+}

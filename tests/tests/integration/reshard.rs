@@ -112,33 +112,38 @@ async fn serve(config: &str) -> KubeshardServer {
 
 /// Whether a router on `config` serves (it is stopped again) or refuses.
 async fn serves(bin: &Path, config: &str) -> bool {
+    let port = kubeshard_tests::env::free_port();
     let mut child = Command::new(bin)
-        .args([
-            "--config",
-            config,
-            "--listen-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "",
-        ])
+        .args(["--config", config, "--metrics-bind-address", ""])
+        .args(["--listen-address", &format!("127.0.0.1:{port}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start kubeshard");
-    for _ in 0..30 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let serving = loop {
         if let Ok(Some(_)) = child.try_wait() {
-            return false;
+            break false;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break true;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kubeshard neither served nor refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if serving {
+        // SIGTERM: a router stopped this way removes its record at once (one
+        // killed would count as serving for 10 s and hold the reshard off).
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
     }
-    // SIGTERM: a router stopped this way removes its record at once (one
-    // killed would count as serving for 10 s and hold the reshard off).
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
     let _ = child.wait();
-    true
+    serving
 }
 
 fn reshard(from: &str, to: &str, log: &Path) -> std::process::ExitStatus {
