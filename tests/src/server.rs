@@ -541,6 +541,51 @@ pub fn drop_database(endpoint_url: &str) {
     }
 }
 
+/// Starts kubeshard with `args` (a listen address and no metrics are
+/// added) and tells whether it serves or refuses: `Err(stderr)` when it
+/// exits, `Ok(())` once its port accepts (it is then stopped with SIGTERM,
+/// so that it removes its record from the default shard at once). A router
+/// that neither serves nor exits within 30 s fails the test, instead of
+/// hanging it.
+pub async fn serves_or_refuses(args: &[&str]) -> Result<(), String> {
+    let bin = kubeshard_binary().await;
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let log = dir.path().join("kubeshard.log");
+    let mut child = Command::new(&bin)
+        .args(args)
+        .args(["--metrics-bind-address", ""])
+        .arg("--listen-address")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin.display()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return Err(std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            kill(&mut child);
+            panic!(
+                "kubeshard {} neither served nor refused in 30 s",
+                args.join(" ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

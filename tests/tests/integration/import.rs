@@ -16,7 +16,7 @@ use etcd_client::{
 use kubeshard_tests::env::EtcdTools;
 use kubeshard_tests::server::{
     Backend, EtcdServer, KubeshardServer, Server, connect, drop_database, kubeshard_binary,
-    sharded_topology,
+    serves_or_refuses, sharded_topology,
 };
 
 const BACKENDS: [Backend; 3] = [Backend::Sqlite, Backend::Postgres, Backend::Mysql];
@@ -495,21 +495,10 @@ async fn import_refuses_bad_input() {
         "{said}"
     );
     // The half-copied target is not served.
-    let served = Command::new(&bin)
-        .args([
-            "--endpoint",
-            &url,
-            "--listen-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "",
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kubeshard");
-    let said = String::from_utf8_lossy(&served.stderr);
-    assert!(!served.status.success());
+    let said = match serves_or_refuses(&["--endpoint", &url]).await {
+        Ok(()) => panic!("the half-copied target was served"),
+        Err(said) => said,
+    };
     assert!(
         said.contains("a data move into this database is unfinished"),
         "{said}"

@@ -15,7 +15,7 @@ use etcd_client::{
 };
 use kubeshard_tests::env::skip;
 use kubeshard_tests::server::{
-    Backend, KubeshardServer, Server, connect, drop_database, kubeshard_binary,
+    Backend, KubeshardServer, Server, connect, drop_database, kubeshard_binary, serves_or_refuses,
 };
 
 struct Databases(Vec<String>);
@@ -108,42 +108,6 @@ fn topology(dir: &Path, name: &str, shards: &[(&str, &str)], routes: &str) -> St
 async fn serve(config: &str) -> KubeshardServer {
     let args = vec!["--config".to_string(), config.to_string()];
     KubeshardServer::start_with(Backend::Sqlite, args, Vec::new(), Vec::new()).await
-}
-
-/// Whether a router on `config` serves (it is stopped again) or refuses.
-async fn serves(bin: &Path, config: &str) -> bool {
-    let port = kubeshard_tests::env::free_port();
-    let mut child = Command::new(bin)
-        .args(["--config", config, "--metrics-bind-address", ""])
-        .args(["--listen-address", &format!("127.0.0.1:{port}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start kubeshard");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let serving = loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break false;
-        }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break true;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "kubeshard neither served nor refused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    if serving {
-        // SIGTERM: a router stopped this way removes its record at once (one
-        // killed would count as serving for 10 s and hold the reshard off).
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-    }
-    let _ = child.wait();
-    serving
 }
 
 fn reshard(from: &str, to: &str, log: &Path) -> std::process::ExitStatus {
@@ -289,25 +253,10 @@ async fn reshard_moves_keys_with_their_history() {
     assert!(again.contains("history_rows=0 live_keys=0"), "{again}");
 
     // The old file is refused now: it would look for keys where they were.
-    let bin = kubeshard_binary().await;
-    let refused = Command::new(&bin)
-        .args([
-            "--config",
-            &old,
-            "--listen-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "",
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kubeshard");
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success(),
-        "served the old topology:\n{said}"
-    );
+    let said = match serves_or_refuses(&["--config", &old]).await {
+        Ok(()) => panic!("served the old topology"),
+        Err(said) => said,
+    };
     assert!(
         said.contains("the data is arranged for another topology"),
         "{said}"
@@ -415,7 +364,7 @@ async fn reshard_killed_then_run_again() {
         let _ = child.kill();
         let _ = child.wait();
         // Until it has finished, a router on the new file refuses to serve.
-        if !serves(&bin, &new).await {
+        if serves_or_refuses(&["--config", &new]).await.is_err() {
             cut_short += 1;
         }
     }
