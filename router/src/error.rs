@@ -88,7 +88,8 @@ pub fn shard_status(e: ShardError) -> Status {
         | ShardError::BatchFailed(_)
         | ShardError::NeedsLock { .. }
         | ShardError::NotSpeculative { .. }
-        | ShardError::Stopped(_) => Status::unavailable(format!("kubeshard: {e}")),
+        | ShardError::Stopped(_)
+        | ShardError::TopologyChanged { .. } => Status::unavailable(format!("kubeshard: {e}")),
         ShardError::Corrupt(_) | ShardError::ImportUnfinished { .. } => {
             Status::internal(format!("kubeshard: {e}"))
         }

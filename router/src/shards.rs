@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use futures::future::join_all;
 use kubeshard_config::{ShardId, Topology};
 use kubeshard_shard_worker::{
-    RevisionClass, Shard, ShardError, ShardObserver, ShardSettings, WriteRequest, WriteResponse,
+    RevisionClass, Serving, Shard, ShardError, ShardObserver, ShardSettings, WriteRequest,
+    WriteResponse,
 };
 use tracing::{debug, info};
 
@@ -36,6 +37,13 @@ pub struct Shards {
     advancing: Vec<AtomicI64>,
 }
 
+/// The topology version the data is at: the one the default shard's
+/// database is fenced at (every move fences every database it touches).
+async fn topology_version(default: &kubeshard_config::topology::Shard) -> Result<i64, ShardError> {
+    let bulk = kubeshard_shard_worker::open_bulk(&default.endpoint).await?;
+    Ok(bulk.revisions().await?.epoch)
+}
+
 /// A shard that could not be opened.
 #[derive(Debug)]
 pub struct OpenError {
@@ -48,33 +56,74 @@ pub struct OpenError {
 impl Shards {
     /// Opens every shard of `topology` (creating databases when missing),
     /// in parallel, and sets the floor to the highest counter among them.
-    /// `observer` gives each shard, by name, what hears of its work.
+    /// `observer` gives each shard, by name, what hears of its work. The
+    /// topology version served is the one the default shard's database is
+    /// fenced at (`store/fence.rs`; the caller checks that the data is
+    /// arranged for this topology).
     pub async fn open(
         topology: Topology,
         settings: &ShardSettings,
         observer: impl Fn(&str) -> Arc<dyn ShardObserver>,
     ) -> Result<Arc<Shards>, OpenError> {
         let count = topology.shards().len();
-        let opening = topology.shards().iter().enumerate().map(|(i, spec)| {
-            let class = RevisionClass::of_shard(i, count).unwrap_or(RevisionClass::ALL);
-            // A shard's own pool size in the topology file wins.
+        let fail = |spec: &kubeshard_config::topology::Shard, error| OpenError {
+            shard: spec.name.clone(),
+            endpoint: spec.endpoint.to_string(),
+            location: spec.location.as_ref().map(ToString::to_string),
+            error,
+        };
+        // A shard's own pool size in the topology file wins.
+        let settings_of = |spec: &kubeshard_config::topology::Shard| {
             let mut settings = settings.clone();
             settings.pool.max_connections = spec.max_connections.or(settings.pool.max_connections);
+            settings
+        };
+        let connecting = topology.shards().iter().map(|spec| {
+            let settings = settings_of(spec);
             let observer = observer(&spec.name);
             async move {
-                Shard::open(&spec.name, &spec.endpoint, class, &settings, Some(observer))
+                Shard::connect(&spec.name, &spec.endpoint, &settings, Some(observer))
                     .await
-                    .map_err(|error| OpenError {
-                        shard: spec.name.clone(),
-                        endpoint: spec.endpoint.to_string(),
-                        location: spec.location.as_ref().map(ToString::to_string),
-                        error,
-                    })
+                    .map_err(|error| fail(spec, error))
             }
         });
-        let mut shards = Vec::with_capacity(count);
+        let mut stores = Vec::with_capacity(count);
         let mut failed = None;
-        for opened in join_all(opening).await {
+        for connected in join_all(connecting).await {
+            match connected {
+                Ok(store) => stores.push(store),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let default_spec = topology.shard(topology.default_shard());
+        let version = match topology_version(default_spec).await {
+            Ok(version) => version,
+            Err(error) => return Err(fail(default_spec, error)),
+        };
+        let starting =
+            topology
+                .shards()
+                .iter()
+                .zip(stores)
+                .enumerate()
+                .map(|(i, (spec, store))| {
+                    let serving = Serving {
+                        version,
+                        class: RevisionClass::of_shard(i, count).unwrap_or(RevisionClass::ALL),
+                    };
+                    let settings = settings_of(spec);
+                    let observer = observer(&spec.name);
+                    async move {
+                        Shard::start(&spec.name, store, serving, &settings, Some(observer))
+                            .await
+                            .map_err(|error| fail(spec, error))
+                    }
+                });
+        let mut shards = Vec::with_capacity(count);
+        for opened in join_all(starting).await {
             match opened {
                 Ok(shard) => shards.push(shard),
                 Err(e) => failed = failed.or(Some(e)),
@@ -93,7 +142,12 @@ impl Shards {
             floor = floor.max(current);
             known.push(AtomicI64::new(current));
         }
-        info!(shards = count, floor, "shards open");
+        info!(
+            shards = count,
+            floor,
+            topology_version = version,
+            "shards open"
+        );
         Ok(Arc::new(Shards {
             topology,
             shards,

@@ -97,6 +97,59 @@ impl ImportPhase {
     }
 }
 
+/// An online topology change (`kubeshard reshard --online`), as the
+/// default shard records it (`ks_reshard`) for the routers to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reshard {
+    /// The topology version being moved to; every database is fenced at it
+    /// from phase `Fencing` on (`store/fence.rs`).
+    pub version: i64,
+    /// The placement (`Topology::placement`) being moved to.
+    pub placement: String,
+    pub phase: ReshardPhase,
+    /// Once fenced: every database's counter is at least this, so every
+    /// revision written in the new topology is above every one of the old.
+    pub switch_revision: i64,
+}
+
+/// How far an online topology change got. Routers serve the old topology
+/// until `Fenced`, then the new one, with keys that change database held
+/// back until `Done`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReshardPhase {
+    /// The moving keys are copied while routers serve the old topology.
+    Copying,
+    /// Databases are being fenced: routers wait.
+    Fencing,
+    /// Every database is fenced and at the switch revision: routers serve
+    /// the new topology, except keys that change database.
+    Fenced,
+    /// The moved keys are whole in their new databases.
+    Done,
+}
+
+impl ReshardPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReshardPhase::Copying => "copying",
+            ReshardPhase::Fencing => "fencing",
+            ReshardPhase::Fenced => "fenced",
+            ReshardPhase::Done => "done",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            ReshardPhase::Copying,
+            ReshardPhase::Fencing,
+            ReshardPhase::Fenced,
+            ReshardPhase::Done,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == text)
+    }
+}
+
 /// A router seen this recently is taken to be serving (routers record
 /// themselves every 2 s): the tools that write around routers refuse to run.
 pub const ROUTER_SEEN_WITHIN_MS: i64 = 10_000;
@@ -115,6 +168,10 @@ pub struct RouterSeen {
 pub trait BulkSink: Send + Sync + std::fmt::Debug {
     async fn contents(&self) -> Result<Contents>;
 
+    /// The counter row as it is (no fence is checked: tools and a router's
+    /// start read the topology version here).
+    async fn revisions(&self) -> Result<Revisions>;
+
     /// The backend's name and the longest key it can hold, if limited.
     fn key_limit(&self) -> (&'static str, Option<usize>);
 
@@ -130,8 +187,16 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
 
     async fn delete_leases(&self, ids: &[i64]) -> Result<()>;
 
-    /// Raises the counter and the compaction revision to at least these.
+    /// Raises the counter and the compaction revision to at least these
+    /// (`to.epoch` is not used).
     async fn raise(&self, to: Revisions) -> Result<()>;
+
+    /// Fences the database at topology `version` (it never goes down) and
+    /// raises its counter to at least `at_least`, in one transaction under
+    /// the revision lock; returns the revisions after. Routers serving an
+    /// older topology then neither read nor write the database
+    /// (`store/fence.rs`), and a write already under way committed before.
+    async fn fence(&self, version: i64, at_least: i64) -> Result<Revisions>;
 
     async fn import_state(&self) -> Result<Option<ImportState>>;
 
@@ -149,6 +214,12 @@ pub trait BulkSink: Send + Sync + std::fmt::Debug {
     /// (a reshard), else only when none is (a first start: of two routers
     /// starting at once, the first one's stands).
     async fn set_placement(&self, placement: &str, replace: bool) -> Result<()>;
+
+    /// The online topology change recorded here (`ks_reshard`), if any.
+    async fn reshard(&self) -> Result<Option<Reshard>>;
+
+    /// Records `reshard` in place of any other.
+    async fn set_reshard(&self, reshard: &Reshard) -> Result<()>;
 
     /// Records that router `id`, serving `address`, is alive now, by the
     /// database's clock (routers do every few seconds, in their default

@@ -14,6 +14,7 @@ use tracing::info;
 use crate::bulk::Bulk;
 use crate::dialect;
 use crate::error::{Result, ShardError};
+use crate::store::fence::{Fence, Serving};
 use crate::store::{RevisionClass, ShardStore, SqlBulk, SqlShard, SqliteReads, SqliteWriter};
 
 /// Connections per shard pool unless configured (reads share them; the
@@ -24,17 +25,20 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opens the store of one shard, creating database and schema when missing.
 ///
 /// `class` says which revisions the shard hands out ([`RevisionClass::ALL`]
-/// for a topology of one shard).
+/// for a topology of one shard); it serves topology version 0 (a database
+/// fenced later refuses it until [`ShardStore::serve`]).
 pub async fn open_store(endpoint: &Endpoint, class: RevisionClass) -> Result<Arc<dyn ShardStore>> {
-    open_store_with(endpoint, class, &PoolSettings::default()).await
+    let serving = Serving { version: 0, class };
+    open_store_with(endpoint, serving, &PoolSettings::default()).await
 }
 
 /// [`open_store`] with the pool sized and recycled as `settings` say.
 pub async fn open_store_with(
     endpoint: &Endpoint,
-    class: RevisionClass,
+    serving: Serving,
     settings: &PoolSettings,
 ) -> Result<Arc<dyn ShardStore>> {
+    let fence = Arc::new(Fence::new(serving.version, serving.class));
     let size = settings.max_connections.unwrap_or(POOL_SIZE);
     match endpoint {
         Endpoint::Sqlite { path } => {
@@ -57,9 +61,9 @@ pub async fn open_store_with(
                 .max_connections(1)
                 .connect_lazy_with(options);
             spawn_sqlite_checkpointer(pool.clone());
-            let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, class)
-                .with_direct_reads(SqliteReads::new(path.clone()))
-                .with_direct_writes(SqliteWriter::start(path, class)?);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, fence.clone())
+                .with_direct_reads(SqliteReads::new(path.clone(), fence.clone()))
+                .with_direct_writes(SqliteWriter::start(path, fence)?);
             let version = shard.migrate().await?;
             info!(backend = "sqlite", path = %path.display(), schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -75,7 +79,7 @@ pub async fn open_store_with(
                 .after_connect(|conn, _| Box::pin(set_postgres_writer_session(conn)))
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, class);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, fence);
             let version = shard.migrate().await?;
             info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -103,7 +107,7 @@ pub async fn open_store_with(
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, write_pool, &dialect::Mysql, class);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Mysql, fence);
             let version = shard.migrate().await?;
             info!(backend = "mysql", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))

@@ -75,6 +75,14 @@ pub enum ShardError {
         phase: &'static str,
         revision: i64,
     },
+    /// The database was fenced for a later topology version than the one
+    /// this process serves (`store/fence.rs`): keys may have moved, so it
+    /// is neither read nor written until this process serves that version.
+    #[error(
+        "the topology changed: this database serves topology version {stored}, this router \
+         version {serving}"
+    )]
+    TopologyChanged { stored: i64, serving: i64 },
     /// The stored data is not what this version of kubeshard wrote.
     #[error("unexpected stored data: {0}")]
     Corrupt(String),
@@ -102,7 +110,9 @@ impl ShardError {
                     | rusqlite::ErrorCode::DiskFull
                     | rusqlite::ErrorCode::ReadOnly
             ),
-            ShardError::Stopped(_) | ShardError::BatchFailed(_) => true,
+            ShardError::Stopped(_)
+            | ShardError::BatchFailed(_)
+            | ShardError::TopologyChanged { .. } => true,
             _ => false,
         }
     }

@@ -18,6 +18,7 @@ pub use connect::{open_bulk, open_store, open_store_with};
 pub use error::{Result, ShardError};
 pub use keys::KeyRange;
 pub use observe::{DATABASE_CALLS, ShardObserver};
+pub use store::fence::Serving;
 pub use store::{
     CommittedBatch, Connections, EventPage, LeaseRecord, RevisionClass, Revisions, ShardStore,
     WritePath, WriteRequest, WriteResponse,

@@ -11,7 +11,8 @@ use crate::bulk::ImportPhase;
 use crate::error::{Result, ShardError};
 use crate::labels::{LabelIndexer, run_label_indexer};
 use crate::observe::ShardObserver;
-use crate::store::{Observed, RevisionClass, ShardStore};
+use crate::store::fence::Serving;
+use crate::store::{Observed, ShardStore};
 use crate::watch::{WatchHub, run_poller};
 use crate::writer::ShardWriter;
 
@@ -42,16 +43,47 @@ pub struct Shard {
 impl Shard {
     /// Opens the database (creating it when missing) and starts the writer
     /// actor and the watch poller; `observer` hears of their work.
+    /// `serving`: the topology version served and the shard's revision
+    /// class in it (`store/fence.rs`).
     pub async fn open(
         name: &str,
         endpoint: &Endpoint,
-        class: RevisionClass,
+        serving: Serving,
         settings: &ShardSettings,
         observer: Option<Arc<dyn ShardObserver>>,
     ) -> Result<Self> {
-        let store = crate::connect::open_store_with(endpoint, class, &settings.pool).await?;
+        let store = Self::connect(name, endpoint, settings, observer.clone()).await?;
+        Self::start(name, store, serving, settings, observer).await
+    }
+
+    /// The first half of [`Shard::open`]: opens the database, creating it
+    /// and its schema when missing, and refuses one whose data move is
+    /// unfinished. The store serves topology version 0 until `start`.
+    pub async fn connect(
+        name: &str,
+        endpoint: &Endpoint,
+        settings: &ShardSettings,
+        observer: Option<Arc<dyn ShardObserver>>,
+    ) -> Result<Arc<dyn ShardStore>> {
+        let serving = Serving {
+            version: 0,
+            class: crate::RevisionClass::ALL,
+        };
+        let store = crate::connect::open_store_with(endpoint, serving, &settings.pool).await?;
         refuse_unfinished_import(endpoint).await?;
-        let store = Observed::wrap(store, name, settings.slow_sql, observer.clone());
+        Ok(Observed::wrap(store, name, settings.slow_sql, observer))
+    }
+
+    /// The second half of [`Shard::open`]: serves the connected `store` as
+    /// `serving` says and starts its writer, poller and label indexer.
+    pub async fn start(
+        name: &str,
+        store: Arc<dyn ShardStore>,
+        serving: Serving,
+        settings: &ShardSettings,
+        observer: Option<Arc<dyn ShardObserver>>,
+    ) -> Result<Self> {
+        store.serve(serving.version, serving.class);
         let start = store.revisions().await?.current;
         let hub = WatchHub::new(start);
         let writer = ShardWriter::spawn(name, store.clone(), hub.clone(), observer).await?;

@@ -953,10 +953,11 @@ fn put_then_delete_of_a_key_in_one_txn() {
     });
 }
 
-/// A database of schema version 2 (history indexed by key) is upgraded in
-/// place when a store opens it: the index is dropped, the version becomes 3,
-/// and its data reads as before, at the current and at older revisions. A
-/// version this kubeshard does not know is refused with a message naming it.
+/// A database of schema version 2 (history indexed by key, no fence
+/// column) is upgraded in place when a store opens it: the index is
+/// dropped (version 3), `ks_meta.epoch` is added at 0 (version 4), and its
+/// data reads as before, at the current and at older revisions. A version
+/// this kubeshard does not know is refused with a message naming it.
 #[test]
 fn schema_version_2_is_upgraded_in_place() {
     let name = "schema_version_2_is_upgraded_in_place";
@@ -992,31 +993,33 @@ fn schema_version_2_is_upgraded_in_place() {
             assert_eq!(db.sql(index_count).await, Some(0), "{:?}: a new database has no key index", server.kind);
             db.sql(add_index).await;
             db.sql("UPDATE ks_meta SET schema_version = 2 WHERE id = 1").await;
+            db.sql("ALTER TABLE ks_meta DROP COLUMN epoch").await;
             assert_eq!(db.sql(index_count).await, Some(1), "{:?}: index added", server.kind);
 
             let upgraded = db.open_another().await;
             assert_eq!(db.sql(index_count).await, Some(0), "{:?}: index dropped", server.kind);
             assert_eq!(
                 db.sql("SELECT schema_version FROM ks_meta WHERE id = 1").await,
-                Some(3)
+                Some(4)
             );
+            assert_eq!(db.sql("SELECT epoch FROM ks_meta WHERE id = 1").await, Some(0));
             let now = upgraded.range(&get("a", "\0", 0)).await.expect("range");
             assert_eq!(now.kvs, vec![kv("a", "2", 2, 3, 2)]);
             let old = upgraded.range(&get("a", "\0", 4)).await.expect("range at 4");
             assert_eq!(old.kvs, vec![kv("a", "2", 2, 3, 2), kv("b", "x", 4, 4, 1)]);
             let older = upgraded.range(&get("a", "\0", 2)).await.expect("range at 2");
             assert_eq!(older.kvs, vec![kv("a", "1", 2, 2, 1)]);
-            // Opening it again finds version 3 and changes nothing.
+            // Opening it again finds version 4 and changes nothing.
             drop(db.open_another().await);
 
-            db.sql("UPDATE ks_meta SET schema_version = 4 WHERE id = 1").await;
+            db.sql("UPDATE ks_meta SET schema_version = 5 WHERE id = 1").await;
             match db.try_open_another().await {
                 Err(e) => assert!(
-                    e.to_string().contains("schema version 4"),
+                    e.to_string().contains("schema version 5"),
                     "{:?}: {e}",
                     server.kind
                 ),
-                Ok(_) => panic!("{:?}: a store opened a database of schema version 4", server.kind),
+                Ok(_) => panic!("{:?}: a store opened a database of schema version 5", server.kind),
             }
             drop(upgraded);
             db.drop_db().await;

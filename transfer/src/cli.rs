@@ -119,6 +119,12 @@ pub struct ReshardCli {
     /// puts it on.
     #[arg(long)]
     pub verify: bool,
+    /// Routers keep serving: they follow the move through the default
+    /// shard and switch to the new topology at one revision
+    /// (docs/topology.md). Keys may only move to databases the old
+    /// topology does not use.
+    #[arg(long)]
+    pub online: bool,
 }
 
 impl ReshardCli {
@@ -139,6 +145,7 @@ impl ReshardCli {
                 from: load(&self.from)?,
                 to: load(&self.to)?,
                 verify: self.verify,
+                online: self.online,
             },
             describe,
         ))

@@ -120,6 +120,7 @@ pub async fn run(options: ImportOptions, stop: impl Future<Output = ()>) -> Resu
         .raise(Revisions {
             current: report.revision,
             compacted: 0,
+            epoch: 0,
         })
         .await?;
     target.set_placement().await?;
@@ -248,6 +249,7 @@ async fn copy(etcd: &Etcd, target: &Target, source: &str, revision: i64) -> Resu
         .raise(Revisions {
             current: revision,
             compacted: revision,
+            epoch: 0,
         })
         .await?;
     info!(

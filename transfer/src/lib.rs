@@ -12,6 +12,7 @@ mod error;
 mod etcd;
 mod follow;
 mod import;
+mod online;
 mod reshard;
 mod routers;
 mod target;

@@ -36,6 +36,8 @@ pub struct ReshardOptions {
     /// Check afterwards that every key is on the database the new topology
     /// puts it.
     pub verify: bool,
+    /// Routers keep serving (`online.rs`).
+    pub online: bool,
 }
 
 /// What a reshard did.
@@ -51,13 +53,13 @@ pub struct ReshardReport {
 
 /// One database, with the shards naming it.
 #[derive(Debug)]
-struct Database {
-    names: Vec<String>,
-    bulk: Arc<dyn Bulk>,
+pub(crate) struct Database {
+    pub(crate) names: Vec<String>,
+    pub(crate) bulk: Arc<dyn Bulk>,
 }
 
 impl Database {
-    fn fail(&self, error: kubeshard_shard_worker::ShardError) -> TransferError {
+    pub(crate) fn fail(&self, error: kubeshard_shard_worker::ShardError) -> TransferError {
         TransferError::Target {
             shard: self.names.join("/"),
             error,
@@ -66,11 +68,22 @@ impl Database {
 
     /// Visits every history row, a page at a time, in primary-key order
     /// (rows the visit removes do not disturb the walk).
-    async fn each_history_page(
+    pub(crate) async fn each_history_page(
         &self,
-        mut visit: impl AsyncFnMut(Vec<HistoryRow>) -> Result<()>,
+        visit: impl AsyncFnMut(Vec<HistoryRow>) -> Result<()>,
     ) -> Result<()> {
-        let mut after = (i64::MIN, i64::MIN);
+        self.each_history_page_after((i64::MIN, i64::MIN), visit)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Database::each_history_page`] from after `after` (revision,
+    /// sub); returns where it ended.
+    pub(crate) async fn each_history_page_after(
+        &self,
+        mut after: (i64, i64),
+        mut visit: impl AsyncFnMut(Vec<HistoryRow>) -> Result<()>,
+    ) -> Result<(i64, i64)> {
         loop {
             let page = self
                 .bulk
@@ -78,7 +91,7 @@ impl Database {
                 .await
                 .map_err(|e| self.fail(e))?;
             let Some(last) = page.last() else {
-                return Ok(());
+                return Ok(after);
             };
             after = (last.revision, last.sub);
             visit(page).await?;
@@ -86,7 +99,7 @@ impl Database {
     }
 
     /// Visits every live row, a page at a time, in key order.
-    async fn each_live_page(
+    pub(crate) async fn each_live_page(
         &self,
         mut visit: impl AsyncFnMut(Vec<KeyValue>) -> Result<()>,
     ) -> Result<()> {
@@ -106,16 +119,18 @@ impl Database {
     }
 }
 
-/// The databases of both topologies, each opened once, and where the new
-/// topology's shards are among them.
-struct Databases {
-    all: Vec<Database>,
+/// The databases of both topologies, each opened once, and where the
+/// shards of each topology are among them.
+pub(crate) struct Databases {
+    pub(crate) all: Vec<Database>,
     /// Index in `all` of each shard of the new topology.
-    new: Vec<usize>,
-    old_default: usize,
+    pub(crate) new: Vec<usize>,
+    /// The same for the old topology.
+    pub(crate) old: Vec<usize>,
+    pub(crate) old_default: usize,
 }
 
-async fn open(options: &ReshardOptions) -> Result<Databases> {
+pub(crate) async fn open(options: &ReshardOptions) -> Result<Databases> {
     let mut all: Vec<Database> = Vec::new();
     let mut by_identity: HashMap<String, usize> = HashMap::new();
     let mut by_token: HashMap<String, usize> = HashMap::new();
@@ -193,11 +208,15 @@ async fn open(options: &ReshardOptions) -> Result<Databases> {
     Ok(Databases {
         all,
         new,
+        old,
         old_default,
     })
 }
 
 pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardReport> {
+    if options.online {
+        return crate::online::run(options).await;
+    }
     let dbs = open(&options).await?;
     for db in &dbs.all {
         crate::routers::none_serving(&db.names.join("/"), db.bulk.as_ref()).await?;
@@ -208,11 +227,13 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
     let mut highest = Revisions {
         current: 0,
         compacted: 0,
+        epoch: 0,
     };
     for db in &dbs.all {
         let c = db.bulk.contents().await.map_err(|e| db.fail(e))?;
         highest.current = highest.current.max(c.revisions.current);
         highest.compacted = highest.compacted.max(c.revisions.compacted);
+        highest.epoch = highest.epoch.max(c.revisions.epoch);
     }
     // The data must be arranged for the old topology (or already for the
     // new one: a reshard that ran before).
@@ -263,10 +284,16 @@ pub async fn run(options: ReshardOptions, describe: &str) -> Result<ReshardRepor
         db.bulk.raise(highest).await.map_err(|e| db.fail(e))?;
     }
     // Every database, also those the new topology leaves out: a router
-    // started with the old file on one of them must not serve.
+    // started with the old file on one of them must not serve, and one
+    // still running with it (started after the check above) can neither
+    // read nor write them (`store/fence.rs`).
     for db in &dbs.all {
         db.bulk
             .set_placement(&to_placement, true)
+            .await
+            .map_err(|e| db.fail(e))?;
+        db.bulk
+            .fence(highest.epoch + 1, highest.current)
             .await
             .map_err(|e| db.fail(e))?;
     }
@@ -382,7 +409,7 @@ async fn move_out(
 
 /// Every key of every database is on the database the new topology puts
 /// it; returns the live keys seen.
-async fn verify(dbs: &Databases, home: &impl Fn(&[u8]) -> usize) -> Result<u64> {
+pub(crate) async fn verify(dbs: &Databases, home: &impl Fn(&[u8]) -> usize) -> Result<u64> {
     let mut misplaced = Vec::new();
     let mut keys = 0u64;
     for (here, db) in dbs.all.iter().enumerate() {

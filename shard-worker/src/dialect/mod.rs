@@ -28,8 +28,12 @@ pub use sqlite::Sqlite;
 /// (`Topology::placement`) the data is arranged for, which routers check.
 /// And `ks_identity`: a random token telling one database from another
 /// whatever URL reaches it. And `ks_router`: the routers serving, as they
-/// last said (`crate::bulk`).
-pub const SCHEMA_VERSION: i64 = 3;
+/// last said (`crate::bulk`). And `ks_reshard`: an online topology change
+/// under way (`crate::bulk::Reshard`).
+/// 4: `ks_meta.epoch`, the topology version the database is fenced at
+/// (`store/fence.rs`), which every read and write checks; added in place
+/// to a version-3 database.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The SQL differences between the supported databases.
 pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
@@ -50,7 +54,7 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     fn begin_read(&self) -> &'static str;
 
     /// Locks the revision row for the rest of the write transaction and reads
-    /// `(revision, compact_revision)`. This lock is what makes commit order
+    /// `(revision, compact_revision, epoch)`. This lock is what makes commit order
     /// equal revision order, also across several kubeshard processes.
     fn lock_meta(&self) -> &'static str;
 

@@ -15,8 +15,9 @@ const SCHEMA: &[&str] = &[
         id BIGINT PRIMARY KEY,
         revision BIGINT NOT NULL,
         compact_revision BIGINT NOT NULL,
-        schema_version BIGINT NOT NULL) ENGINE=InnoDB",
-    "INSERT IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 3)",
+        schema_version BIGINT NOT NULL,
+        epoch BIGINT NOT NULL DEFAULT 0) ENGINE=InnoDB",
+    "INSERT IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 4)",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision BIGINT NOT NULL,
         sub BIGINT NOT NULL,
@@ -63,6 +64,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_placement (
         id BIGINT PRIMARY KEY,
         placement TEXT NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS ks_reshard (
+        id BIGINT PRIMARY KEY,
+        version BIGINT NOT NULL,
+        placement TEXT NOT NULL,
+        phase VARCHAR(32) NOT NULL,
+        switch_revision BIGINT NOT NULL) ENGINE=InnoDB",
     "CREATE TABLE IF NOT EXISTS ks_identity (
         id BIGINT PRIMARY KEY,
         token VARCHAR(64) NOT NULL) ENGINE=InnoDB",
@@ -89,7 +96,7 @@ impl Dialect for Mysql {
         "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
     }
     fn lock_meta(&self) -> &'static str {
-        "SELECT revision, compact_revision FROM ks_meta WHERE id = 1 FOR UPDATE"
+        "SELECT revision, compact_revision, epoch FROM ks_meta WHERE id = 1 FOR UPDATE"
     }
     fn empty_bytes(&self) -> &'static str {
         "X''"

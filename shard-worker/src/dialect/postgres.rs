@@ -10,8 +10,9 @@ const SCHEMA: &[&str] = &[
         id BIGINT PRIMARY KEY,
         revision BIGINT NOT NULL,
         compact_revision BIGINT NOT NULL,
-        schema_version BIGINT NOT NULL)",
-    "INSERT INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 3)
+        schema_version BIGINT NOT NULL,
+        epoch BIGINT NOT NULL DEFAULT 0)",
+    "INSERT INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 4)
         ON CONFLICT (id) DO NOTHING",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision BIGINT NOT NULL,
@@ -60,6 +61,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_placement (
         id BIGINT PRIMARY KEY,
         placement TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_reshard (
+        id BIGINT PRIMARY KEY,
+        version BIGINT NOT NULL,
+        placement TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        switch_revision BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS ks_identity (
         id BIGINT PRIMARY KEY,
         token TEXT NOT NULL)",
@@ -86,7 +93,7 @@ impl Dialect for Postgres {
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
     }
     fn lock_meta(&self) -> &'static str {
-        "SELECT revision, compact_revision FROM ks_meta WHERE id = 1 FOR UPDATE"
+        "SELECT revision, compact_revision, epoch FROM ks_meta WHERE id = 1 FOR UPDATE"
     }
     fn empty_bytes(&self) -> &'static str {
         "''::bytea"

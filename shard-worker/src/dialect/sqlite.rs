@@ -10,8 +10,9 @@ const SCHEMA: &[&str] = &[
         id INTEGER PRIMARY KEY,
         revision INTEGER NOT NULL,
         compact_revision INTEGER NOT NULL,
-        schema_version INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 3)",
+        schema_version INTEGER NOT NULL,
+        epoch INTEGER NOT NULL DEFAULT 0)",
+    "INSERT OR IGNORE INTO ks_meta (id, revision, compact_revision, schema_version) VALUES (1, 1, 0, 4)",
     "CREATE TABLE IF NOT EXISTS ks_history (
         revision INTEGER NOT NULL,
         sub INTEGER NOT NULL,
@@ -58,6 +59,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ks_placement (
         id INTEGER PRIMARY KEY,
         placement TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ks_reshard (
+        id INTEGER PRIMARY KEY,
+        version INTEGER NOT NULL,
+        placement TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        switch_revision INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS ks_identity (
         id INTEGER PRIMARY KEY,
         token TEXT NOT NULL)",
@@ -92,7 +99,7 @@ impl Dialect for Sqlite {
         "BEGIN DEFERRED"
     }
     fn lock_meta(&self) -> &'static str {
-        "SELECT revision, compact_revision FROM ks_meta WHERE id = 1"
+        "SELECT revision, compact_revision, epoch FROM ks_meta WHERE id = 1"
     }
     fn empty_bytes(&self) -> &'static str {
         "X''"

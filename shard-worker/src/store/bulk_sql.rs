@@ -16,7 +16,10 @@ use super::statement::{Arg, Statement};
 use super::write::HistoryRow;
 use super::write_sql;
 use super::{LeaseRecord, Revisions};
-use crate::bulk::{BulkSink, Change, Contents, ImportPhase, ImportState, RouterSeen, RowSource};
+use crate::bulk::{
+    BulkSink, Change, Contents, ImportPhase, ImportState, Reshard, ReshardPhase, RouterSeen,
+    RowSource,
+};
 use crate::dialect::Dialect;
 use crate::error::{Result, ShardError};
 
@@ -96,7 +99,8 @@ where
         let mut tx = conn.begin_with(self.dialect.begin_read()).await?;
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM ks_live), (SELECT COUNT(*) FROM ks_history), \
-             (SELECT COUNT(*) FROM ks_lease), revision, compact_revision FROM ks_meta WHERE id = 1",
+             (SELECT COUNT(*) FROM ks_lease), revision, compact_revision, epoch FROM ks_meta \
+             WHERE id = 1",
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -107,10 +111,23 @@ where
             revisions: Revisions {
                 current: row.try_get(3)?,
                 compacted: row.try_get(4)?,
+                epoch: row.try_get(5)?,
             },
         };
         tx.commit().await?;
         Ok(contents)
+    }
+
+    async fn revisions(&self) -> Result<Revisions> {
+        let mut conn = self.pool.acquire().await?;
+        let row = sqlx::query("SELECT revision, compact_revision, epoch FROM ks_meta WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Revisions {
+            current: row.try_get(0)?,
+            compacted: row.try_get(1)?,
+            epoch: row.try_get(2)?,
+        })
     }
 
     async fn apply(&self, changes: &[Change], at_least: i64) -> Result<()> {
@@ -124,6 +141,7 @@ where
         let revs = Revisions {
             current: meta.try_get(0)?,
             compacted: meta.try_get(1)?,
+            epoch: meta.try_get(2)?,
         };
         // The keys' live rows, then their state as the changes go.
         let mut keys: Vec<&[u8]> = changes.iter().map(Change::key).collect();
@@ -213,7 +231,7 @@ where
         }
         let revs = Revisions {
             current: highest,
-            compacted: revs.compacted,
+            ..revs
         };
         run::<DB>(&mut tx, &write_sql::set_revisions(d, revs)).await?;
         tx.commit().await?;
@@ -256,10 +274,36 @@ where
         let revs = Revisions {
             current: current.max(to.current),
             compacted: compacted.max(to.compacted),
+            epoch: meta.try_get(2)?,
         };
         run::<DB>(&mut tx, &write_sql::set_revisions(d, revs)).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn fence(&self, version: i64, at_least: i64) -> Result<Revisions> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        let locked = fetch::<DB>(&mut tx, &Statement::new(d, d.lock_meta())).await?;
+        let Some(meta) = locked.first() else {
+            return Err(ShardError::Corrupt("ks_meta has no row".into()));
+        };
+        let current: i64 = meta.try_get(0)?;
+        let epoch: i64 = meta.try_get(2)?;
+        let revs = Revisions {
+            current: current.max(at_least),
+            compacted: meta.try_get(1)?,
+            epoch: epoch.max(version),
+        };
+        let mut st = Statement::new(d, "UPDATE ks_meta SET epoch = ");
+        st.int(revs.epoch)
+            .sql(", revision = ")
+            .int(revs.current)
+            .sql(" WHERE id = 1");
+        run::<DB>(&mut tx, &st).await?;
+        tx.commit().await?;
+        Ok(revs)
     }
 
     async fn import_state(&self) -> Result<Option<ImportState>> {
@@ -359,6 +403,52 @@ where
             &Statement::new(d, "DELETE FROM ks_placement WHERE id = 1"),
         )
         .await?;
+        run::<DB>(&mut tx, &st).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn reshard(&self) -> Result<Option<Reshard>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = sqlx::query(
+            "SELECT version, placement, phase, switch_revision FROM ks_reshard WHERE id = 1",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let phase: String = row.try_get(2)?;
+        Ok(Some(Reshard {
+            version: row.try_get(0)?,
+            placement: row.try_get(1)?,
+            phase: ReshardPhase::parse(&phase)
+                .ok_or_else(|| ShardError::Corrupt(format!("ks_reshard has phase {phase:?}")))?,
+            switch_revision: row.try_get(3)?,
+        }))
+    }
+
+    async fn set_reshard(&self, reshard: &Reshard) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        run::<DB>(
+            &mut tx,
+            &Statement::new(d, "DELETE FROM ks_reshard WHERE id = 1"),
+        )
+        .await?;
+        let mut st = Statement::new(
+            d,
+            "INSERT INTO ks_reshard (id, version, placement, phase, switch_revision) VALUES (1, ",
+        );
+        st.int(reshard.version)
+            .sql(", ")
+            .arg(Arg::Text(&reshard.placement))
+            .sql(", ")
+            .arg(Arg::Text(reshard.phase.as_str()))
+            .sql(", ")
+            .int(reshard.switch_revision)
+            .sql(")");
         run::<DB>(&mut tx, &st).await?;
         tx.commit().await?;
         Ok(())

@@ -245,6 +245,7 @@ impl<'t, 'k, DB: Database> GuardedTx<'t, 'k, DB> {
             start_revs: Revisions {
                 current: 0,
                 compacted: 0,
+                epoch: 0,
             },
             start_keys: Vec::new(),
             start_live: Vec::new(),
@@ -361,8 +362,9 @@ where
     let revs = Revisions {
         current: row.try_get(at)?,
         compacted: row.try_get(at + 1)?,
+        epoch: row.try_get(at + 2)?,
     };
-    Ok((revs, row.try_get(at + 2)?))
+    Ok((revs, row.try_get(at + 3)?))
 }
 
 /// The live rows (from column `at` on) of rows that have one.
@@ -458,7 +460,7 @@ where
                     let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
                     self.reads += 1;
                     let revs = self.counter_row(&rows, 0)?;
-                    (revs, live_rows::<DB>(&rows, 3)?)
+                    (revs, live_rows::<DB>(&rows, 4)?)
                 }
             },
         };
@@ -676,7 +678,7 @@ where
         self.seen_instead = Some(Snapshot {
             revs,
             version,
-            live: live_rows::<DB>(&rows, 4)?,
+            live: live_rows::<DB>(&rows, 5)?,
         });
         Err(ShardError::NotSpeculative {
             why: "the database was not in the assumed state",

@@ -285,6 +285,7 @@ mod tests {
         let revs = Revisions {
             current: 100,
             compacted: 0,
+            epoch: 0,
         };
         for revision in [0, 50] {
             let request = RangeRequest {

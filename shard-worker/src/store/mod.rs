@@ -11,6 +11,7 @@
 //! - `ks_lease`: leases with absolute deadlines (they survive restarts).
 
 mod bulk_sql;
+pub mod fence;
 mod guarded_writes;
 mod label_index;
 mod observed;
@@ -45,11 +46,15 @@ pub(crate) use sqlite_reads::SqliteReads;
 pub(crate) use sqlite_writes::SqliteWriter;
 pub use write::{CommittedBatch, HistoryRow, WritePath};
 
-/// The revision counter and compaction mark of a shard, read together.
+/// The revision counter and compaction mark of a shard, read together,
+/// with the topology version the database is fenced at (`fence.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Revisions {
     pub current: i64,
     pub compacted: i64,
+    /// `ks_meta.epoch`: 0 until a topology change fences the database.
+    /// Only read; writes of the counter leave it alone.
+    pub epoch: i64,
 }
 
 /// The revisions a shard hands out: those congruent to `offset` modulo
@@ -192,7 +197,16 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
-    /// Counter and compaction mark in one snapshot.
+    /// The topology version and revision class this process serves the
+    /// database with (`fence.rs`).
+    fn serving(&self) -> fence::Serving;
+
+    /// Serves topology `version`, handing out `class`: the database may be
+    /// fenced up to that version. Never goes back.
+    fn serve(&self, version: i64, class: RevisionClass);
+
+    /// Counter and compaction mark in one snapshot; TopologyChanged if the
+    /// database is fenced ahead of what this process serves.
     async fn revisions(&self) -> Result<Revisions>;
 
     /// A Range request, answered from one snapshot; the header revision is the

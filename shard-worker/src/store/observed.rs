@@ -121,6 +121,14 @@ impl ShardStore for Observed {
         self.inner.connections()
     }
 
+    fn serving(&self) -> super::fence::Serving {
+        self.inner.serving()
+    }
+
+    fn serve(&self, version: i64, class: super::RevisionClass) {
+        self.inner.serve(version, class);
+    }
+
     async fn revisions(&self) -> Result<Revisions> {
         self.timed("revisions", String::new, self.inner.revisions())
             .await

@@ -355,6 +355,7 @@ mod tests {
     const REVS: Revisions = Revisions {
         current: 10,
         compacted: 3,
+        epoch: 0,
     };
 
     #[test]

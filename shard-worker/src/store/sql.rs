@@ -4,6 +4,7 @@
 //! supplies the SQL text, so SQLite, PostgreSQL and MySQL share this code.
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
@@ -13,6 +14,7 @@ use sqlx::{
     ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type,
 };
 
+use super::fence::{Fence, Serving};
 use super::guarded_writes::{self, GuardPause, GuardedTx, KnownState, SpeculationPause, Start};
 use super::label_index::{self, LabelChange, LabelIndexOutcome, Narrowing};
 use super::page_counts::PageCounts;
@@ -48,8 +50,8 @@ pub struct SqlShard<DB: Database> {
     /// checks it and opens a new one if it is broken).
     write_conn: tokio::sync::Mutex<Option<PoolConnection<DB>>>,
     dialect: &'static dyn Dialect,
-    /// The revisions this shard hands out.
-    class: RevisionClass,
+    /// The topology version served and the revisions this shard hands out.
+    fence: Arc<Fence>,
     /// Counts of list continuations, learnt from the pages before them.
     page_counts: PageCounts,
     /// SQLite only: ranges run on the calling thread (`sqlite_reads.rs`).
@@ -112,14 +114,14 @@ where
         pool: Pool<DB>,
         write_pool: Pool<DB>,
         dialect: &'static dyn Dialect,
-        class: RevisionClass,
+        fence: Arc<Fence>,
     ) -> Self {
         SqlShard {
             pool,
             write_pool,
             write_conn: tokio::sync::Mutex::new(None),
             dialect,
-            class,
+            fence,
             page_counts: PageCounts::default(),
             direct_reads: None,
             direct_writes: None,
@@ -157,6 +159,9 @@ where
         if version == 2 {
             version = self.upgrade_from_2(&mut conn).await?;
         }
+        if version == 3 {
+            version = self.upgrade_from_3(&mut conn).await?;
+        }
         if version != crate::dialect::SCHEMA_VERSION {
             return Err(ShardError::Corrupt(format!(
                 "schema version {version} in the database, this kubeshard knows {}",
@@ -191,6 +196,40 @@ where
             }
         }
         sqlx::query("UPDATE ks_meta SET schema_version = 3 WHERE id = 1 AND schema_version = 2")
+            .execute(&mut **conn)
+            .await?;
+        let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
+            .fetch_one(&mut **conn)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Version 3 to 4: `ks_meta.epoch`, the topology version the database
+    /// is fenced at (`fence.rs`). Routers that start together may race: the
+    /// column is added once, and the version only moves from 3 to 4.
+    async fn upgrade_from_3(&self, conn: &mut PoolConnection<DB>) -> Result<i64> {
+        let present = sqlx::query("SELECT epoch FROM ks_meta WHERE id = 1")
+            .fetch_optional(&mut **conn)
+            .await
+            .is_ok();
+        if !present {
+            tracing::info!("schema version 3: adding ks_meta.epoch");
+            if let Err(e) =
+                sqlx::query("ALTER TABLE ks_meta ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0")
+                    .execute(&mut **conn)
+                    .await
+            {
+                // Another router may have added it first.
+                if sqlx::query("SELECT epoch FROM ks_meta WHERE id = 1")
+                    .fetch_optional(&mut **conn)
+                    .await
+                    .is_err()
+                {
+                    return Err(e.into());
+                }
+            }
+        }
+        sqlx::query("UPDATE ks_meta SET schema_version = 4 WHERE id = 1 AND schema_version = 3")
             .execute(&mut **conn)
             .await?;
         let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
@@ -247,14 +286,18 @@ where
         Ok(Self::query(st).execute(&mut *conn).await?.rows())
     }
 
-    async fn read_revisions(conn: &mut DB::Connection) -> Result<Revisions> {
-        let row = sqlx::query("SELECT revision, compact_revision FROM ks_meta WHERE id = 1")
+    /// The counter row, refused if the database is fenced ahead of us.
+    async fn read_revisions(&self, conn: &mut DB::Connection) -> Result<Revisions> {
+        let row = sqlx::query("SELECT revision, compact_revision, epoch FROM ks_meta WHERE id = 1")
             .fetch_one(&mut *conn)
             .await?;
-        Ok(Revisions {
+        let revs = Revisions {
             current: row.try_get(0)?,
             compacted: row.try_get(1)?,
-        })
+            epoch: row.try_get(2)?,
+        };
+        self.fence.check(revs.epoch)?;
+        Ok(revs)
     }
 
     /// A Get of one key at the current revision without filters, the most
@@ -271,6 +314,7 @@ where
             .first()
             .ok_or_else(|| ShardError::Corrupt("ks_meta has no row".into()))?;
         let revision: i64 = row.try_get(0)?;
+        self.fence.check(row.try_get(PLAIN_GET_EPOCH)?)?;
         let key: Option<Vec<u8>> = row.try_get(1)?;
         let kv = match key {
             Some(_) => Some(kv_from_row::<DB>(row, 1)?),
@@ -427,8 +471,12 @@ where
     }
 }
 
+/// The column of [`plain_get_statement`] with the database's fence.
+pub(crate) const PLAIN_GET_EPOCH: usize = 7;
+
 /// The statement of [`SqlShard::plain_get`]: the counter, then the key's
-/// live row (NULLs when the key does not exist) from column 1 on.
+/// live row (NULLs when the key does not exist) from column 1 on, then
+/// the fence (`ks_meta.epoch`).
 pub(crate) fn plain_get_statement<'a>(
     dialect: &'static dyn Dialect,
     request: &'a RangeRequest,
@@ -443,7 +491,7 @@ pub(crate) fn plain_get_statement<'a>(
         "SELECT m.revision, l.key_bytes, l.create_revision, l.mod_revision, l.version, l.lease, ",
     );
     st.sql(value)
-        .sql(" FROM ks_meta m LEFT JOIN ks_live l ON l.key_bytes = ")
+        .sql(", m.epoch FROM ks_meta m LEFT JOIN ks_live l ON l.key_bytes = ")
         .bytes(&request.key)
         .sql(" WHERE m.id = 1");
     st
@@ -511,6 +559,7 @@ where
         Ok(Revisions {
             current: row.try_get(0)?,
             compacted: row.try_get(1)?,
+            epoch: row.try_get(2)?,
         })
     }
 
@@ -626,7 +675,7 @@ where
         }
         let mut conn = self.acquire().await?;
         let mut tx = conn.begin_with(self.dialect.begin_read()).await?;
-        let revs = Self::read_revisions(&mut tx).await?;
+        let revs = self.read_revisions(&mut tx).await?;
         let marked = match narrowing {
             Some(n) => {
                 let row = sqlx::query(label_index::READ_MARK)
@@ -675,7 +724,8 @@ where
                 && self.speculation_pause.take_turn()
             {
                 let mut ops = GuardedTx::new(self, &mut *conn, version, Start::Assume, known);
-                let result = write::apply_batch(&mut ops, batch, self.class, collect_events).await;
+                let result =
+                    write::apply_batch(&mut ops, batch, self.fence.serving(), collect_events).await;
                 known = ops.take_prior();
                 match result {
                     Err(ShardError::NotSpeculative { why, wrong }) => {
@@ -697,7 +747,7 @@ where
                 }
             }
             let mut ops = GuardedTx::new(self, &mut *conn, version, start, known);
-            match write::apply_batch(&mut ops, batch, self.class, collect_events).await {
+            match write::apply_batch(&mut ops, batch, self.fence.serving(), collect_events).await {
                 Err(ShardError::NeedsLock { why, contended }) => {
                     tracing::debug!(why, "write batch runs again under the revision lock");
                     if contended {
@@ -716,7 +766,8 @@ where
         }
         let tx = conn.begin_with(self.dialect.begin_write()).await?;
         let mut ops = SqlTx { shard: self, tx };
-        let mut committed = write::apply_batch(&mut ops, batch, self.class, collect_events).await?;
+        let mut committed =
+            write::apply_batch(&mut ops, batch, self.fence.serving(), collect_events).await?;
         ops.tx.commit().await?;
         if rerun {
             committed.path = WritePath::RerunLocked;
@@ -744,6 +795,14 @@ where
         self.dialect.name()
     }
 
+    fn serving(&self) -> Serving {
+        self.fence.serving()
+    }
+
+    fn serve(&self, version: i64, class: RevisionClass) {
+        self.fence.serve(version, class);
+    }
+
     fn connections(&self) -> Option<Connections> {
         let connections = Connections {
             waiting: self.pool_use.waiting(),
@@ -758,7 +817,7 @@ where
 
     async fn revisions(&self) -> Result<Revisions> {
         let mut conn = self.acquire().await?;
-        Self::read_revisions(&mut conn).await
+        self.read_revisions(&mut conn).await
     }
 
     async fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
@@ -795,7 +854,7 @@ where
     async fn poll_events(&self, after: i64, max_events: usize) -> Result<EventPage> {
         let mut conn = self.acquire().await?;
         let mut tx = conn.begin_with(self.dialect.begin_read()).await?;
-        let revs = Self::read_revisions(&mut tx).await?;
+        let revs = self.read_revisions(&mut tx).await?;
         if revs.current <= after {
             tx.commit().await?;
             return Ok(EventPage {
@@ -824,7 +883,7 @@ where
     ) -> Result<EventPage> {
         let mut conn = self.acquire().await?;
         let mut tx = conn.begin_with(self.dialect.begin_read()).await?;
-        let revs = Self::read_revisions(&mut tx).await?;
+        let revs = self.read_revisions(&mut tx).await?;
         if from < revs.compacted {
             tx.commit().await?;
             return Err(ShardError::Compacted {

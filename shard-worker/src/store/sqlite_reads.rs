@@ -16,7 +16,7 @@
 //! hold up the other tasks of its worker thread.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
@@ -25,10 +25,11 @@ use rusqlite::types::{ToSql, ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params_from_iter};
 
 use super::Revisions;
+use super::fence::Fence;
 use super::label_index::Narrowing;
 use super::page_counts::{PageCounts, is_page};
 use super::range::PreparedRange;
-use super::sql::{plain_get_answer, plain_get_statement};
+use super::sql::{PLAIN_GET_EPOCH, plain_get_answer, plain_get_statement};
 use super::statement::{Arg, Statement};
 use crate::dialect;
 use crate::error::{Result, ShardError};
@@ -44,6 +45,8 @@ const STATEMENT_CACHE: usize = 64;
 /// Read connections to one SQLite shard file.
 pub(crate) struct SqliteReads {
     path: PathBuf,
+    /// Shared with the store and its writer.
+    fence: Arc<Fence>,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -92,11 +95,12 @@ pub(super) fn kvs(conn: &Connection, st: &Statement<'_>) -> Result<Vec<KeyValue>
 
 pub(super) fn revisions(conn: &Connection) -> Result<Revisions> {
     let mut st =
-        conn.prepare_cached("SELECT revision, compact_revision FROM ks_meta WHERE id = 1")?;
+        conn.prepare_cached("SELECT revision, compact_revision, epoch FROM ks_meta WHERE id = 1")?;
     Ok(st.query_row([], |row| {
         Ok(Revisions {
             current: row.get(0)?,
             compacted: row.get(1)?,
+            epoch: row.get(2)?,
         })
     })?)
 }
@@ -136,9 +140,10 @@ pub(super) fn range_in(
 impl SqliteReads {
     /// Reads of the database file at `path`, which the sqlx pool has
     /// already created, migrated and put in WAL mode.
-    pub(crate) fn new(path: PathBuf) -> Self {
+    pub(crate) fn new(path: PathBuf, fence: Arc<Fence>) -> Self {
         SqliteReads {
             path,
+            fence,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -219,6 +224,7 @@ impl SqliteReads {
             // counter and every statement.
             let tx = conn.unchecked_transaction()?;
             let revs = revisions(&tx)?;
+            self.fence.check(revs.epoch)?;
             let marked = match narrowing {
                 Some(n) => {
                     let mark = tx
@@ -246,15 +252,16 @@ impl SqliteReads {
         let st = plain_get_statement(&dialect::Sqlite, request);
         self.with_connection(|conn| {
             let mut prepared = conn.prepare_cached(&st.text)?;
-            let (revision, kv) = prepared
+            let (revision, epoch, kv) = prepared
                 .query_row(params_from_iter(params(&st)), |row| {
                     let revision: i64 = row.get(0)?;
+                    let epoch: i64 = row.get(PLAIN_GET_EPOCH)?;
                     let key: Option<Vec<u8>> = row.get(1)?;
                     let kv = match key {
                         Some(_) => Some(kv_at(row, 1)?),
                         None => None,
                     };
-                    Ok((revision, kv))
+                    Ok((revision, epoch, kv))
                 })
                 .map_err(|e| match e {
                     rusqlite::Error::QueryReturnedNoRows => {
@@ -262,6 +269,7 @@ impl SqliteReads {
                     }
                     other => other.into(),
                 })?;
+            self.fence.check(epoch)?;
             Ok(plain_get_answer(request, revision, kv))
         })
     }

@@ -11,7 +11,7 @@
 //! ones every backend uses; only the driver differs.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,10 +21,11 @@ use rusqlite::{Connection, OpenFlags, params_from_iter};
 use tokio::sync::oneshot;
 use tracing::warn;
 
+use super::fence::{Fence, Serving};
 use super::sqlite_reads::{kvs, params, range_in, revisions};
 use super::statement::Statement;
 use super::write::{self, HistoryRow, TxOps};
-use super::{CommittedBatch, LeaseRecord, RevisionClass, Revisions, WriteRequest, write_sql};
+use super::{CommittedBatch, LeaseRecord, Revisions, WriteRequest, write_sql};
 use crate::dialect::{self, Dialect};
 use crate::error::{Result, ShardError};
 use crate::keys::KeyRange;
@@ -119,15 +120,15 @@ impl std::fmt::Debug for SqliteWriter {
 
 impl SqliteWriter {
     /// Opens the writer connection to `path` (already created and in WAL
-    /// mode) and starts the thread that applies batches for revisions of
-    /// `class`.
-    pub(crate) fn start(path: &Path, class: RevisionClass) -> Result<Self> {
+    /// mode) and starts the thread that applies batches as `fence` says
+    /// (topology version and revision class, taken per batch).
+    pub(crate) fn start(path: &Path, fence: Arc<Fence>) -> Result<Self> {
         let conn = open(path)?;
         let (jobs, queue) = mpsc::channel();
         let path = path.to_path_buf();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || serve(conn, &path, class, &queue))
+            .spawn(move || serve(conn, &path, &fence, &queue))
             .map_err(|e| ShardError::Stopped(format!("sqlite writer thread did not start: {e}")))?;
         Ok(SqliteWriter { jobs })
     }
@@ -175,7 +176,7 @@ fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn serve(conn: Connection, path: &Path, class: RevisionClass, queue: &mpsc::Receiver<Job>) {
+fn serve(conn: Connection, path: &Path, fence: &Fence, queue: &mpsc::Receiver<Job>) {
     let mut conn = Some(conn);
     let mut cache = CacheSizer::new();
     while let Ok(job) = queue.recv() {
@@ -196,7 +197,12 @@ fn serve(conn: Connection, path: &Path, class: RevisionClass, queue: &mpsc::Rece
         // connection, instead of ending the thread and with it every later
         // write of the shard.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            commit_on(&mut current, &job.batch, class, job.collect_events)
+            commit_on(
+                &mut current,
+                &job.batch,
+                fence.serving(),
+                job.collect_events,
+            )
         }))
         .unwrap_or_else(|_| {
             // Rolled back when the connection is dropped below.
@@ -226,7 +232,7 @@ fn serve(conn: Connection, path: &Path, class: RevisionClass, queue: &mpsc::Rece
 fn commit_on(
     conn: &mut Connection,
     batch: &[WriteRequest],
-    class: RevisionClass,
+    serving: Serving,
     collect_events: bool,
 ) -> Result<CommittedBatch> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -234,7 +240,7 @@ fn commit_on(
     // Every TxOps call below completes without waiting, so this future
     // finishes in one poll, on this thread.
     let applied =
-        futures::executor::block_on(write::apply_batch(&mut ops, batch, class, collect_events));
+        futures::executor::block_on(write::apply_batch(&mut ops, batch, serving, collect_events));
     let committed = applied.and_then(|c| {
         conn.execute_batch("COMMIT")?;
         Ok(c)

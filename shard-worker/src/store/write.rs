@@ -23,6 +23,7 @@ use kubeshard_proto::etcdserverpb::{
 use kubeshard_proto::mvccpb::event::EventType;
 use kubeshard_proto::mvccpb::{Event, KeyValue};
 
+use super::fence::{self, Serving};
 use super::selection::SelectedRange;
 use super::{LeaseRecord, RevisionClass, Revisions, WriteRequest, WriteResponse};
 use crate::error::{Result, ShardError};
@@ -149,17 +150,20 @@ pub enum WritePath {
 
 /// Applies `batch` and returns one result per request. An `Err` means the
 /// transaction must be rolled back: nothing of the batch may be committed.
+/// `serving` is taken once per batch: the database must not be fenced
+/// ahead of its version, and revisions are of its class.
 pub(crate) async fn apply_batch(
     ops: &mut dyn TxOps,
     batch: &[WriteRequest],
-    class: RevisionClass,
+    serving: Serving,
     collect_events: bool,
 ) -> Result<CommittedBatch> {
     let (keys, leases) = prefetch_keys(batch);
     let (revs, live) = ops.start(&keys).await?;
+    fence::check(serving.version, revs.epoch)?;
     let mut state = BatchState {
         ops,
-        class,
+        class: serving.class,
         start: revs,
         revs,
         keys: HashMap::new(),
@@ -220,6 +224,7 @@ fn is_fatal(e: &ShardError) -> bool {
             | ShardError::NeedsLock { .. }
             | ShardError::NotSpeculative { .. }
             | ShardError::Stopped(_)
+            | ShardError::TopologyChanged { .. }
     )
 }
 
@@ -765,6 +770,7 @@ impl BatchState<'_> {
         let revs = Revisions {
             current: w.view(),
             compacted: self.revs.compacted,
+            epoch: self.revs.epoch,
         };
         self.ops.range(r, revs).await
     }

@@ -304,17 +304,17 @@ pub(crate) fn combined_final<'a>(
 }
 
 /// The counter row of a guarded batch: `(revision, compact_revision,
-/// version)`, where version is the dialect's [`Dialect::meta_version`].
+/// epoch, version)`, where version is the dialect's [`Dialect::meta_version`].
 pub(crate) fn guarded_meta(d: &'static dyn Dialect, version: &str) -> Statement<'static> {
     Statement::new(
         d,
-        format!("SELECT revision, compact_revision, {version} FROM ks_meta WHERE id = 1"),
+        format!("SELECT revision, compact_revision, epoch, {version} FROM ks_meta WHERE id = 1"),
     )
 }
 
 /// [`guarded_meta`] and the live rows of up to [`EXACT_ROWS`] keys in one
-/// statement, so one snapshot: the counter row's three columns, then a
-/// key's live row from column 3 on (NULLs when none of the keys exists).
+/// statement, so one snapshot: the counter row's four columns, then a
+/// key's live row from column 4 on (NULLs when none of the keys exists).
 /// `None` for more keys (a batch that large is not latency-bound).
 pub(crate) fn guarded_start<'a>(
     d: &'static dyn Dialect,
@@ -327,7 +327,7 @@ pub(crate) fn guarded_start<'a>(
     let mut st = Statement::new(
         d,
         format!(
-            "SELECT m.revision, m.compact_revision, m.{version}, l.key_bytes, \
+            "SELECT m.revision, m.compact_revision, m.epoch, m.{version}, l.key_bytes, \
              l.create_revision, l.mod_revision, l.version, l.lease, l.value_bytes \
              FROM ks_meta m LEFT JOIN ks_live l ON "
         ),
@@ -492,7 +492,7 @@ pub(crate) fn speculative_final<'a>(
     let mut st = Statement::new(
         d,
         format!(
-            "WITH s AS (SELECT revision, compact_revision, {version} AS v \
+            "WITH s AS (SELECT revision, compact_revision, epoch, {version} AS v \
              FROM ks_meta WHERE id = 1), r AS (SELECT {KV_COLUMNS} FROM ks_live "
         ),
     );
@@ -514,7 +514,8 @@ pub(crate) fn speculative_final<'a>(
     st.sql(" RETURNING ").sql(version).sql(" AS v)");
     push_guarded_parts(&mut st, d, history, upserts, deletes);
     st.sql(
-        " SELECT m.v, s.revision, s.compact_revision, s.v, r.key_bytes, r.create_revision, \
+        " SELECT m.v, s.revision, s.compact_revision, s.epoch, s.v, r.key_bytes, \
+         r.create_revision, \
          r.mod_revision, r.version, r.lease, r.value_bytes \
          FROM s LEFT JOIN m ON true LEFT JOIN r ON m.v IS NULL",
     );
@@ -591,6 +592,7 @@ mod tests {
         let revs = Revisions {
             current: 5,
             compacted: 0,
+            epoch: 0,
         };
         (row, kv, revs)
     }
@@ -664,7 +666,7 @@ mod tests {
         assert!(
             start
                 .text
-                .starts_with("SELECT m.revision, m.compact_revision, m.xmin::text, ")
+                .starts_with("SELECT m.revision, m.compact_revision, m.epoch, m.xmin::text, ")
         );
         assert!(guarded_start(pg, version, &vec![&b"a"[..]; EXACT_ROWS + 1]).is_none());
     }
@@ -685,7 +687,7 @@ mod tests {
             panic!("a small batch is one speculative statement");
         };
         assert!(st.text.starts_with(
-            "WITH s AS (SELECT revision, compact_revision, xmin::text AS v FROM ks_meta \
+            "WITH s AS (SELECT revision, compact_revision, epoch, xmin::text AS v FROM ks_meta \
              WHERE id = 1), r AS (SELECT key_bytes, create_revision, mod_revision, version, \
              lease, value_bytes FROM ks_live WHERE key_bytes IN ($1, $2)), \
              m AS (UPDATE ks_meta SET revision = $3, compact_revision = $4 \
@@ -694,7 +696,7 @@ mod tests {
              RETURNING xmin::text AS v), h AS (INSERT INTO ks_history"
         ));
         assert!(st.text.ends_with(
-            " SELECT m.v, s.revision, s.compact_revision, s.v, r.key_bytes, \
+            " SELECT m.v, s.revision, s.compact_revision, s.epoch, s.v, r.key_bytes, \
              r.create_revision, r.mod_revision, r.version, r.lease, r.value_bytes \
              FROM s LEFT JOIN m ON true LEFT JOIN r ON m.v IS NULL"
         ));

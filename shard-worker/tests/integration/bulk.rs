@@ -7,7 +7,8 @@ use kubeshard_proto::mvccpb::KeyValue;
 use kubeshard_proto::mvccpb::event::EventType;
 use kubeshard_shard_worker::bulk::{Change, ImportPhase, ImportState};
 use kubeshard_shard_worker::{
-    KeyRange, LeaseRecord, Revisions, ShardError, WriteRequest, WriteResponse, open_bulk,
+    KeyRange, LeaseRecord, RevisionClass, Revisions, ShardError, WriteRequest, WriteResponse,
+    open_bulk,
 };
 
 use crate::backends;
@@ -66,6 +67,7 @@ fn rows_keep_their_revisions() {
             sink.raise(Revisions {
                 current: 10,
                 compacted: 10,
+                epoch: 0,
             })
             .await
             .expect("raise");
@@ -76,7 +78,8 @@ fn rows_keep_their_revisions() {
                 store.revisions().await.expect("revisions"),
                 Revisions {
                     current: 10,
-                    compacted: 10
+                    compacted: 10,
+                    epoch: 0
                 }
             );
             let now = store.range(&all_at(0)).await.expect("range");
@@ -262,6 +265,7 @@ fn moved_rows_keep_revisions() {
                 .raise(Revisions {
                     current: 11,
                     compacted: 0,
+                    epoch: 0,
                 })
                 .await
                 .expect("raise");
@@ -361,6 +365,86 @@ fn routers_and_tokens() {
             let other = open_bulk(db.endpoint()).await.expect("bulk");
             assert_eq!(other.database_id().await.expect("token"), renewed);
             db.drop_db().await;
+        });
+    }
+}
+
+fn put(key: &str) -> WriteRequest {
+    WriteRequest::Put(PutRequest {
+        key: key.into(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    })
+}
+
+fn is_fenced<T: std::fmt::Debug>(result: Result<T, ShardError>) -> bool {
+    matches!(
+        result,
+        Err(ShardError::TopologyChanged {
+            stored: 1,
+            serving: 0
+        })
+    )
+}
+
+/// Online resharding's fence (`store/fence.rs`): once a database is fenced
+/// at a later topology version, a process serving the older one neither
+/// reads nor writes it, on every path (a plain get, a range, a write that
+/// the writer could run guarded or speculatively from what it learnt, the
+/// watch poll and catch-up), until it serves that version.
+#[test]
+fn a_fenced_database_refuses_an_older_topology() {
+    let rt = crate::runtime();
+    for server in backends::servers("bulk_fenced_database") {
+        rt.block_on(async {
+            let db = server.create().await;
+            let store = db.store.clone();
+            // Several batches: later ones may run guarded or speculatively
+            // from what the writer learnt (PostgreSQL).
+            for key in ["a", "b", "a", "b"] {
+                for answer in store.apply_batch(&[put(key)]).await.expect("write") {
+                    answer.expect("put");
+                }
+            }
+            let before = store.revisions().await.expect("revisions");
+            assert_eq!(before.epoch, 0);
+            let sink = open_bulk(db.endpoint()).await.expect("open the bulk sink");
+            let fenced = sink.fence(1, before.current + 100).await.expect("fence");
+            assert_eq!((fenced.epoch, fenced.current), (1, before.current + 100));
+
+            let get_a = RangeRequest {
+                key: b"a".to_vec(),
+                ..Default::default()
+            };
+            let whole = KeyRange::new(b"\0", b"\0");
+            assert!(is_fenced(store.revisions().await));
+            assert!(is_fenced(store.range(&get_a).await));
+            assert!(is_fenced(store.range(&all_at(0)).await));
+            assert!(is_fenced(store.apply_batch(&[put("a")]).await));
+            assert!(is_fenced(store.apply_batch(&[put("c")]).await));
+            assert!(is_fenced(store.poll_events(0, 100).await));
+            assert!(is_fenced(store.history(&whole, 1, 100, 100).await));
+
+            // Serving version 1, as shard 1 of 3: everything works again,
+            // and new revisions are of that class, above the fence.
+            let class = RevisionClass::of_shard(1, 3).expect("a class");
+            store.serve(1, class);
+            let mut revision = 0;
+            for answer in store.apply_batch(&[put("c")]).await.expect("write") {
+                revision = answer.expect("put").revision();
+            }
+            assert!(revision > before.current + 100, "{revision}");
+            assert_eq!(revision % 3, 1);
+            let now = store.range(&all_at(0)).await.expect("range");
+            assert_eq!(now.kvs.len(), 3);
+            store.range(&get_a).await.expect("get");
+            store.poll_events(0, 100).await.expect("poll");
+
+            // The fence never goes back.
+            let again = sink.fence(0, 0).await.expect("fence again");
+            assert_eq!(again.epoch, 1);
+            store.serve(0, RevisionClass::ALL);
+            assert_eq!(store.serving().version, 1);
         });
     }
 }
