@@ -485,6 +485,9 @@ pub struct ServerOptions {
     /// The shards and routing rules (--config FILE), or the single shard of
     /// --endpoint ([`Topology::single`]).
     pub topology: Topology,
+    /// How the shards' databases are reached over TLS (--ca-file ...),
+    /// for a topology file read again ([`ServerOptions::reload_topology`]).
+    pub database_tls: DatabaseTls,
     /// Where to serve /metrics; None turns it off.
     pub metrics_address: Option<String>,
     /// None serves plain text.
@@ -604,11 +607,13 @@ impl Cli {
         };
         let topology = topology.map_endpoints(|e| e.with_database_tls(&database_tls));
         let listen_address = self.listen_address()?;
+        let database_tls_kept = database_tls.clone();
         let nonzero = |d: Duration| Some(d).filter(|d| !d.is_zero());
         Ok(ServerOptions {
             listen_address,
             endpoint: topology.shard(topology.default_shard()).endpoint.clone(),
             topology,
+            database_tls: database_tls_kept,
             metrics_address: self.metrics_address(),
             tls: match (&self.server_cert_file, &self.server_key_file) {
                 (Some(cert), Some(key)) => Some(ServerTls {
@@ -664,11 +669,23 @@ impl Cli {
 }
 
 impl ServerOptions {
+    /// The topology file read again, as at the start (an online topology
+    /// change: the operator updates the file, then moves the data). None
+    /// for a topology given by --endpoint.
+    pub fn reload_topology(&self) -> Option<Result<Topology, TopologyError>> {
+        let path = self.topology.source()?;
+        Some(
+            Topology::from_file(path)
+                .map(|t| t.map_endpoints(|e| e.with_database_tls(&self.database_tls))),
+        )
+    }
+
     /// Defaults for one endpoint, as `kubeshard --endpoint URL` would use.
     pub fn for_endpoint(endpoint: Endpoint, listen_address: impl Into<String>) -> Self {
         ServerOptions {
             listen_address: listen_address.into(),
             topology: Topology::single(endpoint.clone()),
+            database_tls: DatabaseTls::default(),
             endpoint,
             metrics_address: None,
             tls: None,

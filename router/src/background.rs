@@ -3,7 +3,7 @@
 //! copies of expired leases from the other shards, and finishing
 //! compactions on every shard.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ pub fn spawn(core: Arc<Core>) -> JoinHandle<()> {
         );
         let mut leases = tokio::time::interval(core.options.lease_check_interval);
         let mut purge = tokio::time::interval(PURGE_INTERVAL);
-        let mut purged_to = vec![0; core.shards.len()];
+        let mut purged_to = HashMap::new();
         // Expired leases whose copies on other shards are still to remove.
         let mut orphans: BTreeSet<i64> = BTreeSet::new();
         loop {
@@ -39,7 +39,7 @@ pub fn spawn(core: Arc<Core>) -> JoinHandle<()> {
                 _ = leases.tick() => expire_leases(&core, &owner, &mut orphans).await,
                 _ = purge.tick() => {
                     finish_compactions(&core, &mut purged_to).await;
-                    if core.shards.len() > 1 {
+                    if core.views.current().len() > 1 {
                         find_orphan_copies(&core, &owner, &mut orphans).await;
                     }
                 }
@@ -49,7 +49,13 @@ pub fn spawn(core: Arc<Core>) -> JoinHandle<()> {
 }
 
 async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
-    let store = &core.shards.default_shard().store;
+    let shards = core.shards();
+    if shards.holds_any() {
+        // Keys are arriving (an online move): their leases expire once
+        // they are whole.
+        return;
+    }
+    let store = &shards.default_shard().store;
     let now = now_ms();
     match store
         .try_lock("lease-expirer", owner, now, EXPIRER_LOCK_MS)
@@ -69,11 +75,10 @@ async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
             return;
         }
     };
-    let default = core.shards.default_id();
+    let default = shards.default_id();
     for id in expired {
         // The default shard decides (a KeepAlive may have renewed it).
-        match core
-            .shards
+        match shards
             .write(default, WriteRequest::LeaseExpire { id, now_ms: now })
             .await
         {
@@ -86,7 +91,7 @@ async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
             Err(e) => warn!(lease = id, error = %e, "lease expiry failed; will retry"),
         }
     }
-    if core.shards.len() > 1 {
+    if shards.len() > 1 {
         let pending: Vec<i64> = orphans.iter().copied().collect();
         for id in pending {
             // Granted again meanwhile (a client chose the id): its copies
@@ -99,7 +104,7 @@ async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
                 }
                 Err(_) => continue,
             }
-            match revoke_copies(core, id).await {
+            match revoke_copies(&shards, id).await {
                 Ok(_) => {
                     orphans.remove(&id);
                 }
@@ -117,7 +122,11 @@ async fn expire_leases(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
 /// by a router that stopped before removing them), while holding the
 /// expirer lock, and queues them for removal.
 async fn find_orphan_copies(core: &Core, owner: &str, orphans: &mut BTreeSet<i64>) {
-    let default = core.shards.default_shard();
+    let shards = core.shards();
+    if shards.holds_any() {
+        return;
+    }
+    let default = shards.default_shard();
     match default
         .store
         .try_lock("lease-expirer", owner, now_ms(), EXPIRER_LOCK_MS)
@@ -130,8 +139,8 @@ async fn find_orphan_copies(core: &Core, owner: &str, orphans: &mut BTreeSet<i64
     // copies, so a copy seen here whose lease is missing afterwards really
     // lost its lease (and is not one being granted right now).
     let mut copies = Vec::new();
-    for (id, shard) in core.shards.all() {
-        if id == core.shards.default_id() {
+    for (id, shard) in shards.all() {
+        if id == shards.default_id() {
             continue;
         }
         match shard.store.lease_list().await {
@@ -149,9 +158,13 @@ async fn find_orphan_copies(core: &Core, owner: &str, orphans: &mut BTreeSet<i64
 /// Brings every other shard to the default shard's compaction mark (a
 /// Compact that failed on some shard) and removes compacted history. The
 /// default shard's mark is the one Compact answers by, so this never moves
-/// it (a client's Compact in progress keeps its answer).
-async fn finish_compactions(core: &Core, purged_to: &mut [i64]) {
-    let shards = &core.shards;
+/// it (a client's Compact in progress keeps its answer). Not while keys
+/// are arriving (an online move), and not holding up a topology switch.
+async fn finish_compactions(core: &Core, purged_to: &mut HashMap<String, i64>) {
+    let shards = core.views.current();
+    if shards.holds_any() {
+        return;
+    }
     let mut marks = Vec::with_capacity(shards.len());
     for (id, shard) in shards.all() {
         match shard.store.revisions().await {
@@ -178,7 +191,7 @@ async fn finish_compactions(core: &Core, purged_to: &mut [i64]) {
             }
         }
         let upto = highest.max(*compacted);
-        let done = &mut purged_to[id.index()];
+        let done = purged_to.entry(shards.get(*id).name.clone()).or_insert(0);
         if upto <= *done {
             continue;
         }

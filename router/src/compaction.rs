@@ -15,46 +15,20 @@ use tracing::{debug, info, warn};
 
 use crate::error::{EtcdError, shard_status};
 use crate::server::Core;
+use crate::shards::Shards;
+use crate::topology_change::on_topology;
 
 /// Compacts every shard at `revision`; the revision for the answer's
 /// header. The compaction mark is committed on return; the history below
 /// it is removed then (`physical`) or in the background.
 pub async fn compact(core: &Arc<Core>, revision: i64, physical: bool) -> Result<i64, Status> {
-    let shards = core.shards.clone();
-    let current = shards.refresh().await.map_err(shard_status)?;
-    if revision > current {
-        return Err(EtcdError::FutureRevision.into());
-    }
-    // Every shard must accept `revision` as a past one.
-    let ids = shards.ids();
-    shards
-        .raise_all(&ids, revision)
-        .await
-        .map_err(shard_status)?;
-    let compactions = ids.iter().map(|id| {
-        let shards = &shards;
-        async move {
-            let answer = shards.write(*id, WriteRequest::Compact { revision }).await;
-            (*id, answer)
-        }
-    });
-    // The default shard's answer is the answer; another shard may
-    // already be compacted further by an earlier, partly failed Compact.
-    let mut header = shards.floor();
-    for (id, answer) in join_all(compactions).await {
-        match answer {
-            Ok(WriteResponse::Compact { revision }) => header = header.min(revision),
-            Ok(_) => {
-                return Err(Status::internal(
-                    "kubeshard: shard answered Compact with another response type",
-                ));
-            }
-            Err(ShardError::Compacted { .. }) if id != shards.default_id() => {}
-            Err(e) => return Err(shard_status(e)),
-        }
-    }
+    let header = on_topology!(core, |shards| async {
+        compact_marks(shards, revision).await
+    })?;
     // The compaction mark is committed: reads below it already fail.
-    // Removing the rows can take a while.
+    // Removing the rows can take a while (rows below the mark, wherever
+    // the topology puts their keys now).
+    let shards = core.views.current();
     let batch = core.options.compaction_batch_revisions;
     let purge = async move {
         let purges = shards.all().map(|(_, shard)| async move {
@@ -71,6 +45,43 @@ pub async fn compact(core: &Arc<Core>, revision: i64, physical: bool) -> Result<
         purge.await;
     } else {
         tokio::spawn(purge);
+    }
+    Ok(header)
+}
+
+/// Sets every shard's compaction mark at `revision`; the revision for the
+/// answer's header. Waits while keys are arriving (an online move): their
+/// history is being copied.
+async fn compact_marks(shards: &Shards, revision: i64) -> Result<i64, Status> {
+    let ids = shards.ids();
+    shards.hold_off(&ids).await.map_err(shard_status)?;
+    let current = shards.refresh().await.map_err(shard_status)?;
+    if revision > current {
+        return Err(EtcdError::FutureRevision.into());
+    }
+    // Every shard must accept `revision` as a past one.
+    shards
+        .raise_all(&ids, revision)
+        .await
+        .map_err(shard_status)?;
+    let compactions = ids.iter().map(|id| async move {
+        let answer = shards.write(*id, WriteRequest::Compact { revision }).await;
+        (*id, answer)
+    });
+    // The default shard's answer is the answer; another shard may
+    // already be compacted further by an earlier, partly failed Compact.
+    let mut header = shards.floor();
+    for (id, answer) in join_all(compactions).await {
+        match answer {
+            Ok(WriteResponse::Compact { revision }) => header = header.min(revision),
+            Ok(_) => {
+                return Err(Status::internal(
+                    "kubeshard: shard answered Compact with another response type",
+                ));
+            }
+            Err(ShardError::Compacted { .. }) if id != shards.default_id() => {}
+            Err(e) => return Err(shard_status(e)),
+        }
     }
     Ok(header)
 }
@@ -104,15 +115,16 @@ pub fn spawn_auto(core: Arc<Core>, settings: AutoCompaction) -> JoinHandle<()> {
 }
 
 async fn compact_once(core: &Arc<Core>, min_retain: i64) -> Result<Option<i64>, Status> {
-    let current = core.shards.refresh().await.map_err(shard_status)?;
-    let compacted = core
-        .shards
-        .default_shard()
-        .store
-        .revisions()
-        .await
-        .map_err(shard_status)?
-        .compacted;
+    let (current, compacted) = on_topology!(core, |shards| async {
+        let current = shards.refresh().await.map_err(shard_status)?;
+        let revs = shards
+            .default_shard()
+            .store
+            .revisions()
+            .await
+            .map_err(shard_status)?;
+        Ok((current, revs.compacted))
+    })?;
     let target = current - min_retain;
     if target <= compacted {
         return Ok(None);

@@ -71,6 +71,16 @@ impl From<EtcdError> for Status {
     }
 }
 
+/// The start of the message of a request refused by a database fenced for
+/// a newer topology (`ShardError::TopologyChanged`).
+const TOPOLOGY_CHANGED: &str = "kubeshard: the topology changed";
+
+/// Whether `status` says the topology changed under the request: the
+/// router then switches and runs it again (`topology_change::on_topology`).
+pub fn is_topology_changed(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().starts_with(TOPOLOGY_CHANGED)
+}
+
 /// Maps a shard's error to what etcd would answer.
 pub fn shard_status(e: ShardError) -> Status {
     match e {

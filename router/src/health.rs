@@ -22,6 +22,7 @@ use kubeshard_config::ShardId;
 
 use crate::error::EtcdError;
 use crate::server::Core;
+use crate::shards::Shards;
 
 /// How long a database may take to answer a health read. etcd's is its
 /// request timeout (7 s by default).
@@ -72,12 +73,13 @@ impl Health {
                 _ => return None,
             },
         };
-        let mut checks = self.checks(probe);
+        let shards = self.core.views.current();
+        let mut checks = self.checks(probe, &shards);
         match only {
-            Some(name) => checks.retain(|c| self.name(*c) == name),
+            Some(name) => checks.retain(|c| self.name(*c, &shards) == name),
             None => {
                 let excluded: Vec<&str> = params(query, "exclude").collect();
-                checks.retain(|c| !excluded.contains(&self.name(*c).as_str()));
+                checks.retain(|c| !excluded.contains(&self.name(*c, &shards).as_str()));
             }
         }
         if only.is_some() && checks.is_empty() {
@@ -89,28 +91,27 @@ impl Health {
         let verbose = query
             .split('&')
             .any(|p| p.split('=').next() == Some("verbose"));
-        Some(self.run(&checks, verbose).await)
+        Some(self.run(&checks, verbose, &shards).await)
     }
 
-    fn checks(&self, probe: Probe) -> Vec<Check> {
+    fn checks(&self, probe: Probe, shards: &Shards) -> Vec<Check> {
         let mut checks = vec![Check::ShardsRunning];
         if probe == Probe::Ready {
             checks.push(Check::Serving);
-            checks.extend(self.core.shards.ids().into_iter().map(Check::Database));
+            checks.extend(shards.ids().into_iter().map(Check::Database));
         }
         checks
     }
 
-    fn name(&self, check: Check) -> String {
+    fn name(&self, check: Check, shards: &Shards) -> String {
         match check {
             Check::ShardsRunning => "shards_running".into(),
             Check::Serving => "serving".into(),
-            Check::Database(id) => format!("database_{}", self.core.shards.get(id).name),
+            Check::Database(id) => format!("database_{}", shards.get(id).name),
         }
     }
 
-    async fn check(&self, check: Check) -> Result<(), String> {
-        let shards = &self.core.shards;
+    async fn check(&self, check: Check, shards: &Shards) -> Result<(), String> {
         match check {
             Check::ShardsRunning => {
                 let stopped: Vec<&str> = shards
@@ -128,22 +129,22 @@ impl Health {
                 Err(EtcdError::Stopped.message().to_string())
             }
             Check::Serving => Ok(()),
-            Check::Database(id) => read(&self.core, id).await,
+            Check::Database(id) => read(shards, id).await,
         }
     }
 
     /// etcd's check list: one `[+]name ok` or `[-]name failed: why` line
     /// per check; the lines are sent on failure, or with `?verbose`.
-    async fn run(&self, checks: &[Check], verbose: bool) -> Response<Full<Bytes>> {
-        let results = join_all(checks.iter().map(|c| self.check(*c))).await;
+    async fn run(&self, checks: &[Check], verbose: bool, shards: &Shards) -> Response<Full<Bytes>> {
+        let results = join_all(checks.iter().map(|c| self.check(*c, shards))).await;
         let mut lines = String::new();
         let mut failed = false;
         for (check, result) in checks.iter().zip(results) {
             match result {
-                Ok(()) => lines.push_str(&format!("[+]{} ok\n", self.name(*check))),
+                Ok(()) => lines.push_str(&format!("[+]{} ok\n", self.name(*check, shards))),
                 Err(why) => {
                     failed = true;
-                    lines.push_str(&format!("[-]{} failed: {why}\n", self.name(*check)));
+                    lines.push_str(&format!("[-]{} failed: {why}\n", self.name(*check, shards)));
                 }
             }
         }
@@ -163,8 +164,9 @@ impl Health {
         let reason = if self.core.stop.is_stopped() {
             Some(format!("RANGE ERROR:{}", EtcdError::Stopped.message()))
         } else {
-            let ids = self.core.shards.ids();
-            let reads = join_all(ids.iter().map(|id| read(&self.core, *id))).await;
+            let shards = self.core.views.current();
+            let ids = shards.ids();
+            let reads = join_all(ids.iter().map(|id| read(&shards, *id))).await;
             reads
                 .into_iter()
                 .find_map(Result::err)
@@ -188,8 +190,8 @@ impl Health {
 }
 
 /// A read of the shard's revision counter, as a Range would start with.
-async fn read(core: &Core, id: ShardId) -> Result<(), String> {
-    let shard = core.shards.get(id);
+async fn read(shards: &Shards, id: ShardId) -> Result<(), String> {
+    let shard = shards.get(id);
     match tokio::time::timeout(READ_TIMEOUT, shard.store.revisions()).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("shard {}: {e}", shard.name)),

@@ -19,6 +19,7 @@ mod presence;
 pub mod server;
 pub mod shards;
 mod tls;
+mod topology_change;
 pub mod validate;
 
 pub use listen::Listening;

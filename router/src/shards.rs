@@ -11,6 +11,11 @@
 //!   back.
 //! - `advance` raises idle shards on demand, so merged watches and progress
 //!   answers, which wait for every shard behind them, keep moving.
+//!
+//! A `Shards` is one topology version: when the topology changes online
+//! (`topology_change.rs`) the router builds the next one, sharing the
+//! shards of databases in both, and retires this one; requests take the
+//! current one once and keep it (`topology_change::on_topology`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -28,8 +33,22 @@ use tracing::{debug, info};
 #[derive(Debug)]
 pub struct Shards {
     topology: Topology,
-    /// Index = [`ShardId::index`].
-    shards: Vec<Shard>,
+    /// The topology version served (`store/fence.rs`).
+    version: i64,
+    /// Index = [`ShardId::index`]. Shared with the next version's
+    /// `Shards` for the databases in both.
+    shards: Vec<Arc<Shard>>,
+    /// While a move is fenced but not done: the shards whose keys are
+    /// still arriving; requests that may touch them wait.
+    held: tokio::sync::watch::Sender<BTreeSet<ShardId>>,
+    /// Set when a newer version replaces this one: watch streams on it end.
+    retired: tokio::sync::watch::Sender<bool>,
+    /// The same, for [`Shards::enter_request`] (sequentially consistent
+    /// with `requests`).
+    retired_now: std::sync::atomic::AtomicBool,
+    /// Requests running on this version (`topology_change::Entered`).
+    requests: std::sync::atomic::AtomicUsize,
+    requests_left: tokio::sync::Notify,
     floor: AtomicI64,
     /// Per shard: a revision its counter is known to have reached.
     known: Vec<AtomicI64>,
@@ -125,7 +144,7 @@ impl Shards {
         let mut shards = Vec::with_capacity(count);
         for opened in join_all(starting).await {
             match opened {
-                Ok(shard) => shards.push(shard),
+                Ok(shard) => shards.push(Arc::new(shard)),
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
@@ -150,11 +169,235 @@ impl Shards {
         );
         Ok(Arc::new(Shards {
             topology,
+            version,
             shards,
+            held: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            retired: tokio::sync::watch::Sender::new(false),
+            retired_now: std::sync::atomic::AtomicBool::new(false),
+            requests: std::sync::atomic::AtomicUsize::new(0),
+            requests_left: tokio::sync::Notify::new(),
             floor: AtomicI64::new(floor),
             known,
             advancing: (0..count).map(|_| AtomicI64::new(0)).collect(),
         }))
+    }
+
+    /// The shards of `topology` at `version`, sharing this version's
+    /// shards where the database is the same, opening the others; `held`
+    /// names the shards whose keys are still arriving. The shared shards go on serving this
+    /// version until [`Shards::serve_all`].
+    pub async fn next(
+        &self,
+        topology: Topology,
+        version: i64,
+        held: &BTreeSet<String>,
+        settings: &ShardSettings,
+        observer: impl Fn(&str) -> Arc<dyn ShardObserver>,
+    ) -> Result<Arc<Shards>, OpenError> {
+        let count = topology.shards().len();
+        let mine: std::collections::HashMap<String, &Arc<Shard>> = self
+            .topology
+            .shards()
+            .iter()
+            .zip(&self.shards)
+            .filter_map(|(spec, shard)| spec.endpoint.identity().map(|i| (i, shard)))
+            .collect();
+        let mut shards: Vec<Arc<Shard>> = Vec::with_capacity(count);
+        let mut opened_here: Vec<Arc<Shard>> = Vec::new();
+        let mut held_ids = BTreeSet::new();
+        for (i, (id, spec)) in topology.shard_ids().zip(topology.shards()).enumerate() {
+            let identity = spec.endpoint.identity();
+            if held.contains(&spec.name) {
+                held_ids.insert(id);
+            }
+            if let Some(shard) = identity.as_ref().and_then(|i| mine.get(i)) {
+                shards.push((*shard).clone());
+                continue;
+            }
+            let serving = Serving {
+                version,
+                class: RevisionClass::of_shard(i, count).unwrap_or(RevisionClass::ALL),
+            };
+            let mut settings = settings.clone();
+            settings.pool.max_connections = spec.max_connections.or(settings.pool.max_connections);
+            // On a blocking thread of its own: the follower task that
+            // switches topology must be Send, and rustc cannot prove that
+            // of sqlx's futures inside Shard::open (rust-lang/rust#102211).
+            let (name, endpoint) = (spec.name.clone(), spec.endpoint.clone());
+            let observer = observer(&spec.name);
+            let runtime = tokio::runtime::Handle::current();
+            let opened = tokio::task::spawn_blocking(move || {
+                runtime.block_on(Shard::open(
+                    &name,
+                    &endpoint,
+                    serving,
+                    &settings,
+                    Some(observer),
+                ))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(ShardError::Stopped(format!(
+                    "opening the shard failed: {e}"
+                )))
+            });
+            match opened {
+                Ok(shard) => {
+                    let shard = Arc::new(shard);
+                    opened_here.push(shard.clone());
+                    shards.push(shard);
+                }
+                Err(error) => {
+                    // Only those opened here: the others serve this version.
+                    for shard in &opened_here {
+                        shard.stop();
+                    }
+                    return Err(OpenError {
+                        shard: spec.name.clone(),
+                        endpoint: spec.endpoint.to_string(),
+                        location: spec.location.as_ref().map(ToString::to_string),
+                        error,
+                    });
+                }
+            }
+        }
+        let known = shards
+            .iter()
+            .map(|s| AtomicI64::new(s.hub.closed()))
+            .collect();
+        Ok(Arc::new(Shards {
+            topology,
+            version,
+            shards,
+            held: tokio::sync::watch::Sender::new(held_ids),
+            retired: tokio::sync::watch::Sender::new(false),
+            retired_now: std::sync::atomic::AtomicBool::new(false),
+            requests: std::sync::atomic::AtomicUsize::new(0),
+            requests_left: tokio::sync::Notify::new(),
+            floor: AtomicI64::new(self.floor()),
+            known,
+            advancing: (0..count).map(|_| AtomicI64::new(0)).collect(),
+        }))
+    }
+
+    /// Every shard serves this version, with its revision class in it.
+    /// Called once the version before is retired (`topology_change.rs`).
+    pub fn serve_all(&self) {
+        let count = self.shards.len();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let class = RevisionClass::of_shard(i, count).unwrap_or(RevisionClass::ALL);
+            shard.store.serve(self.version, class);
+        }
+    }
+
+    /// The topology version served.
+    pub fn version(&self) -> i64 {
+        self.version
+    }
+
+    /// Whether keys of any of `ids` are still arriving.
+    pub fn is_held(&self, ids: &[ShardId]) -> bool {
+        let held = self.held.borrow();
+        ids.iter().any(|id| held.contains(id))
+    }
+
+    /// Whether keys of some shard are still arriving.
+    pub fn holds_any(&self) -> bool {
+        !self.held.borrow().is_empty()
+    }
+
+    /// Waits until no key of `ids` is arriving any more. If this version
+    /// is retired first, TopologyChanged: the request runs again on the
+    /// current one (`topology_change::on_topology`).
+    pub async fn hold_off(&self, ids: &[ShardId]) -> Result<(), ShardError> {
+        if !self.is_held(ids) {
+            return Ok(());
+        }
+        let mut held = self.held.subscribe();
+        let mut retired = self.retired.subscribe();
+        tokio::select! {
+            _ = held.wait_for(|held| ids.iter().all(|id| !held.contains(id))) => Ok(()),
+            _ = retired.wait_for(|r| *r) => Err(ShardError::TopologyChanged {
+                stored: self.version + 1,
+                serving: self.version,
+            }),
+        }
+    }
+
+    /// Holds the shards named `names` (a router that starts while a move
+    /// is fenced and not done).
+    pub fn hold(&self, names: &[String]) {
+        let ids = self
+            .topology
+            .shard_ids()
+            .filter(|id| names.contains(&self.topology.shard(*id).name))
+            .collect();
+        self.held.send_replace(ids);
+    }
+
+    /// The moved keys are whole: nothing is held any more.
+    pub fn release(&self) {
+        self.held.send_replace(BTreeSet::new());
+    }
+
+    /// A newer version replaces this one.
+    pub fn retire(&self) {
+        self.retired_now.store(true, Ordering::SeqCst);
+        self.retired.send_replace(true);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired_now.load(Ordering::SeqCst)
+    }
+
+    /// A request starts on this version (`topology_change::Entered`).
+    pub fn enter_request(&self) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn leave_request(&self) {
+        if self.requests.fetch_sub(1, Ordering::SeqCst) == 1 && self.is_retired() {
+            self.requests_left.notify_waiters();
+        }
+    }
+
+    /// Once retired: resolves when no request runs on this version.
+    pub async fn requests_left(&self) {
+        loop {
+            let left = self.requests_left.notified();
+            if self.requests.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            // A missed wake-up costs one tick, not a hang.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(10), left).await;
+        }
+    }
+
+    /// Resolves once this version is retired.
+    pub async fn retired(&self) {
+        let mut retired = self.retired.subscribe();
+        let _ = retired.wait_for(|r| *r).await;
+    }
+
+    /// Whether `shard` is one of this version's.
+    pub fn has(&self, shard: &Arc<Shard>) -> bool {
+        self.shards.iter().any(|s| Arc::ptr_eq(s, shard))
+    }
+
+    /// Raises the floor to at least `floor` (a version taking over from
+    /// the one before it).
+    pub fn raise_floor(&self, floor: i64) {
+        self.floor.fetch_max(floor, Ordering::AcqRel);
+    }
+
+    /// The shards of this version that `newer` does not have (their
+    /// databases left the topology): stopped once this version is retired.
+    pub fn left_in(&self, newer: &Shards) -> Vec<Arc<Shard>> {
+        self.shards
+            .iter()
+            .filter(|s| !newer.shards.iter().any(|n| Arc::ptr_eq(s, n)))
+            .cloned()
+            .collect()
     }
 
     pub fn topology(&self) -> &Topology {

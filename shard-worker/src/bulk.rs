@@ -107,6 +107,9 @@ pub struct Reshard {
     /// The placement (`Topology::placement`) being moved to.
     pub placement: String,
     pub phase: ReshardPhase,
+    /// The shards of the new topology whose keys are arriving (their
+    /// databases are new): requests that may touch them wait until `Done`.
+    pub held: Vec<String>,
     /// Once fenced: every database's counter is at least this, so every
     /// revision written in the new topology is above every one of the old.
     pub switch_revision: i64,

@@ -173,7 +173,10 @@ pub async fn run_poller(
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    if failures == 1 || failures.is_multiple_of(100) {
+                    if matches!(e, crate::ShardError::TopologyChanged { .. }) {
+                        // The router switches topology: not a failure.
+                        tracing::debug!(error = %e, "watch poll waits for the new topology");
+                    } else if failures == 1 || failures.is_multiple_of(100) {
                         warn!(error = %e, failures, "watch poll failed; retrying");
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;

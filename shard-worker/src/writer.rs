@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::error::{Result, ShardError};
 use crate::observe::ShardObserver;
@@ -179,6 +179,14 @@ async fn run_batch(
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
+            }
+        }
+        Err(ShardError::TopologyChanged { stored, serving }) => {
+            // Nothing was written; every request learns why, so that the
+            // router switches topology and sends it again.
+            debug!(stored, serving, "write batch refused: the topology changed");
+            for (_, reply) in rest {
+                let _ = reply.send(Err(ShardError::TopologyChanged { stored, serving }));
             }
         }
         Err(e) => {

@@ -13,6 +13,8 @@
 
 #[path = "integration/import.rs"]
 mod import;
+#[path = "integration/online_reshard.rs"]
+mod online_reshard;
 #[path = "integration/reshard.rs"]
 mod reshard;
 

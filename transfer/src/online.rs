@@ -96,6 +96,14 @@ pub async fn run(options: ReshardOptions) -> Result<ReshardReport> {
                 version: current.epoch + 1,
                 placement: to_placement.clone(),
                 phase: ReshardPhase::Copying,
+                held: options
+                    .to
+                    .shards()
+                    .iter()
+                    .zip(&dbs.new)
+                    .filter(|(_, db)| plan.fresh.contains(db))
+                    .map(|(spec, _)| spec.name.clone())
+                    .collect(),
                 switch_revision: 0,
             }
         }
@@ -329,6 +337,7 @@ async fn fence(dbs: &Databases, plan: &Plan<'_>, to_placement: &str, version: i6
     };
     for db in &dbs.all {
         let fenced = db.bulk.fence(version, 0).await.map_err(|e| db.fail(e))?;
+        info!(shard = %db.names.join("/"), revision = fenced.current, "fenced");
         highest.current = highest.current.max(fenced.current);
         highest.compacted = highest.compacted.max(fenced.compacted);
     }
@@ -373,9 +382,12 @@ async fn finish(dbs: &Databases, plan: &Plan<'_>, report: &mut ReshardReport) ->
         report.history_rows_moved += rows;
     }
     for &dest in &plan.fresh {
+        let mut keys = 0;
         for &source in &plan.sources {
-            report.live_keys_moved += sync_live(dbs, plan, source, dest).await?;
+            keys += sync_live(dbs, plan, source, dest).await?;
         }
+        info!(shard = %dbs.all[dest].names.join("/"), live_keys = keys, "moved in");
+        report.live_keys_moved += keys;
     }
     for &source in &plan.sources {
         remove_moved(dbs, plan, source).await?;

@@ -26,7 +26,8 @@ pub fn spawn(core: Arc<Core>) -> JoinHandle<()> {
 }
 
 async fn sample(core: &Core) {
-    for (_, shard) in core.shards.all() {
+    let shards = core.views.current();
+    for (_, shard) in shards.all() {
         // Read before the counter, so the lag is never below zero.
         let published = shard.hub.closed();
         let revisions = shard.store.revisions().await.ok();
@@ -46,7 +47,7 @@ async fn sample(core: &Core) {
         };
         core.metrics.set_shard_sample(&shard.name, &sample);
     }
-    if let Ok(leases) = core.shards.default_shard().store.lease_list().await {
+    if let Ok(leases) = shards.default_shard().store.lease_list().await {
         core.metrics.set_leases(leases.len());
     }
 }

@@ -21,6 +21,8 @@ use tonic::{Request, Response, Status};
 
 use super::Core;
 use crate::error::{EtcdError, cross_shard_txn, shard_status, unimplemented};
+use crate::shards::Shards;
+use crate::topology_change::on_topology;
 use crate::validate;
 
 #[derive(Debug)]
@@ -33,21 +35,22 @@ impl KvService {
         KvService { core }
     }
 
-    async fn write(&self, id: ShardId, request: WriteRequest) -> Result<WriteResponse, Status> {
-        self.core
-            .shards
-            .write(id, request)
-            .await
-            .map_err(shard_status)
+    /// A write on shard `id`, once its keys are not held (an online move).
+    async fn write(
+        shards: &Shards,
+        id: ShardId,
+        request: WriteRequest,
+    ) -> Result<WriteResponse, Status> {
+        shards.hold_off(&[id]).await.map_err(shard_status)?;
+        shards.write(id, request).await.map_err(shard_status)
     }
 
     /// A range inside one shard, with a header no lower than the floor.
     async fn range_one(
-        &self,
+        shards: &Shards,
         id: ShardId,
         request: &RangeRequest,
     ) -> Result<RangeResponse, Status> {
-        let shards = &self.core.shards;
         let mut target = shards.floor();
         if request.revision > target {
             // Another router may have written up to it.
@@ -72,10 +75,10 @@ impl KvService {
     /// merged as one etcd would give them.
     async fn range_many(
         &self,
+        shards: &Shards,
         ids: &[ShardId],
         request: &RangeRequest,
     ) -> Result<RangeResponse, Status> {
-        let shards = &self.core.shards;
         let mut floor = shards.floor();
         if request.revision > floor {
             floor = shards.refresh().await.map_err(shard_status)?;
@@ -128,8 +131,7 @@ impl KvService {
 
     /// The one shard of a Txn's keys, or etcd's answer for a Txn that
     /// spans shards.
-    fn txn_shard(&self, txn: &TxnRequest) -> Result<ShardId, Status> {
-        let shards = &self.core.shards;
+    fn txn_shard(shards: &Shards, txn: &TxnRequest) -> Result<ShardId, Status> {
         let mut ids = BTreeSet::new();
         collect_txn_shards(shards, txn, &mut ids);
         let mut iter = ids.iter();
@@ -236,22 +238,28 @@ impl Kv for KvService {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_range(&request)?;
-        let ids = self.core.shards.for_range(&request.key, &request.range_end);
-        if !request.label_selector.is_empty() || !request.field_selector.is_empty() {
+        let selected = !request.label_selector.is_empty() || !request.field_selector.is_empty();
+        if selected {
             self.core
                 .metrics
                 .selected_requests
                 .with_label_values(&["range"])
                 .inc();
-            // Selected ranges read through the label index: keep it.
-            for id in &ids {
-                self.core.shards.get(*id).labels.activate();
-            }
         }
-        let mut response = match ids.as_slice() {
-            [id] => self.range_one(*id, &request).await?,
-            _ => self.range_many(&ids, &request).await?,
-        };
+        let mut response = on_topology!(self.core, |shards| async {
+            let ids = shards.for_range(&request.key, &request.range_end);
+            if selected {
+                // Selected ranges read through the label index: keep it.
+                for id in &ids {
+                    shards.get(*id).labels.activate();
+                }
+            }
+            shards.hold_off(&ids).await.map_err(shard_status)?;
+            match ids.as_slice() {
+                [id] => Self::range_one(shards, *id, &request).await,
+                _ => self.range_many(shards, &ids, &request).await,
+            }
+        })?;
         self.core.fill(&mut response.header);
         Ok(Response::new(response))
     }
@@ -273,8 +281,11 @@ impl Kv for KvService {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_put(&request)?;
-        let id = self.core.shards.route(&request.key);
-        match self.write(id, WriteRequest::Put(request)).await? {
+        let written = on_topology!(self.core, |shards| async {
+            let id = shards.route(&request.key);
+            Self::write(shards, id, WriteRequest::Put(request.clone())).await
+        })?;
+        match written {
             WriteResponse::Put(mut r) => {
                 self.core.fill(&mut r.header);
                 Ok(Response::new(r))
@@ -290,24 +301,26 @@ impl Kv for KvService {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_delete(&request)?;
-        let ids = self.core.shards.for_range(&request.key, &request.range_end);
-        // A delete over several shards runs shard by shard, each part with
-        // its own revision (there is no atomic commit across databases;
-        // docs/topology.md). Its answer is the sum of the parts.
-        let mut merged = DeleteRangeResponse::default();
-        for id in ids {
-            match self
-                .write(id, WriteRequest::DeleteRange(request.clone()))
-                .await?
-            {
-                WriteResponse::DeleteRange(r) => {
-                    merged.header = r.header;
-                    merged.deleted += r.deleted;
-                    merged.prev_kvs.extend(r.prev_kvs);
+        let mut merged = on_topology!(self.core, |shards| async {
+            let ids = shards.for_range(&request.key, &request.range_end);
+            shards.hold_off(&ids).await.map_err(shard_status)?;
+            // A delete over several shards runs shard by shard, each
+            // part with its own revision (there is no atomic commit
+            // across databases; docs/topology.md). Its answer is the
+            // sum of the parts.
+            let mut merged = DeleteRangeResponse::default();
+            for id in ids {
+                match Self::write(shards, id, WriteRequest::DeleteRange(request.clone())).await? {
+                    WriteResponse::DeleteRange(r) => {
+                        merged.header = r.header;
+                        merged.deleted += r.deleted;
+                        merged.prev_kvs.extend(r.prev_kvs);
+                    }
+                    _ => return Err(unexpected("DeleteRange")),
                 }
-                _ => return Err(unexpected("DeleteRange")),
             }
-        }
+            Ok(merged)
+        })?;
         merged.prev_kvs.sort_by(|a, b| a.key.cmp(&b.key));
         self.core.fill(&mut merged.header);
         Ok(Response::new(merged))
@@ -317,8 +330,11 @@ impl Kv for KvService {
         let request = request.into_inner();
         self.core.limits.check_size(&request)?;
         validate::check_txn(&request, self.core.limits.max_txn_ops)?;
-        let id = self.txn_shard(&request)?;
-        match self.write(id, WriteRequest::Txn(request)).await? {
+        let written = on_topology!(self.core, |shards| async {
+            let id = Self::txn_shard(shards, &request)?;
+            Self::write(shards, id, WriteRequest::Txn(request.clone())).await
+        })?;
+        match written {
             WriteResponse::Txn(mut r) => {
                 self.core.fill(&mut r.header);
                 Ok(Response::new(r))

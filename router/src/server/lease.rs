@@ -18,6 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::stopping::UntilStopped;
 use super::{Core, now_ms};
 use crate::error::{EtcdError, shard_status};
+use crate::shards::Shards;
+use crate::topology_change::on_topology;
 
 /// etcd's MaxLeaseTTL.
 const MAX_LEASE_TTL: i64 = 9_000_000_000;
@@ -33,15 +35,52 @@ impl LeaseService {
     pub fn new(core: Arc<Core>) -> Self {
         LeaseService { core }
     }
+
+    /// Grants the lease on the default shard, then copies it to the others.
+    async fn grant(shards: &Shards, grant: &WriteRequest) -> Result<(i64, i64, i64), Status> {
+        // The default shard holds the lease and decides; every other shard
+        // gets a copy so that a Put there can attach keys to it inside its
+        // own transaction (docs/architecture.md, "Leases across shards").
+        let response = shards
+            .write(shards.default_id(), grant.clone())
+            .await
+            .map_err(shard_status)?;
+        let WriteResponse::LeaseGrant { id, ttl, revision } = response else {
+            return Err(unexpected());
+        };
+        let others: Vec<_> = shards
+            .ids()
+            .into_iter()
+            .filter(|other| *other != shards.default_id())
+            .collect();
+        let copies = others
+            .iter()
+            .map(|other| copy_lease(shards, *other, grant, id));
+        for copied in futures::future::join_all(copies).await {
+            if let Err(e) = copied {
+                // Undo what was granted: the lease first, so that it is not
+                // alive while the client was told it does not exist; copies
+                // left behind are orphans the expirer removes.
+                let _ = shards
+                    .write(shards.default_id(), WriteRequest::LeaseRevoke { id })
+                    .await;
+                let _ = revoke_copies(shards, id).await;
+                return Err(shard_status(e));
+            }
+        }
+        Ok((id, ttl, revision.max(shards.floor())))
+    }
 }
 
 /// Revokes lease `id`: first the copies on the other shards (with their
 /// keys), then the lease itself on the default shard, so that a revoke that
 /// fails half-way leaves the lease alive and can simply be retried. Returns
 /// the revision after the revoke; LeaseNotFound if the lease does not exist.
-pub async fn revoke_everywhere(core: &Core, id: i64) -> Result<i64, ShardError> {
-    let copies = revoke_copies(core, id).await?;
-    let shards = &core.shards;
+/// Its keys may be on any shard: it waits while keys are arriving (an
+/// online move).
+pub async fn revoke_everywhere(shards: &Shards, id: i64) -> Result<i64, ShardError> {
+    shards.hold_off(&shards.ids()).await?;
+    let copies = revoke_copies(shards, id).await?;
     let revoked = shards
         .write(shards.default_id(), WriteRequest::LeaseRevoke { id })
         .await?;
@@ -53,7 +92,7 @@ pub async fn revoke_everywhere(core: &Core, id: i64) -> Result<i64, ShardError> 
 /// this id (its removal failed or is pending): it goes first, with its keys,
 /// so the new lease does not adopt them.
 async fn copy_lease(
-    shards: &crate::shards::Shards,
+    shards: &Shards,
     other: kubeshard_config::ShardId,
     grant: &WriteRequest,
     id: i64,
@@ -74,8 +113,7 @@ async fn copy_lease(
 /// Removes the copies of lease `id` and their keys from every shard but the
 /// default one (a copy already gone is fine). Returns the highest revision
 /// they answered.
-pub async fn revoke_copies(core: &Core, id: i64) -> Result<i64, ShardError> {
-    let shards = &core.shards;
+pub async fn revoke_copies(shards: &Shards, id: i64) -> Result<i64, ShardError> {
     let default = shards.default_id();
     let copies = shards
         .ids()
@@ -108,51 +146,23 @@ impl Lease for LeaseService {
             return Err(EtcdError::LeaseTtlTooLarge.into());
         }
         let ttl = request.ttl.max(MIN_LEASE_TTL);
-        // etcd picks a random positive ID when the client leaves it 0.
-        let id = if request.id == 0 {
-            rand::rng().random_range(1..i64::MAX)
-        } else {
-            request.id
-        };
-        let now = now_ms();
-        let shards = &self.core.shards;
-        let grant = WriteRequest::LeaseGrant {
-            id,
-            ttl,
-            now_ms: now,
-        };
-        // The default shard holds the lease and decides; every other shard
-        // gets a copy so that a Put there can attach keys to it inside its
-        // own transaction (docs/architecture.md, "Leases across shards").
-        let response = shards
-            .write(shards.default_id(), grant.clone())
-            .await
-            .map_err(shard_status)?;
-        let WriteResponse::LeaseGrant { id, ttl, revision } = response else {
-            return Err(unexpected());
-        };
-        let others: Vec<_> = shards
-            .ids()
-            .into_iter()
-            .filter(|other| *other != shards.default_id())
-            .collect();
-        let copies = others
-            .iter()
-            .map(|other| copy_lease(shards, *other, &grant, id));
-        for copied in futures::future::join_all(copies).await {
-            if let Err(e) = copied {
-                // Undo what was granted: the lease first, so that it is not
-                // alive while the client was told it does not exist; copies
-                // left behind are orphans the expirer removes.
-                let _ = shards
-                    .write(shards.default_id(), WriteRequest::LeaseRevoke { id })
-                    .await;
-                let _ = revoke_copies(&self.core, id).await;
-                return Err(shard_status(e));
-            }
-        }
+        let (id, ttl, revision) = on_topology!(self.core, |shards| async {
+            // etcd picks a random positive ID when the client leaves it
+            // 0; a new one if a topology change cut an attempt short.
+            let id = if request.id == 0 {
+                rand::rng().random_range(1..i64::MAX)
+            } else {
+                request.id
+            };
+            let grant = WriteRequest::LeaseGrant {
+                id,
+                ttl,
+                now_ms: now_ms(),
+            };
+            Self::grant(shards, &grant).await
+        })?;
         Ok(Response::new(LeaseGrantResponse {
-            header: self.core.header(revision.max(shards.floor())),
+            header: self.core.header(revision),
             id,
             ttl,
             error: String::new(),
@@ -164,9 +174,9 @@ impl Lease for LeaseService {
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let id = request.into_inner().id;
-        let revision = revoke_everywhere(&self.core, id)
-            .await
-            .map_err(shard_status)?;
+        let revision = on_topology!(self.core, |shards| async {
+            revoke_everywhere(shards, id).await.map_err(shard_status)
+        })?;
         Ok(Response::new(LeaseRevokeResponse {
             header: self.core.header(revision),
         }))
@@ -193,13 +203,16 @@ impl Lease for LeaseService {
                 };
                 let Some(Ok(message)) = message else { break };
                 let answer = async {
-                    let store = &core.shards.default_shard().store;
                     // An unknown or expired lease answers TTL 0, as in etcd.
-                    let ttl = store
-                        .lease_renew(message.id, now_ms())
-                        .await
-                        .map_err(shard_status)?
-                        .unwrap_or(0);
+                    let ttl = on_topology!(core, |shards| async {
+                        shards
+                            .default_shard()
+                            .store
+                            .lease_renew(message.id, now_ms())
+                            .await
+                            .map_err(shard_status)
+                    })?
+                    .unwrap_or(0);
                     let revision = core.current_revision().await?;
                     Ok::<_, Status>(LeaseKeepAliveResponse {
                         header: core.header(revision),
@@ -222,10 +235,27 @@ impl Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let request = request.into_inner();
-        let shards = &self.core.shards;
-        let store = &shards.default_shard().store;
         let revision = self.core.current_revision().await?;
-        let Some(lease) = store.lease_get(request.id).await.map_err(shard_status)? else {
+        let found = on_topology!(self.core, |shards| async {
+            let store = &shards.default_shard().store;
+            let Some(lease) = store.lease_get(request.id).await.map_err(shard_status)? else {
+                return Ok(None);
+            };
+            // The lease's keys may live on any shard.
+            let mut keys = Vec::new();
+            if request.keys {
+                shards.hold_off(&shards.ids()).await.map_err(shard_status)?;
+                let lookups = shards
+                    .all()
+                    .map(|(_, shard)| shard.store.lease_keys(request.id));
+                for found in futures::future::join_all(lookups).await {
+                    keys.extend(found.map_err(shard_status)?);
+                }
+                keys.sort();
+            }
+            Ok(Some((lease, keys)))
+        })?;
+        let Some((lease, keys)) = found else {
             // Not an error in etcd: TTL -1 says the lease does not exist.
             return Ok(Response::new(LeaseTimeToLiveResponse {
                 header: self.core.header(revision),
@@ -235,17 +265,6 @@ impl Lease for LeaseService {
                 keys: Vec::new(),
             }));
         };
-        // The lease's keys may live on any shard.
-        let mut keys = Vec::new();
-        if request.keys {
-            let lookups = shards
-                .all()
-                .map(|(_, shard)| shard.store.lease_keys(request.id));
-            for found in futures::future::join_all(lookups).await {
-                keys.extend(found.map_err(shard_status)?);
-            }
-            keys.sort();
-        }
         let remaining = ((lease.expires_at_ms - now_ms()) / 1000).max(0);
         Ok(Response::new(LeaseTimeToLiveResponse {
             header: self.core.header(revision),
@@ -261,17 +280,17 @@ impl Lease for LeaseService {
         _request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         let revision = self.core.current_revision().await?;
-        let leases = self
-            .core
-            .shards
-            .default_shard()
-            .store
-            .lease_list()
-            .await
-            .map_err(shard_status)?
-            .into_iter()
-            .map(|id| LeaseStatus { id })
-            .collect();
+        let leases = on_topology!(self.core, |shards| async {
+            shards
+                .default_shard()
+                .store
+                .lease_list()
+                .await
+                .map_err(shard_status)
+        })?
+        .into_iter()
+        .map(|id| LeaseStatus { id })
+        .collect();
         Ok(Response::new(LeaseLeasesResponse {
             header: self.core.header(revision),
             leases,

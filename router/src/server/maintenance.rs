@@ -39,11 +39,8 @@ impl Maintenance for MaintenanceService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let revision = self.core.current_revision().await?;
         // The store is every shard's database together.
-        let sizes = self
-            .core
-            .shards
-            .all()
-            .map(|(_, shard)| shard.store.db_size());
+        let shards = self.core.views.current();
+        let sizes = shards.all().map(|(_, shard)| shard.store.db_size());
         let mut db_size = 0;
         for size in futures::future::join_all(sizes).await {
             db_size += size.map_err(shard_status)?;
@@ -69,7 +66,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        for (_, shard) in self.core.shards.all() {
+        for (_, shard) in self.core.views.current().all() {
             shard.store.defragment().await.map_err(shard_status)?;
         }
         let revision = self.core.current_revision().await?;

@@ -22,6 +22,7 @@ use kubeshard_proto::etcdserverpb::kv_server::KvServer;
 use kubeshard_proto::etcdserverpb::lease_server::LeaseServer;
 use kubeshard_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use kubeshard_proto::etcdserverpb::watch_server::WatchServer;
+use kubeshard_shard_worker::bulk::ReshardPhase;
 use kubeshard_shard_worker::{ShardError, ShardSettings};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -34,6 +35,8 @@ use crate::health::Health;
 use crate::listen::{Bound, Listening};
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::shards::Shards;
+use crate::topology_change::on_topology;
+use crate::topology_change::{Entered, Views};
 use crate::validate::Limits;
 use stopping::StopSignal;
 
@@ -48,7 +51,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
 /// State shared by all services of one router process.
 #[derive(Debug)]
 pub struct Core {
-    pub shards: Arc<Shards>,
+    /// The shards of the topology served, which may change while the
+    /// router runs (`topology_change.rs`).
+    pub views: Views,
     pub options: ServerOptions,
     pub limits: Limits,
     pub cluster_id: u64,
@@ -62,6 +67,12 @@ pub struct Core {
 }
 
 impl Core {
+    /// The shards for one request or one round of a background task; a
+    /// topology switch waits until it is dropped (`Views::enter`).
+    pub fn shards(&self) -> Entered {
+        self.views.enter()
+    }
+
     /// A response header at `revision`, with this router's identity.
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
         Some(ResponseHeader {
@@ -77,16 +88,17 @@ impl Core {
     /// that is higher, so that a header never goes back for a client of
     /// this router.
     pub async fn current_revision(&self) -> Result<i64, tonic::Status> {
-        let id = self.shards.default_id();
-        let revs = self
-            .shards
-            .get(id)
-            .store
-            .revisions()
-            .await
-            .map_err(crate::error::shard_status)?;
-        self.shards.observe(id, revs.current);
-        Ok(self.shards.floor())
+        on_topology!(self, |shards| async {
+            let id = shards.default_id();
+            let revs = shards
+                .get(id)
+                .store
+                .revisions()
+                .await
+                .map_err(crate::error::shard_status)?;
+            shards.observe(id, revs.current);
+            Ok(shards.floor())
+        })
     }
 
     /// Fills the identity fields of a header a shard returned.
@@ -209,7 +221,7 @@ impl RunningServer {
             task.abort();
         }
         self.presence.gone().await;
-        self.core.shards.stop();
+        self.core.views.current().stop();
         crate::listen::remove_socket(&self.listening);
         result
     }
@@ -226,10 +238,11 @@ impl RunningServer {
 /// The data is arranged for the topology served: the default shard records
 /// the placement (`Topology::placement`) at the first start, and
 /// `kubeshard reshard` changes it; a router with another file refuses to
-/// serve, since it would look for keys where they are not.
+/// serve, since it would look for keys where they are not. None: a move
+/// to this topology is under way and the router must wait for it.
 async fn check_placement(
     shards: &Shards,
-) -> Result<Arc<dyn kubeshard_shard_worker::bulk::Bulk>, ServeError> {
+) -> Result<Option<Arc<dyn kubeshard_shard_worker::bulk::Bulk>>, ServeError> {
     let topology = shards.topology();
     let spec = topology.shard(topology.default_shard());
     let fail = |error| ServeError::Shard {
@@ -251,16 +264,45 @@ async fn check_placement(
             bulk.placement().await.map_err(fail)?
         }
     };
+    // An online move to this placement (`topology_change.rs`): serve once
+    // every database is fenced, holding the shards whose keys arrive.
+    let moving = bulk
+        .reshard()
+        .await
+        .map_err(fail)?
+        .filter(|r| r.placement == ours && r.phase != ReshardPhase::Done);
+    if let Some(r) = &moving {
+        if r.phase < ReshardPhase::Fenced {
+            info!(
+                phase = r.phase.as_str(),
+                "a move to this topology is under way; waiting until it is fenced"
+            );
+            return Ok(None);
+        }
+        if r.version == shards.version() {
+            shards.hold(&r.held);
+        }
+    }
     match stored {
         None => Err(fail(kubeshard_shard_worker::ShardError::Corrupt(
             "ks_placement has no row after writing it".into(),
         ))),
-        Some(stored) if stored == ours => Ok(bulk),
+        Some(stored) if stored == ours => Ok(Some(bulk)),
         Some(stored) => Err(ServeError::Placement {
             source_name: topology.source().unwrap_or("--endpoint").to_string(),
             stored,
             ours,
         }),
+    }
+}
+
+/// What every shard of the router is opened with.
+pub(crate) fn shard_settings(options: &ServerOptions) -> ShardSettings {
+    ShardSettings {
+        poll_interval: options.watch_poll_interval,
+        poll_batch: options.poll_batch,
+        pool: options.pool.clone(),
+        slow_sql: options.slow_sql,
     }
 }
 
@@ -283,14 +325,12 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         .as_ref()
         .map(crate::tls::Acceptors::new)
         .transpose()?;
-    let settings = ShardSettings {
-        poll_interval: options.watch_poll_interval,
-        poll_batch: options.poll_batch,
-        pool: options.pool.clone(),
-        slow_sql: options.slow_sql,
-    };
+    let settings = shard_settings(&options);
     let metrics = Arc::new(Metrics::new().map_err(ServeError::Metrics)?);
-    let shards = Shards::open(topology, &settings, |shard| metrics.shard_observer(shard))
+    let (shards, default_bulk) = loop {
+        let shards = Shards::open(topology.clone(), &settings, |shard| {
+            metrics.shard_observer(shard)
+        })
         .await
         .map_err(|e| ServeError::Shard {
             shard: e.shard,
@@ -298,11 +338,17 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
             location: e.location,
             error: e.error,
         })?;
-    let default_bulk = match check_placement(&shards).await {
-        Ok(bulk) => bulk,
-        Err(e) => {
-            shards.stop();
-            return Err(e);
+        match check_placement(&shards).await {
+            Ok(Some(bulk)) => break (shards, bulk),
+            Ok(None) => {
+                // A move to this topology is under way and not fenced yet.
+                shards.stop();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                shards.stop();
+                return Err(e);
+            }
         }
     };
     let (bound, listening) = Bound::bind(&options.listen_address)
@@ -313,7 +359,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         })?;
     let endpoint = options.endpoint.clone();
     let core = Arc::new(Core {
-        shards,
+        views: Views::new(shards),
         limits: Limits {
             max_request_bytes: options.max_request_bytes,
             max_txn_ops: options.max_txn_ops,
@@ -346,8 +392,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         }
         None => (None, None),
     };
-    let default_spec = core.shards.topology().shard(core.shards.default_id());
-    let presence = crate::presence::Presence::start(default_bulk, &core.client_url)
+    let default_spec = topology.shard(topology.default_shard());
+    let presence = crate::presence::Presence::start(default_bulk.clone(), &core.client_url)
         .await
         .map_err(|error| ServeError::Shard {
             shard: default_spec.name.clone(),
@@ -361,6 +407,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let background = background::spawn(core.clone());
     let sampler = crate::metrics::spawn_sampler(core.clone());
+    let follower = crate::topology_change::spawn(core.clone(), default_bulk.clone());
     let auto_compaction = core
         .options
         .auto_compaction
@@ -426,7 +473,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         metrics_task,
         shutdown: Some(shutdown_tx),
         join,
-        background: [background, sampler, presence.spawn()]
+        background: [background, sampler, follower, presence.spawn()]
             .into_iter()
             .chain(auto_compaction)
             .collect(),

@@ -65,15 +65,18 @@ impl Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
+        // The stream lives on this topology version; it ends when the
+        // version is retired (`topology_change.rs`), and clients resume.
+        let shards = self.core.views.current();
         let session = Session {
-            shards: self.core.shards.clone(),
+            marks: vec![0; shards.len()],
+            shards,
             core: self.core.clone(),
             tx,
             watchers: BTreeMap::new(),
             index: WatchIndex::default(),
             pending: BTreeSet::new(),
             next_id: 0,
-            marks: vec![0; self.core.shards.len()],
             progress_waiting: Vec::new(),
             last_progress: 0,
         };
@@ -269,6 +272,7 @@ impl Session {
                     self.advance_waiting();
                     Ok(())
                 }
+                _ = self.shards.retired() => self.end_retired().await,
                 // The response stream is gone (the router is stopping): the
                 // request stream must go too, or the connection stays open.
                 _ = self.tx.closed() => Err(Gone),
@@ -283,6 +287,11 @@ impl Session {
     }
 
     async fn send(&self, response: WatchResponse) -> Result<(), Gone> {
+        // Once the version is retired, the shards may serve the next one:
+        // what this stream read since may be of the new topology.
+        if self.shards.is_retired() {
+            return self.end_retired().await;
+        }
         let permit = match self.tx.try_reserve() {
             Ok(permit) => permit,
             Err(mpsc::error::TrySendError::Closed(())) => return Err(Gone),
@@ -295,6 +304,20 @@ impl Session {
         };
         permit.send(Ok(response));
         Ok(())
+    }
+
+    /// Ends the stream because the topology changed: etcd's Go client
+    /// re-creates the stream and resumes every watch from the revision
+    /// after the last it got, on the new topology.
+    async fn end_retired(&self) -> Result<(), Gone> {
+        let _ = self
+            .tx
+            .send(Err(shard_status(ShardError::TopologyChanged {
+                stored: self.shards.version() + 1,
+                serving: self.shards.version(),
+            })))
+            .await;
+        Err(Gone)
     }
 
     /// Ends the stream with a database error: etcd's Go client re-creates
@@ -383,6 +406,11 @@ impl Session {
     async fn create(&mut self, create: WatchCreateRequest) -> Result<(), Gone> {
         let shards = self.shards.clone();
         let ids = shards.for_range(&create.key, &create.range_end);
+        // Keys arriving (an online move): the watch starts once they are
+        // whole.
+        if let Err(e) = shards.hold_off(&ids).await {
+            return self.fail(e).await;
+        }
         let (current, compacted) = match watch_start(&shards, &ids).await {
             Ok(revs) => revs,
             Err(e) => return self.fail(e).await,

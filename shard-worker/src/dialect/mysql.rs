@@ -68,6 +68,7 @@ const SCHEMA: &[&str] = &[
         id BIGINT PRIMARY KEY,
         version BIGINT NOT NULL,
         placement TEXT NOT NULL,
+        held TEXT NOT NULL,
         phase VARCHAR(32) NOT NULL,
         switch_revision BIGINT NOT NULL) ENGINE=InnoDB",
     "CREATE TABLE IF NOT EXISTS ks_identity (

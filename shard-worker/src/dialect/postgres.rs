@@ -65,6 +65,7 @@ const SCHEMA: &[&str] = &[
         id BIGINT PRIMARY KEY,
         version BIGINT NOT NULL,
         placement TEXT NOT NULL,
+        held TEXT NOT NULL,
         phase TEXT NOT NULL,
         switch_revision BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS ks_identity (

@@ -63,6 +63,7 @@ const SCHEMA: &[&str] = &[
         id INTEGER PRIMARY KEY,
         version INTEGER NOT NULL,
         placement TEXT NOT NULL,
+        held TEXT NOT NULL,
         phase TEXT NOT NULL,
         switch_revision INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS ks_identity (

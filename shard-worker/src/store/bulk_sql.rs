@@ -411,7 +411,7 @@ where
     async fn reshard(&self) -> Result<Option<Reshard>> {
         let mut conn = self.pool.acquire().await?;
         let rows = sqlx::query(
-            "SELECT version, placement, phase, switch_revision FROM ks_reshard WHERE id = 1",
+            "SELECT version, placement, phase, switch_revision, held FROM ks_reshard WHERE id = 1",
         )
         .fetch_all(&mut *conn)
         .await?;
@@ -425,6 +425,11 @@ where
             phase: ReshardPhase::parse(&phase)
                 .ok_or_else(|| ShardError::Corrupt(format!("ks_reshard has phase {phase:?}")))?,
             switch_revision: row.try_get(3)?,
+            held: row
+                .try_get::<String, _>(4)?
+                .lines()
+                .map(str::to_string)
+                .collect(),
         }))
     }
 
@@ -439,11 +444,15 @@ where
         .await?;
         let mut st = Statement::new(
             d,
-            "INSERT INTO ks_reshard (id, version, placement, phase, switch_revision) VALUES (1, ",
+            "INSERT INTO ks_reshard (id, version, placement, held, phase, switch_revision) \
+             VALUES (1, ",
         );
+        let held = reshard.held.join("\n");
         st.int(reshard.version)
             .sql(", ")
             .arg(Arg::Text(&reshard.placement))
+            .sql(", ")
+            .arg(Arg::Text(&held))
             .sql(", ")
             .arg(Arg::Text(reshard.phase.as_str()))
             .sql(", ")

@@ -767,7 +767,17 @@ where
         let tx = conn.begin_with(self.dialect.begin_write()).await?;
         let mut ops = SqlTx { shard: self, tx };
         let mut committed =
-            write::apply_batch(&mut ops, batch, self.fence.serving(), collect_events).await?;
+            match write::apply_batch(&mut ops, batch, self.fence.serving(), collect_events).await {
+                Ok(committed) => committed,
+                Err(e) => {
+                    // Now, not when the connection is next used (sqlx's
+                    // rollback on drop): until then the transaction would
+                    // hold the revision lock, and a fence (or a writer of
+                    // another process) would wait for it.
+                    let _ = ops.tx.rollback().await;
+                    return Err(e);
+                }
+            };
         ops.tx.commit().await?;
         if rerun {
             committed.path = WritePath::RerunLocked;
