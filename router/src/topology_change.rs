@@ -3,19 +3,20 @@
 //! every router switches to the new topology at the same revision
 //! (docs/topology.md, "Changing the topology while routers serve").
 //!
-//! The move fences every database at the next topology version
-//! (`shard-worker/src/store/fence.rs`); from then on this router's reads
-//! and writes fail with TopologyChanged until it serves that version. Once
-//! the move is `fenced` (every database fenced and raised to the switch
-//! revision), the router reads its topology file again, which must place
-//! keys as the move does, and switches:
+//! While the move copies, the router reads its topology file again (it
+//! must place keys as the move does) and builds the next [`Shards`],
+//! sharing the shards of databases in both versions and opening the new
+//! ones, which are held (requests that may touch them wait) until the move
+//! is `done`. The move then fences every database at the next topology
+//! version (`shard-worker/src/store/fence.rs`): this router's reads and
+//! writes fail with TopologyChanged until it serves that version. Once the
+//! move is `fenced` (every database fenced and raised to the switch
+//! revision), the router switches:
 //!
-//! 1. it builds the next [`Shards`], sharing the shards of databases in
-//!    both versions and opening the new ones; the new databases are held
-//!    (requests that may touch them wait) until the move is `done`;
-//! 2. requests take the new version from now on, and the old one is
-//!    retired: its watch streams end before they send anything read after
-//!    step 3 (clients resume their watches, on the new version);
+//! 1. requests take the new version from now on;
+//! 2. the old one is retired: its watch streams end before they send
+//!    anything read after step 3 (clients resume their watches, on the new
+//!    version), and the switch waits until no request runs on it;
 //! 3. the shared shards serve the new version, with its revision classes.
 //!
 //! Requests that failed with TopologyChanged wait here for the switch and

@@ -109,13 +109,16 @@ pub async fn run(options: ReshardOptions) -> Result<ReshardReport> {
         }
     };
     let mut report = ReshardReport::default();
+    // Where the copy passes ended, per source: the last step copies what
+    // came after. Unknown to a command that resumes later than copying.
+    let mut copied_to = None;
     if reshard.phase == ReshardPhase::Copying {
         default
             .bulk
             .set_reshard(&reshard)
             .await
             .map_err(|e| default.fail(e))?;
-        copy_until_caught_up(&dbs, &plan, &mut report).await?;
+        copied_to = Some(copy_until_caught_up(&dbs, &plan, &mut report).await?);
         reshard.phase = ReshardPhase::Fencing;
         default
             .bulk
@@ -138,7 +141,7 @@ pub async fn run(options: ReshardOptions) -> Result<ReshardReport> {
         );
     }
     if reshard.phase == ReshardPhase::Fenced {
-        finish(&dbs, &plan, &mut report).await?;
+        finish(&dbs, &plan, copied_to.as_ref(), &mut report).await?;
         reshard.phase = ReshardPhase::Done;
         default
             .bulk
@@ -288,13 +291,17 @@ async fn copy_history(
     Ok((end, copied))
 }
 
-/// Copy passes over every source until one finds little new.
+/// Where each source's history was copied up to: (revision, sub).
+type Positions = HashMap<usize, (i64, i64)>;
+
+/// Copy passes over every source until one finds little new; returns
+/// where they ended.
 async fn copy_until_caught_up(
     dbs: &Databases,
     plan: &Plan<'_>,
     report: &mut ReshardReport,
-) -> Result<()> {
-    let mut positions: HashMap<usize, (i64, i64)> = plan
+) -> Result<Positions> {
+    let mut positions: Positions = plan
         .sources
         .iter()
         .map(|s| (*s, (i64::MIN, i64::MIN)))
@@ -316,7 +323,7 @@ async fn copy_until_caught_up(
             break;
         }
     }
-    Ok(())
+    Ok(positions)
 }
 
 /// Fences every database at `version`, then raises each to the highest
@@ -372,13 +379,21 @@ async fn fence(dbs: &Databases, plan: &Plan<'_>, to_placement: &str, version: i6
     Ok(highest.current)
 }
 
-/// After the switch: the last history rows, the live rows made equal, the
-/// moved rows removed from the old databases, the label indexes rebuilt.
-async fn finish(dbs: &Databases, plan: &Plan<'_>, report: &mut ReshardReport) -> Result<()> {
-    // From the start: a resumed command does not know where a pass ended,
-    // and rows already there are skipped.
+/// After the switch: the last history rows (after `copied_to`, or all of
+/// them for a command that resumed: rows already there are skipped), the
+/// live rows made equal, the moved rows removed from the old databases,
+/// the label indexes rebuilt. Moving keys wait for this.
+async fn finish(
+    dbs: &Databases,
+    plan: &Plan<'_>,
+    copied_to: Option<&Positions>,
+    report: &mut ReshardReport,
+) -> Result<()> {
     for &source in &plan.sources {
-        let (_, rows) = copy_history(dbs, plan, source, (i64::MIN, i64::MIN)).await?;
+        let after = copied_to
+            .and_then(|p| p.get(&source).copied())
+            .unwrap_or((i64::MIN, i64::MIN));
+        let (_, rows) = copy_history(dbs, plan, source, after).await?;
         report.history_rows_moved += rows;
     }
     for &dest in &plan.fresh {

@@ -75,6 +75,38 @@ where
     Ok(bound::<DB>(st).fetch_all(&mut *conn).await?)
 }
 
+impl<DB> SqlBulk<DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    DB::QueryResult: RowsAffected,
+{
+    /// The row with id 1 of a one-row record table (`ks_import`,
+    /// `ks_placement`, `ks_reshard`), if there is one.
+    async fn record(&self, select: &'static str) -> Result<Option<DB::Row>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = fetch::<DB>(&mut conn, &Statement::new(self.dialect, select)).await?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Replaces the row with id 1 of `table` by what `insert` inserts, in
+    /// one transaction.
+    async fn replace_record(&self, table: &str, insert: &Statement<'_>) -> Result<()> {
+        let d = self.dialect;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await?;
+        let delete = Statement::new(d, format!("DELETE FROM {table} WHERE id = 1"));
+        run::<DB>(&mut tx, &delete).await?;
+        run::<DB>(&mut tx, insert).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl<DB> BulkSink for SqlBulk<DB>
 where
@@ -307,11 +339,10 @@ where
     }
 
     async fn import_state(&self) -> Result<Option<ImportState>> {
-        let mut conn = self.pool.acquire().await?;
-        let rows = sqlx::query("SELECT source, revision, phase FROM ks_import WHERE id = 1")
-            .fetch_all(&mut *conn)
-            .await?;
-        let Some(row) = rows.first() else {
+        let Some(row) = self
+            .record("SELECT source, revision, phase FROM ks_import WHERE id = 1")
+            .await?
+        else {
             return Ok(None);
         };
         let phase: String = row.try_get(2)?;
@@ -324,16 +355,8 @@ where
     }
 
     async fn set_import_state(&self, state: &ImportState) -> Result<()> {
-        let d = self.dialect;
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin_with(d.begin_write()).await?;
-        run::<DB>(
-            &mut tx,
-            &Statement::new(d, "DELETE FROM ks_import WHERE id = 1"),
-        )
-        .await?;
         let mut st = Statement::new(
-            d,
+            self.dialect,
             "INSERT INTO ks_import (id, source, revision, phase) VALUES (1, ",
         );
         st.arg(Arg::Text(&state.source))
@@ -342,9 +365,7 @@ where
             .sql(", ")
             .arg(Arg::Text(state.phase.as_str()))
             .sql(")");
-        run::<DB>(&mut tx, &st).await?;
-        tx.commit().await?;
-        Ok(())
+        self.replace_record("ks_import", &st).await
     }
 
     async fn database_id(&self) -> Result<String> {
@@ -376,46 +397,39 @@ where
     }
 
     async fn placement(&self) -> Result<Option<String>> {
-        let mut conn = self.pool.acquire().await?;
-        let rows = sqlx::query("SELECT placement FROM ks_placement WHERE id = 1")
-            .fetch_all(&mut *conn)
-            .await?;
-        match rows.first() {
+        match self
+            .record("SELECT placement FROM ks_placement WHERE id = 1")
+            .await?
+        {
             Some(row) => Ok(Some(row.try_get(0)?)),
             None => Ok(None),
         }
     }
 
     async fn set_placement(&self, placement: &str, replace: bool) -> Result<()> {
-        let d = self.dialect;
-        let mut conn = self.pool.acquire().await?;
-        let mut st = Statement::new(d, "INSERT INTO ks_placement (id, placement) VALUES (1, ");
+        let mut st = Statement::new(
+            self.dialect,
+            "INSERT INTO ks_placement (id, placement) VALUES (1, ",
+        );
         st.arg(Arg::Text(placement)).sql(")");
-        if !replace {
-            // A row written meanwhile by another router makes this fail; the
-            // caller reads back what stands.
-            let _ = run::<DB>(&mut conn, &st).await;
-            return Ok(());
+        if replace {
+            return self.replace_record("ks_placement", &st).await;
         }
-        let mut tx = conn.begin_with(d.begin_write()).await?;
-        run::<DB>(
-            &mut tx,
-            &Statement::new(d, "DELETE FROM ks_placement WHERE id = 1"),
-        )
-        .await?;
-        run::<DB>(&mut tx, &st).await?;
-        tx.commit().await?;
+        // A row written meanwhile by another router makes this fail; the
+        // caller reads back what stands.
+        let mut conn = self.pool.acquire().await?;
+        let _ = run::<DB>(&mut conn, &st).await;
         Ok(())
     }
 
     async fn reshard(&self) -> Result<Option<Reshard>> {
-        let mut conn = self.pool.acquire().await?;
-        let rows = sqlx::query(
-            "SELECT version, placement, phase, switch_revision, held FROM ks_reshard WHERE id = 1",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        let Some(row) = rows.first() else {
+        let Some(row) = self
+            .record(
+                "SELECT version, placement, phase, switch_revision, held FROM ks_reshard \
+                 WHERE id = 1",
+            )
+            .await?
+        else {
             return Ok(None);
         };
         let phase: String = row.try_get(2)?;
@@ -434,16 +448,8 @@ where
     }
 
     async fn set_reshard(&self, reshard: &Reshard) -> Result<()> {
-        let d = self.dialect;
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin_with(d.begin_write()).await?;
-        run::<DB>(
-            &mut tx,
-            &Statement::new(d, "DELETE FROM ks_reshard WHERE id = 1"),
-        )
-        .await?;
         let mut st = Statement::new(
-            d,
+            self.dialect,
             "INSERT INTO ks_reshard (id, version, placement, held, phase, switch_revision) \
              VALUES (1, ",
         );
@@ -458,9 +464,7 @@ where
             .sql(", ")
             .int(reshard.switch_revision)
             .sql(")");
-        run::<DB>(&mut tx, &st).await?;
-        tx.commit().await?;
-        Ok(())
+        self.replace_record("ks_reshard", &st).await
     }
 
     async fn router_seen(&self, id: &str, address: &str) -> Result<()> {

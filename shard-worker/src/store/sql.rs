@@ -195,13 +195,7 @@ where
                 }
             }
         }
-        sqlx::query("UPDATE ks_meta SET schema_version = 3 WHERE id = 1 AND schema_version = 2")
-            .execute(&mut **conn)
-            .await?;
-        let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
-            .fetch_one(&mut **conn)
-            .await?;
-        Ok(row.try_get(0)?)
+        Self::upgraded(conn, 2).await
     }
 
     /// Version 3 to 4: `ks_meta.epoch`, the topology version the database
@@ -229,9 +223,18 @@ where
                 }
             }
         }
-        sqlx::query("UPDATE ks_meta SET schema_version = 4 WHERE id = 1 AND schema_version = 3")
-            .execute(&mut **conn)
-            .await?;
+        Self::upgraded(conn, 3).await
+    }
+
+    /// Moves the schema version from `from` to the next, only from there
+    /// (routers that start together may upgrade at once), and reads the
+    /// version that stands.
+    async fn upgraded(conn: &mut PoolConnection<DB>, from: i64) -> Result<i64> {
+        let update = format!(
+            "UPDATE ks_meta SET schema_version = {} WHERE id = 1 AND schema_version = {from}",
+            from + 1
+        );
+        sqlx::query(&update).execute(&mut **conn).await?;
         let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
             .fetch_one(&mut **conn)
             .await?;

@@ -11,7 +11,7 @@
 //! - every revision written after the switch is above the switch revision.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -487,6 +487,34 @@ impl Seen {
     }
 }
 
+/// A fresh database per shard, of its backend; None (the test is skipped)
+/// when a backend is not there.
+fn fresh_databases(test: &str, dir: &Path, shards: &[(&str, Backend)]) -> Option<Vec<String>> {
+    let mut urls = Vec::new();
+    for (name, backend) in shards {
+        match backend.fresh_endpoint(&dir.join(name)) {
+            Ok(url) => urls.push(url),
+            Err(why) => return skip(test, &format!("backend {}: {why}", backend.name())),
+        }
+        std::fs::create_dir_all(dir.join(name)).expect("dir");
+    }
+    Some(urls)
+}
+
+/// Writes the files of `kubeshard reshard --from` and `--to`, and the
+/// routers' file, which says `old` until the operator updates it.
+fn topology_files(dir: &Path, old: &str, new: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let files = (
+        dir.join("old.toml"),
+        dir.join("new.toml"),
+        dir.join("config.toml"),
+    );
+    std::fs::write(&files.0, old).expect("write");
+    std::fs::write(&files.1, new).expect("write");
+    std::fs::write(&files.2, old).expect("write");
+    files
+}
+
 /// Writes [`PRELOAD`] configmaps and secrets of namespace team-a.
 async fn preload(endpoint: &str) {
     let tasks: Vec<_> = (0..8)
@@ -550,22 +578,19 @@ fn same_state(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>, w
 async fn online_reshard_under_load() {
     let test = "online_reshard_under_load";
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut urls = Vec::new();
-    for (name, backend) in [
-        ("core", Backend::Sqlite),
-        ("p1", Backend::Postgres),
-        ("cm", Backend::Mysql),
-        ("p2", Backend::Sqlite),
-        ("sec", Backend::Postgres),
-    ] {
-        match backend.fresh_endpoint(&dir.path().join(name)) {
-            Ok(url) => urls.push(url),
-            Err(why) => {
-                return skip(test, &format!("backend {}: {why}", backend.name())).unwrap_or(());
-            }
-        }
-        std::fs::create_dir_all(dir.path().join(name)).expect("dir");
-    }
+    let Some(urls) = fresh_databases(
+        test,
+        dir.path(),
+        &[
+            ("core", Backend::Sqlite),
+            ("p1", Backend::Postgres),
+            ("cm", Backend::Mysql),
+            ("p2", Backend::Sqlite),
+            ("sec", Backend::Postgres),
+        ],
+    ) else {
+        return;
+    };
     let _drop = Databases(urls.clone());
     let old = topology(
         &[("core", &urls[0]), ("p1", &urls[1])],
@@ -585,14 +610,7 @@ async fn online_reshard_under_load() {
          \n[[routes]]\nresource = \"configmaps\"\nshard = \"cm\"\n\
          \n[[routes]]\nprefix = \"/registry/secrets/team-a/\"\nshard = \"sec\"\n",
     );
-    let (old_file, new_file, config) = (
-        dir.path().join("old.toml"),
-        dir.path().join("new.toml"),
-        dir.path().join("config.toml"),
-    );
-    std::fs::write(&old_file, &old).expect("write");
-    std::fs::write(&new_file, &new).expect("write");
-    std::fs::write(&config, &old).expect("write");
+    let (old_file, new_file, config) = topology_files(dir.path(), &old, &new);
 
     let r1 = serve(&config).await;
     let r2 = serve(&config).await;
@@ -695,20 +713,17 @@ async fn online_reshard_under_load() {
 async fn online_reshard_killed_then_run_again() {
     let test = "online_reshard_killed_then_run_again";
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut urls = Vec::new();
-    for (name, backend) in [
-        ("core", Backend::Postgres),
-        ("cm", Backend::Sqlite),
-        ("sec", Backend::Mysql),
-    ] {
-        match backend.fresh_endpoint(&dir.path().join(name)) {
-            Ok(url) => urls.push(url),
-            Err(why) => {
-                return skip(test, &format!("backend {}: {why}", backend.name())).unwrap_or(());
-            }
-        }
-        std::fs::create_dir_all(dir.path().join(name)).expect("dir");
-    }
+    let Some(urls) = fresh_databases(
+        test,
+        dir.path(),
+        &[
+            ("core", Backend::Postgres),
+            ("cm", Backend::Sqlite),
+            ("sec", Backend::Mysql),
+        ],
+    ) else {
+        return;
+    };
     let _drop = Databases(urls.clone());
     let old = topology(&[("core", &urls[0])], "");
     let new = topology(
@@ -716,14 +731,7 @@ async fn online_reshard_killed_then_run_again() {
         "\n[[routes]]\nresource = \"configmaps\"\nshard = \"cm\"\n\
          \n[[routes]]\nprefix = \"/registry/secrets/team-a/\"\nshard = \"sec\"\n",
     );
-    let (old_file, new_file, config) = (
-        dir.path().join("old.toml"),
-        dir.path().join("new.toml"),
-        dir.path().join("config.toml"),
-    );
-    std::fs::write(&old_file, &old).expect("write");
-    std::fs::write(&new_file, &new).expect("write");
-    std::fs::write(&config, &old).expect("write");
+    let (old_file, new_file, config) = topology_files(dir.path(), &old, &new);
     let r1 = serve(&config).await;
     preload(&r1.endpoint()).await;
     let mut c = connect(&r1.endpoint()).await.expect("connect");
