@@ -113,27 +113,15 @@ pub async fn run(options: ReshardOptions) -> Result<ReshardReport> {
     // came after. Unknown to a command that resumes later than copying.
     let mut copied_to = None;
     if reshard.phase == ReshardPhase::Copying {
-        default
-            .bulk
-            .set_reshard(&reshard)
-            .await
-            .map_err(|e| default.fail(e))?;
+        record(default, &reshard).await?;
         copied_to = Some(copy_until_caught_up(&dbs, &plan, &mut report).await?);
         reshard.phase = ReshardPhase::Fencing;
-        default
-            .bulk
-            .set_reshard(&reshard)
-            .await
-            .map_err(|e| default.fail(e))?;
+        record(default, &reshard).await?;
     }
     if reshard.phase == ReshardPhase::Fencing {
         reshard.switch_revision = fence(&dbs, &plan, &to_placement, reshard.version).await?;
         reshard.phase = ReshardPhase::Fenced;
-        default
-            .bulk
-            .set_reshard(&reshard)
-            .await
-            .map_err(|e| default.fail(e))?;
+        record(default, &reshard).await?;
         info!(
             version = reshard.version,
             switch_revision = reshard.switch_revision,
@@ -143,11 +131,7 @@ pub async fn run(options: ReshardOptions) -> Result<ReshardReport> {
     if reshard.phase == ReshardPhase::Fenced {
         finish(&dbs, &plan, copied_to.as_ref(), &mut report).await?;
         reshard.phase = ReshardPhase::Done;
-        default
-            .bulk
-            .set_reshard(&reshard)
-            .await
-            .map_err(|e| default.fail(e))?;
+        record(default, &reshard).await?;
     }
     report.revisions = Some(Revisions {
         current: reshard.switch_revision,
@@ -165,6 +149,15 @@ pub async fn run(options: ReshardOptions) -> Result<ReshardReport> {
         report.verified_keys = Some(crate::reshard::verify(&dbs, &|key| plan.home(key)).await?);
     }
     Ok(report)
+}
+
+/// Records how far the move got, in the default shard (routers follow it).
+async fn record(default: &Database, reshard: &Reshard) -> Result<()> {
+    default
+        .bulk
+        .set_reshard(reshard)
+        .await
+        .map_err(|e| default.fail(e))
 }
 
 /// Where keys go: the databases of both topologies, by index in

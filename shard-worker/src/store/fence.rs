@@ -15,6 +15,7 @@
 //! together.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::error::{Result, ShardError};
 use crate::store::RevisionClass;
@@ -24,6 +25,9 @@ use crate::store::RevisionClass;
 #[derive(Debug)]
 pub struct Fence {
     state: Mutex<Serving>,
+    /// `state.version`, for reads, which check only the version: no lock
+    /// on every read.
+    version: AtomicI64,
 }
 
 /// One consistent view of a [`Fence`].
@@ -37,6 +41,7 @@ impl Fence {
     pub fn new(version: i64, class: RevisionClass) -> Self {
         Fence {
             state: Mutex::new(Serving { version, class }),
+            version: AtomicI64::new(version),
         }
     }
 
@@ -50,12 +55,13 @@ impl Fence {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if version >= state.version {
             *state = Serving { version, class };
+            self.version.store(version, Ordering::Release);
         }
     }
 
     /// Fails if the database, fenced at `stored`, is ahead of this process.
     pub fn check(&self, stored: i64) -> Result<()> {
-        check(self.serving().version, stored)
+        check(self.version.load(Ordering::Acquire), stored)
     }
 }
 
