@@ -271,6 +271,15 @@ pub struct Cli {
           help_heading = "Database connections")]
     pub datastore_connection_max_idle_time: Duration,
 
+    /// Longest a database call may take (connect, acquire, statement,
+    /// commit): a request to a shard whose database does not answer in
+    /// time fails with etcd's "request timed out", and the connections it
+    /// held are closed. At least 100ms.
+    #[arg(long, env = "KUBESHARD_DATASTORE_TIMEOUT", value_name = "DURATION",
+          default_value = "15s", value_parser = parse_go_duration,
+          help_heading = "Database connections")]
+    pub datastore_timeout: Duration,
+
     /// A database call of a shard that takes at least this long is logged
     /// (with the shard and the call); 0 turns this off.
     #[arg(long, env = "KUBESHARD_SLOW_SQL_THRESHOLD", value_name = "DURATION",
@@ -399,6 +408,8 @@ pub struct PoolSettings {
     /// None: no limit.
     pub max_lifetime: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    /// Longest one database call may take (`--datastore-timeout`).
+    pub call_timeout: Duration,
 }
 
 /// The command line's defaults (kine's): no lifetime limit, idle
@@ -409,6 +420,7 @@ impl Default for PoolSettings {
             max_connections: None,
             max_lifetime: None,
             idle_timeout: Some(Duration::from_secs(120)),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         }
     }
 }
@@ -517,6 +529,10 @@ pub const DEFAULT_ETCD_VERSION: &str = "3.6.0";
 
 /// Events read per watch poll unless --poll-batch-size says otherwise.
 pub const DEFAULT_POLL_BATCH: usize = 1000;
+
+/// `--datastore-timeout`'s default: well under kube-apiserver's request
+/// timeout (60 s), and a little above etcd's own bound on a proposal.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Cli {
     /// Parses the process's command line, with kine's `KINE_*` variables
@@ -655,6 +671,7 @@ impl Cli {
                     .filter(|n| *n > 0),
                 max_lifetime: nonzero(self.datastore_connection_max_lifetime),
                 idle_timeout: nonzero(self.datastore_connection_max_idle_time),
+                call_timeout: self.datastore_timeout.max(Duration::from_millis(100)),
             },
             slow_sql: SlowSql {
                 info: nonzero(self.slow_sql_threshold),
@@ -937,6 +954,7 @@ mod tests {
                 max_connections: None,
                 max_lifetime: Some(Duration::from_secs(3600)),
                 idle_timeout: Some(Duration::from_secs(120)),
+                call_timeout: DEFAULT_CALL_TIMEOUT,
             }
         );
         // kine's defaults where kine's differ from kubeshard's are not taken.

@@ -23,6 +23,12 @@ pub enum EtcdError {
     KeyNotFound,
     /// The router is stopping (SIGTERM): clients retry elsewhere.
     Stopped,
+    /// A database call passed `--datastore-timeout`; nothing of it took
+    /// effect.
+    Timeout,
+    /// A write's commit got no answer in time: it may have taken effect.
+    /// etcd's text for a proposal whose outcome the server lost track of.
+    TimeoutDueToConnectionLost,
 }
 
 impl EtcdError {
@@ -41,7 +47,9 @@ impl EtcdError {
             }
             EtcdError::LeaseNotFound => Code::NotFound,
             EtcdError::LeaseExists => Code::FailedPrecondition,
-            EtcdError::Stopped => Code::Unavailable,
+            EtcdError::Stopped | EtcdError::Timeout | EtcdError::TimeoutDueToConnectionLost => {
+                Code::Unavailable
+            }
         }
     }
 
@@ -61,6 +69,10 @@ impl EtcdError {
             EtcdError::LeaseTtlTooLarge => "etcdserver: too large lease TTL",
             EtcdError::KeyNotFound => "etcdserver: key not found",
             EtcdError::Stopped => "etcdserver: server stopped",
+            EtcdError::Timeout => "etcdserver: request timed out",
+            EtcdError::TimeoutDueToConnectionLost => {
+                "etcdserver: request timed out, possibly due to connection lost"
+            }
         }
     }
 }
@@ -89,6 +101,8 @@ pub fn shard_status(e: ShardError) -> Status {
         ShardError::LeaseNotFound => EtcdError::LeaseNotFound.into(),
         ShardError::LeaseExists => EtcdError::LeaseExists.into(),
         ShardError::KeyNotFound => EtcdError::KeyNotFound.into(),
+        ShardError::TimedOut => EtcdError::Timeout.into(),
+        ShardError::CommitUnknown => EtcdError::TimeoutDueToConnectionLost.into(),
         ShardError::KeyTooLong { .. } | ShardError::InvalidSelector(_) => {
             Status::invalid_argument(format!("etcdserver: {e}"))
         }
@@ -144,6 +158,17 @@ mod tests {
                 ShardError::LeaseNotFound,
                 Code::NotFound,
                 "etcdserver: requested lease not found",
+            ),
+            // etcd's ErrGRPCTimeout and ErrGRPCTimeoutDueToConnectionLost.
+            (
+                ShardError::TimedOut,
+                Code::Unavailable,
+                "etcdserver: request timed out",
+            ),
+            (
+                ShardError::CommitUnknown,
+                Code::Unavailable,
+                "etcdserver: request timed out, possibly due to connection lost",
             ),
         ];
         for (e, code, message) in cases {

@@ -20,7 +20,6 @@ use crate::store::{RevisionClass, ShardStore, SqlBulk, SqlShard, SqliteReads, Sq
 /// Connections per shard pool unless configured (reads share them; the
 /// writer has a pool of one of its own).
 const POOL_SIZE: u32 = 16;
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens the store of one shard, creating database and schema when missing.
 ///
@@ -52,7 +51,7 @@ pub async fn open_store_with(
             let options = sqlite_options(path);
             let pool = recycled(SqlitePoolOptions::new(), settings)
                 .max_connections(size)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .acquire_timeout(settings.call_timeout)
                 .connect_with(options.clone())
                 .await?;
             // Batches are written by a thread of their own
@@ -72,10 +71,10 @@ pub async fn open_store_with(
             let server: PgConnectOptions = url.as_str().parse()?;
             create_postgres_database(&server, database).await?;
             let options = server.database(database).disable_statement_logging();
-            let pool = recycled(postgres_pool(size), settings)
+            let pool = recycled(postgres_pool(size, settings), settings)
                 .connect_with(options.clone())
                 .await?;
-            let write_pool = recycled(postgres_pool(1), settings)
+            let write_pool = recycled(postgres_pool(1, settings), settings)
                 .after_connect(|conn, _| Box::pin(set_postgres_writer_session(conn)))
                 .connect_with(options)
                 .await?;
@@ -99,12 +98,12 @@ pub async fn open_store_with(
             let options = server.database(database).disable_statement_logging();
             let pool = recycled(MySqlPoolOptions::new(), settings)
                 .max_connections(size)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .acquire_timeout(settings.call_timeout)
                 .connect_with(options.clone())
                 .await?;
             let write_pool = recycled(MySqlPoolOptions::new(), settings)
                 .max_connections(1)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .acquire_timeout(settings.call_timeout)
                 .connect_with(options)
                 .await?;
             let shard = SqlShard::new(pool, write_pool, &dialect::Mysql, fence);
@@ -173,10 +172,10 @@ fn recycled<DB: sqlx::Database>(
 }
 
 /// A pool of PostgreSQL connections set up by [`set_postgres_session`].
-fn postgres_pool(max_connections: u32) -> PgPoolOptions {
+fn postgres_pool(max_connections: u32, settings: &PoolSettings) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .acquire_timeout(settings.call_timeout)
         .after_connect(|conn, _| Box::pin(set_postgres_session(conn)))
 }
 

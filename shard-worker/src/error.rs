@@ -83,6 +83,15 @@ pub enum ShardError {
          version {serving}"
     )]
     TopologyChanged { stored: i64, serving: i64 },
+    /// A database call did not finish within `--datastore-timeout`
+    /// (`deadline.rs`), and nothing of it took effect: a write that times
+    /// out had not sent its commit, and its connection was closed.
+    #[error("request timed out")]
+    TimedOut,
+    /// A write's commit was sent and no answer came in time: it may or may
+    /// not have taken effect.
+    #[error("request timed out, possibly due to connection lost")]
+    CommitUnknown,
     /// The stored data is not what this version of kubeshard wrote.
     #[error("unexpected stored data: {0}")]
     Corrupt(String),
@@ -112,9 +121,29 @@ impl ShardError {
             ),
             ShardError::Stopped(_)
             | ShardError::BatchFailed(_)
-            | ShardError::TopologyChanged { .. } => true,
+            | ShardError::TopologyChanged { .. }
+            | ShardError::TimedOut
+            | ShardError::CommitUnknown => true,
             _ => false,
         }
+    }
+}
+
+impl ShardError {
+    /// The connection broke (as opposed to the database answering with an
+    /// error): a commit sent on it may or may not have taken effect.
+    /// SQLite's errors are answers (its writer thread runs every batch to
+    /// its end).
+    pub fn is_lost_connection(&self) -> bool {
+        matches!(
+            self,
+            ShardError::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
     }
 }
 
@@ -126,7 +155,12 @@ impl From<rusqlite::Error> for ShardError {
 
 impl From<sqlx::Error> for ShardError {
     fn from(e: sqlx::Error) -> Self {
-        ShardError::Database(e)
+        match e {
+            // No connection in `--datastore-timeout` (the pools wait that
+            // long): nothing was sent, as for any call late before commit.
+            sqlx::Error::PoolTimedOut => ShardError::TimedOut,
+            e => ShardError::Database(e),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod bulk;
 pub mod connect;
+pub mod deadline;
 pub mod dialect;
 pub mod error;
 pub mod keys;

@@ -12,7 +12,7 @@ use crate::error::{Result, ShardError};
 use crate::labels::{LabelIndexer, run_label_indexer};
 use crate::observe::ShardObserver;
 use crate::store::fence::Serving;
-use crate::store::{Observed, ShardStore};
+use crate::store::{Bounded, Observed, ShardStore};
 use crate::watch::{WatchHub, run_poller};
 use crate::writer::ShardWriter;
 
@@ -69,8 +69,17 @@ impl Shard {
             version: 0,
             class: crate::RevisionClass::ALL,
         };
-        let store = crate::connect::open_store_with(endpoint, serving, &settings.pool).await?;
-        refuse_unfinished_import(endpoint).await?;
+        let opened = async {
+            let store = crate::connect::open_store_with(endpoint, serving, &settings.pool).await?;
+            refuse_unfinished_import(endpoint).await?;
+            Ok(store)
+        };
+        // Opening creates and checks the schema: bounded as every call is.
+        let limit = settings.pool.call_timeout;
+        let store = crate::deadline::bounded(limit, opened)
+            .await
+            .unwrap_or(Err(ShardError::TimedOut))?;
+        let store = Bounded::wrap(store, limit);
         Ok(Observed::wrap(store, name, settings.slow_sql, observer))
     }
 
@@ -86,7 +95,8 @@ impl Shard {
         store.serve(serving.version, serving.class);
         let start = store.revisions().await?.current;
         let hub = WatchHub::new(start);
-        let writer = ShardWriter::spawn(name, store.clone(), hub.clone(), observer).await?;
+        let limit = settings.pool.call_timeout;
+        let writer = ShardWriter::spawn(name, store.clone(), hub.clone(), observer, limit).await?;
         let (poll_interval, poll_batch) = (settings.poll_interval, settings.poll_batch);
         let poller = tokio::spawn(run_poller(
             store.clone(),

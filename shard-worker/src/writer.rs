@@ -4,16 +4,26 @@
 //! flight, everything queued becomes one batch, applied in one database
 //! transaction (one fsync for many writes). While it commits, new requests
 //! queue up for the next batch, so batches grow with load.
+//!
+//! Each request must be answered within `--datastore-timeout` of its
+//! arrival (`deadline.rs`): one whose time ran out in the queue is refused
+//! without being sent, and a batch is bounded by the earliest deadline of
+//! its requests. A late batch that had not sent its commit fails with
+//! "request timed out" (it never commits: its connection is closed); one
+//! that had is reported as possibly committed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::deadline;
 use crate::error::{Result, ShardError};
 use crate::observe::ShardObserver;
-use crate::store::{ShardStore, WriteRequest, WriteResponse};
+use crate::store::{ShardStore, WriteRequest, WriteResponse, late_batch};
 use crate::watch::WatchHub;
 
 /// Most requests in one transaction.
@@ -28,6 +38,8 @@ pub enum WriterMessage {
         request: WriteRequest,
         /// The write must get a revision above this one (0: no floor).
         floor: i64,
+        /// When its answer is due.
+        deadline: Instant,
         reply: Reply,
     },
     /// The batch in flight has finished.
@@ -40,6 +52,7 @@ struct WriterActor;
 struct Queued {
     request: WriteRequest,
     floor: i64,
+    deadline: Instant,
     reply: Reply,
 }
 
@@ -84,13 +97,18 @@ impl Actor for WriterActor {
             WriterMessage::Write {
                 request,
                 floor,
+                deadline,
                 reply,
             } => state.pending.push(Queued {
                 request,
                 floor,
+                deadline,
                 reply,
             }),
             WriterMessage::Committed => state.in_flight = false,
+        }
+        if !state.in_flight {
+            refuse_late(&mut state.pending);
         }
         if !state.in_flight && !state.pending.is_empty() {
             let take = state.pending.len().min(MAX_BATCH);
@@ -139,6 +157,38 @@ async fn commit(
     Ok(responses)
 }
 
+/// Answers, without sending them, the queued requests whose time ran out
+/// while earlier batches ran.
+fn refuse_late(pending: &mut Vec<Queued>) {
+    let now = Instant::now();
+    if pending.iter().all(|q| q.deadline > now) {
+        return;
+    }
+    let (late, waiting): (Vec<_>, Vec<_>) = pending.drain(..).partition(|q| q.deadline <= now);
+    *pending = waiting;
+    debug!(requests = late.len(), "writes timed out in the queue");
+    for q in late {
+        let _ = q.reply.send(Err(ShardError::TimedOut));
+    }
+}
+
+/// [`commit`] until `deadline`.
+async fn commit_until(
+    deadline: Instant,
+    store: &dyn ShardStore,
+    hub: &WatchHub,
+    requests: &[WriteRequest],
+    floor: i64,
+) -> Result<Vec<Result<WriteResponse>>> {
+    let limit = deadline.saturating_duration_since(Instant::now());
+    match deadline::bounded_marked(limit, commit(store, hub, requests, floor)).await {
+        (Err(elapsed), _) => Err(late_batch(elapsed)),
+        // The commit went out and its answer did not come back.
+        (Ok(Err(e)), true) if e.is_lost_connection() => Err(ShardError::CommitUnknown),
+        (Ok(done), _) => done,
+    }
+}
+
 async fn run_batch(
     store: &dyn ShardStore,
     hub: &WatchHub,
@@ -146,12 +196,15 @@ async fn run_batch(
     batch: Vec<Queued>,
 ) {
     let floor = batch.iter().map(|q| q.floor).max().unwrap_or(0);
+    let Some(due) = batch.iter().map(|q| q.deadline).min() else {
+        return;
+    };
     let (requests, rest): (Vec<_>, Vec<_>) = batch
         .into_iter()
-        .map(|q| (q.request, (q.floor, q.reply)))
+        .map(|q| (q.request, (q.floor, q.deadline, q.reply)))
         .unzip();
     let started = std::time::Instant::now();
-    let committed = commit(store, hub, &requests, floor).await;
+    let committed = commit_until(due, store, hub, &requests, floor).await;
     let elapsed = started.elapsed();
     if let Some(observer) = observer {
         observer.write_batch(requests.len(), elapsed.as_secs_f64(), committed.is_ok());
@@ -163,7 +216,7 @@ async fn run_batch(
     );
     match committed {
         Ok(results) => {
-            for ((_, reply), result) in rest.into_iter().zip(results) {
+            for ((_, _, reply), result) in rest.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
         }
@@ -171,8 +224,9 @@ async fn run_batch(
             // One request may have tripped the database (e.g. a value over
             // a server limit): run each alone so only that one fails.
             warn!(error = %e, size = requests.len(), "write batch failed; retrying its requests one by one");
-            for (request, (floor, reply)) in requests.into_iter().zip(rest) {
-                let result = match commit(store, hub, std::slice::from_ref(&request), floor).await {
+            for (request, (floor, due, reply)) in requests.into_iter().zip(rest) {
+                let alone = std::slice::from_ref(&request);
+                let result = match commit_until(due, store, hub, alone, floor).await {
                     Ok(mut results) => results
                         .pop()
                         .unwrap_or_else(|| Err(ShardError::Corrupt("empty batch result".into()))),
@@ -185,14 +239,25 @@ async fn run_batch(
             // Nothing was written; every request learns why, so that the
             // router switches topology and sends it again.
             debug!(stored, serving, "write batch refused: the topology changed");
-            for (_, reply) in rest {
+            for (_, _, reply) in rest {
                 let _ = reply.send(Err(ShardError::TopologyChanged { stored, serving }));
+            }
+        }
+        Err(e @ (ShardError::TimedOut | ShardError::CommitUnknown)) => {
+            // Each request learns the same: "not written" or "may be".
+            warn!(error = %e, size = requests.len(), "write batch timed out");
+            for (_, _, reply) in rest {
+                let answer = match e {
+                    ShardError::TimedOut => ShardError::TimedOut,
+                    _ => ShardError::CommitUnknown,
+                };
+                let _ = reply.send(Err(answer));
             }
         }
         Err(e) => {
             warn!(error = %e, size = requests.len(), "write batch failed");
             let message = e.to_string();
-            let mut replies = rest.into_iter().map(|(_, reply)| reply);
+            let mut replies = rest.into_iter().map(|(_, _, reply)| reply);
             if let Some(first) = replies.next() {
                 let _ = first.send(Err(e));
             }
@@ -203,21 +268,33 @@ async fn run_batch(
     }
 }
 
+/// The instant `limit` from now (a year at most: an absurd flag must not
+/// overflow the clock).
+fn due_in(limit: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(limit)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
+}
+
 /// Handle to a shard's writer actor.
 #[derive(Debug, Clone)]
 pub struct ShardWriter {
     actor: ActorRef<WriterMessage>,
     shard: Arc<str>,
+    /// How long a request may wait for its answer (`--datastore-timeout`).
+    limit: Duration,
 }
 
 impl ShardWriter {
     /// Starts the writer actor of shard `shard`; `observer` hears of every
-    /// batch.
+    /// batch; each request is answered within `limit`.
     pub async fn spawn(
         shard: &str,
         store: Arc<dyn ShardStore>,
         hub: Arc<WatchHub>,
         observer: Option<Arc<dyn ShardObserver>>,
+        limit: Duration,
     ) -> Result<Self> {
         let (actor, _join) = Actor::spawn(None, WriterActor, (store, hub, observer))
             .await
@@ -225,6 +302,7 @@ impl ShardWriter {
         Ok(ShardWriter {
             actor,
             shard: shard.into(),
+            limit,
         })
     }
 
@@ -242,6 +320,7 @@ impl ShardWriter {
             .send_message(WriterMessage::Write {
                 request,
                 floor,
+                deadline: due_in(self.limit),
                 reply,
             })
             .map_err(|_| ShardError::Stopped(self.shard.to_string()))?;

@@ -10,6 +10,7 @@
 
 pub mod env;
 pub mod format;
+pub mod freeze;
 pub mod server;
 pub mod session;
 pub mod transcript;

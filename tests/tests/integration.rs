@@ -11,6 +11,8 @@
 //!   skipping.
 #![allow(clippy::expect_used)]
 
+#[path = "integration/frozen_database.rs"]
+mod frozen_database;
 #[path = "integration/import.rs"]
 mod import;
 #[path = "integration/online_reshard.rs"]

@@ -590,6 +590,8 @@ where
         if let Some(st) =
             write_sql::guarded_final(d, self.version, &seen, history, upserts, deletes, revs)
         {
+            // Its own transaction: sent, it may commit.
+            crate::deadline::committing();
             let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
             return match &rows[..] {
                 [row] => self.learn(row.try_get(0)?, revs, upserts, deletes),
@@ -614,6 +616,7 @@ where
         for st in write_sql::write_live(d, upserts, deletes) {
             SqlShard::<DB>::execute_in(&mut tx, &st).await?;
         }
+        crate::deadline::committing();
         tx.commit().await?;
         Ok(())
     }
@@ -666,6 +669,8 @@ where
                 wrong: false,
             });
         };
+        // Its own transaction: sent, it may commit.
+        crate::deadline::committing();
         let rows = SqlShard::<DB>::fetch_all_in(&mut *self.conn, &st).await?;
         let written: Option<String> = match rows.first() {
             Some(row) => row.try_get(0)?,

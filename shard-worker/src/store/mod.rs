@@ -10,6 +10,7 @@
 //!   transaction, so reads at the current revision cost O(keys in range);
 //! - `ks_lease`: leases with absolute deadlines (they survive restarts).
 
+mod bounded;
 mod bulk_sql;
 pub mod fence;
 mod guarded_writes;
@@ -37,6 +38,7 @@ use kubeshard_proto::mvccpb::Event;
 use crate::error::Result;
 use crate::keys::KeyRange;
 
+pub use bounded::{Bounded, late_batch};
 pub use bulk_sql::SqlBulk;
 pub use label_index::{LabelChange, LabelIndexOutcome};
 pub use observed::Observed;

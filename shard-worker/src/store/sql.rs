@@ -9,7 +9,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
-use sqlx::pool::PoolConnection;
 use sqlx::{
     ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type,
 };
@@ -18,7 +17,7 @@ use super::fence::{Fence, Serving};
 use super::guarded_writes::{self, GuardPause, GuardedTx, KnownState, SpeculationPause, Start};
 use super::label_index::{self, LabelChange, LabelIndexOutcome, Narrowing};
 use super::page_counts::PageCounts;
-use super::pool_use::{Connections, PoolUse};
+use super::pool_use::{Connections, Held, PoolUse};
 use super::range::PreparedRange;
 use super::selection::SelectedRange;
 use super::sqlite_reads::SqliteReads;
@@ -48,7 +47,9 @@ pub struct SqlShard<DB: Database> {
     /// two round trips per batch, which the one-connection pool made the
     /// next batch wait for. Dropped after a database error (the pool then
     /// checks it and opens a new one if it is broken).
-    write_conn: tokio::sync::Mutex<Option<PoolConnection<DB>>>,
+    /// Taken out for each batch: a batch abandoned at its deadline drops
+    /// (closes) it.
+    write_conn: tokio::sync::Mutex<Option<Held<DB>>>,
     dialect: &'static dyn Dialect,
     /// The topology version served and the revisions this shard hands out.
     fence: Arc<Fence>,
@@ -85,7 +86,7 @@ impl<DB: Database> SqlShard<DB> {
     }
 
     /// A connection of the read pool, counted while it is waited for.
-    async fn acquire(&self) -> std::result::Result<PoolConnection<DB>, sqlx::Error> {
+    async fn acquire(&self) -> std::result::Result<Held<DB>, sqlx::Error> {
         self.pool_use.acquire(&self.pool).await
     }
 }
@@ -175,20 +176,20 @@ where
     /// any more (every write paid a random index page for it). Routers that
     /// start together may race here: the drop is skipped once the index is
     /// gone, and the version only moves from 2 to 3.
-    async fn upgrade_from_2(&self, conn: &mut PoolConnection<DB>) -> Result<i64> {
+    async fn upgrade_from_2(&self, conn: &mut DB::Connection) -> Result<i64> {
         let row = sqlx::query(self.dialect.history_key_index_count())
-            .fetch_one(&mut **conn)
+            .fetch_one(&mut *conn)
             .await?;
         let present: i64 = row.try_get(0)?;
         if present > 0 {
             tracing::info!("schema version 2: dropping the history index ks_history_key");
             if let Err(e) = sqlx::query(self.dialect.drop_history_key_index())
-                .execute(&mut **conn)
+                .execute(&mut *conn)
                 .await
             {
                 // Another router may have dropped it first.
                 let row = sqlx::query(self.dialect.history_key_index_count())
-                    .fetch_one(&mut **conn)
+                    .fetch_one(&mut *conn)
                     .await?;
                 if row.try_get::<i64, _>(0)? > 0 {
                     return Err(e.into());
@@ -201,21 +202,21 @@ where
     /// Version 3 to 4: `ks_meta.epoch`, the topology version the database
     /// is fenced at (`fence.rs`). Routers that start together may race: the
     /// column is added once, and the version only moves from 3 to 4.
-    async fn upgrade_from_3(&self, conn: &mut PoolConnection<DB>) -> Result<i64> {
+    async fn upgrade_from_3(&self, conn: &mut DB::Connection) -> Result<i64> {
         let present = sqlx::query("SELECT epoch FROM ks_meta WHERE id = 1")
-            .fetch_optional(&mut **conn)
+            .fetch_optional(&mut *conn)
             .await
             .is_ok();
         if !present {
             tracing::info!("schema version 3: adding ks_meta.epoch");
             if let Err(e) =
                 sqlx::query("ALTER TABLE ks_meta ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0")
-                    .execute(&mut **conn)
+                    .execute(&mut *conn)
                     .await
             {
                 // Another router may have added it first.
                 if sqlx::query("SELECT epoch FROM ks_meta WHERE id = 1")
-                    .fetch_optional(&mut **conn)
+                    .fetch_optional(&mut *conn)
                     .await
                     .is_err()
                 {
@@ -229,14 +230,14 @@ where
     /// Moves the schema version from `from` to the next, only from there
     /// (routers that start together may upgrade at once), and reads the
     /// version that stands.
-    async fn upgraded(conn: &mut PoolConnection<DB>, from: i64) -> Result<i64> {
+    async fn upgraded(conn: &mut DB::Connection, from: i64) -> Result<i64> {
         let update = format!(
             "UPDATE ks_meta SET schema_version = {} WHERE id = 1 AND schema_version = {from}",
             from + 1
         );
-        sqlx::query(&update).execute(&mut **conn).await?;
+        sqlx::query(&update).execute(&mut *conn).await?;
         let row = sqlx::query("SELECT schema_version FROM ks_meta WHERE id = 1")
-            .fetch_one(&mut **conn)
+            .fetch_one(&mut *conn)
             .await?;
         Ok(row.try_get(0)?)
     }
@@ -781,6 +782,7 @@ where
                     return Err(e);
                 }
             };
+        crate::deadline::committing();
         ops.tx.commit().await?;
         if rerun {
             committed.path = WritePath::RerunLocked;
@@ -852,14 +854,18 @@ where
             return writes.commit(batch, collect_events).await;
         }
         let mut held = self.write_conn.lock().await;
-        let conn = match held.as_mut() {
-            Some(conn) => conn,
-            None => held.insert(self.pool_use.acquire(&self.write_pool).await?),
+        let mut conn = match held.take() {
+            Some(mut conn) => {
+                conn.rebind();
+                conn
+            }
+            None => self.pool_use.acquire(&self.write_pool).await?,
         };
-        let committed = self.commit_on(conn, batch, collect_events).await;
-        if matches!(committed, Err(ShardError::Database(_))) {
-            // The connection may be broken or inside a failed transaction.
-            *held = None;
+        let committed = self.commit_on(&mut conn, batch, collect_events).await;
+        // After a database error the connection may be broken or inside a
+        // failed transaction.
+        if !matches!(committed, Err(ShardError::Database(_))) {
+            *held = Some(conn);
         }
         committed
     }

@@ -141,6 +141,9 @@ impl SqliteWriter {
     ) -> Result<CommittedBatch> {
         let (reply, answer) = oneshot::channel();
         let stopped = || ShardError::Stopped("sqlite writer thread".into());
+        // The thread runs the batch to its end, whether or not the caller
+        // still waits: once handed over, it may commit.
+        crate::deadline::committing();
         self.jobs
             .send(Job {
                 batch: batch.to_vec(),
