@@ -26,6 +26,8 @@ pub enum EtcdError {
     /// A database call passed `--datastore-timeout`; nothing of it took
     /// effect.
     Timeout,
+    /// A shard's database has no space left (etcd's NOSPACE alarm).
+    NoSpace,
     /// A write's commit got no answer in time: it may have taken effect.
     /// etcd's text for a proposal whose outcome the server lost track of.
     TimeoutDueToConnectionLost,
@@ -47,6 +49,7 @@ impl EtcdError {
             }
             EtcdError::LeaseNotFound => Code::NotFound,
             EtcdError::LeaseExists => Code::FailedPrecondition,
+            EtcdError::NoSpace => Code::ResourceExhausted,
             EtcdError::Stopped | EtcdError::Timeout | EtcdError::TimeoutDueToConnectionLost => {
                 Code::Unavailable
             }
@@ -70,6 +73,7 @@ impl EtcdError {
             EtcdError::KeyNotFound => "etcdserver: key not found",
             EtcdError::Stopped => "etcdserver: server stopped",
             EtcdError::Timeout => "etcdserver: request timed out",
+            EtcdError::NoSpace => "etcdserver: mvcc: database space exceeded",
             EtcdError::TimeoutDueToConnectionLost => {
                 "etcdserver: request timed out, possibly due to connection lost"
             }
@@ -103,6 +107,7 @@ pub fn shard_status(e: ShardError) -> Status {
         ShardError::KeyNotFound => EtcdError::KeyNotFound.into(),
         ShardError::TimedOut => EtcdError::Timeout.into(),
         ShardError::CommitUnknown => EtcdError::TimeoutDueToConnectionLost.into(),
+        ShardError::NoSpace(_) => EtcdError::NoSpace.into(),
         ShardError::KeyTooLong { .. } | ShardError::InvalidSelector(_) => {
             Status::invalid_argument(format!("etcdserver: {e}"))
         }
@@ -164,6 +169,11 @@ mod tests {
                 ShardError::TimedOut,
                 Code::Unavailable,
                 "etcdserver: request timed out",
+            ),
+            (
+                ShardError::NoSpace("disk full".into()),
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
             ),
             (
                 ShardError::CommitUnknown,

@@ -92,6 +92,12 @@ pub enum ShardError {
     /// not have taken effect.
     #[error("request timed out, possibly due to connection lost")]
     CommitUnknown,
+    /// The database has no space left for a write (SQLite's SQLITE_FULL,
+    /// PostgreSQL's disk_full, MySQL's table or disk full): etcd's NOSPACE.
+    /// Reads go on; writes are tried again as they come, so writing resumes
+    /// once space is freed.
+    #[error("mvcc: database space exceeded ({0})")]
+    NoSpace(String),
     /// The stored data is not what this version of kubeshard wrote.
     #[error("unexpected stored data: {0}")]
     Corrupt(String),
@@ -123,13 +129,37 @@ impl ShardError {
             | ShardError::BatchFailed(_)
             | ShardError::TopologyChanged { .. }
             | ShardError::TimedOut
-            | ShardError::CommitUnknown => true,
+            | ShardError::CommitUnknown
+            | ShardError::NoSpace(_) => true,
             _ => false,
         }
     }
 }
 
 impl ShardError {
+    /// The database said it has no space left for the write.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            ShardError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            ShardError::Database(sqlx::Error::Database(db)) => {
+                if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                    && matches!(my.number(), 1021 | 1114)
+                {
+                    // ER_DISK_FULL, ER_RECORD_FILE_FULL.
+                    return true;
+                }
+                // PostgreSQL's disk_full; SQLite's SQLITE_FULL through sqlx
+                // (the watch poller, leases); an engine passing on ENOSPC.
+                matches!(db.code().as_deref(), Some("53100") | Some("13"))
+                    || db.message().contains("No space left on device")
+            }
+            ShardError::NoSpace(_) => true,
+            _ => false,
+        }
+    }
+
     /// The connection broke (as opposed to the database answering with an
     /// error): a commit sent on it may or may not have taken effect.
     /// SQLite's errors are answers (its writer thread runs every batch to
@@ -186,5 +216,13 @@ mod tests {
         // A constraint says something about a request: retry one by one.
         assert!(!sqlite(rusqlite::ffi::SQLITE_CONSTRAINT).is_connection_problem());
         assert!(!sqlite(rusqlite::ffi::SQLITE_TOOBIG).is_connection_problem());
+    }
+
+    #[test]
+    fn only_a_full_database_is_disk_full() {
+        assert!(sqlite(rusqlite::ffi::SQLITE_FULL).is_disk_full());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_IOERR).is_disk_full());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_BUSY).is_disk_full());
+        assert!(!ShardError::TimedOut.is_disk_full());
     }
 }

@@ -13,6 +13,7 @@
 //! that had is reported as possibly committed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -62,6 +63,8 @@ struct WriterState {
     observer: Option<Arc<dyn ShardObserver>>,
     pending: Vec<Queued>,
     in_flight: bool,
+    /// Raised while the database has no space for writes (etcd's NOSPACE).
+    no_space: Arc<AtomicBool>,
 }
 
 impl Actor for WriterActor {
@@ -71,12 +74,13 @@ impl Actor for WriterActor {
         Arc<dyn ShardStore>,
         Arc<WatchHub>,
         Option<Arc<dyn ShardObserver>>,
+        Arc<AtomicBool>,
     );
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        (store, hub, observer): Self::Arguments,
+        (store, hub, observer, no_space): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(WriterState {
             store,
@@ -84,6 +88,7 @@ impl Actor for WriterActor {
             observer,
             pending: Vec::new(),
             in_flight: false,
+            no_space,
         })
     }
 
@@ -117,8 +122,14 @@ impl Actor for WriterActor {
             let store = state.store.clone();
             let hub = state.hub.clone();
             let observer = state.observer.clone();
+            let no_space = state.no_space.clone();
             tokio::spawn(async move {
-                run_batch(store.as_ref(), &hub, observer.as_deref(), batch).await;
+                let shard = Batch {
+                    store: store.as_ref(),
+                    hub: &hub,
+                    no_space: &no_space,
+                };
+                run_batch(shard, observer.as_deref(), batch).await;
                 // Fails only when the actor is stopping; nothing left to do then.
                 let _ = myself.send_message(WriterMessage::Committed);
             });
@@ -172,29 +183,48 @@ fn refuse_late(pending: &mut Vec<Queued>) {
     }
 }
 
-/// [`commit`] until `deadline`.
+/// What a batch runs against.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    store: &'a dyn ShardStore,
+    hub: &'a WatchHub,
+    no_space: &'a AtomicBool,
+}
+
+/// [`commit`] until `deadline`; a database out of space raises the NOSPACE
+/// alarm, and a batch that commits lowers it.
 async fn commit_until(
     deadline: Instant,
-    store: &dyn ShardStore,
-    hub: &WatchHub,
+    shard: Batch<'_>,
     requests: &[WriteRequest],
     floor: i64,
 ) -> Result<Vec<Result<WriteResponse>>> {
     let limit = deadline.saturating_duration_since(Instant::now());
-    match deadline::bounded_marked(limit, commit(store, hub, requests, floor)).await {
+    let call = commit(shard.store, shard.hub, requests, floor);
+    let done = match deadline::bounded_marked(limit, call).await {
         (Err(elapsed), _) => Err(late_batch(elapsed)),
         // The commit went out and its answer did not come back.
         (Ok(Err(e)), true) if e.is_lost_connection() => Err(ShardError::CommitUnknown),
         (Ok(done), _) => done,
+    };
+    match done {
+        Err(e) if e.is_disk_full() => {
+            if !shard.no_space.swap(true, Ordering::AcqRel) {
+                warn!(error = %e, "the database has no space left: NOSPACE alarm raised");
+            }
+            Err(ShardError::NoSpace(e.to_string()))
+        }
+        Ok(results) => {
+            if shard.no_space.swap(false, Ordering::AcqRel) {
+                warn!("a write batch committed again: NOSPACE alarm cleared");
+            }
+            Ok(results)
+        }
+        Err(e) => Err(e),
     }
 }
 
-async fn run_batch(
-    store: &dyn ShardStore,
-    hub: &WatchHub,
-    observer: Option<&dyn ShardObserver>,
-    batch: Vec<Queued>,
-) {
+async fn run_batch(shard: Batch<'_>, observer: Option<&dyn ShardObserver>, batch: Vec<Queued>) {
     let floor = batch.iter().map(|q| q.floor).max().unwrap_or(0);
     let Some(due) = batch.iter().map(|q| q.deadline).min() else {
         return;
@@ -204,7 +234,7 @@ async fn run_batch(
         .map(|q| (q.request, (q.floor, q.deadline, q.reply)))
         .unzip();
     let started = std::time::Instant::now();
-    let committed = commit_until(due, store, hub, &requests, floor).await;
+    let committed = commit_until(due, shard, &requests, floor).await;
     let elapsed = started.elapsed();
     if let Some(observer) = observer {
         observer.write_batch(requests.len(), elapsed.as_secs_f64(), committed.is_ok());
@@ -226,7 +256,7 @@ async fn run_batch(
             warn!(error = %e, size = requests.len(), "write batch failed; retrying its requests one by one");
             for (request, (floor, due, reply)) in requests.into_iter().zip(rest) {
                 let alone = std::slice::from_ref(&request);
-                let result = match commit_until(due, store, hub, alone, floor).await {
+                let result = match commit_until(due, shard, alone, floor).await {
                     Ok(mut results) => results
                         .pop()
                         .unwrap_or_else(|| Err(ShardError::Corrupt("empty batch result".into()))),
@@ -243,12 +273,13 @@ async fn run_batch(
                 let _ = reply.send(Err(ShardError::TopologyChanged { stored, serving }));
             }
         }
-        Err(e @ (ShardError::TimedOut | ShardError::CommitUnknown)) => {
-            // Each request learns the same: "not written" or "may be".
-            warn!(error = %e, size = requests.len(), "write batch timed out");
+        Err(e @ (ShardError::TimedOut | ShardError::CommitUnknown | ShardError::NoSpace(_))) => {
+            // Each request learns the same: not written, may be, no space.
+            warn!(error = %e, size = requests.len(), "write batch failed");
             for (_, _, reply) in rest {
-                let answer = match e {
+                let answer = match &e {
                     ShardError::TimedOut => ShardError::TimedOut,
+                    ShardError::NoSpace(why) => ShardError::NoSpace(why.clone()),
                     _ => ShardError::CommitUnknown,
                 };
                 let _ = reply.send(Err(answer));
@@ -284,6 +315,7 @@ pub struct ShardWriter {
     shard: Arc<str>,
     /// How long a request may wait for its answer (`--datastore-timeout`).
     limit: Duration,
+    no_space: Arc<AtomicBool>,
 }
 
 impl ShardWriter {
@@ -296,13 +328,16 @@ impl ShardWriter {
         observer: Option<Arc<dyn ShardObserver>>,
         limit: Duration,
     ) -> Result<Self> {
-        let (actor, _join) = Actor::spawn(None, WriterActor, (store, hub, observer))
+        let no_space = Arc::new(AtomicBool::new(false));
+        let arguments = (store, hub, observer, no_space.clone());
+        let (actor, _join) = Actor::spawn(None, WriterActor, arguments)
             .await
             .map_err(|e| ShardError::Stopped(format!("{shard}: writer did not start: {e}")))?;
         Ok(ShardWriter {
             actor,
             shard: shard.into(),
             limit,
+            no_space,
         })
     }
 
@@ -327,6 +362,18 @@ impl ShardWriter {
         answer
             .await
             .map_err(|_| ShardError::Stopped(self.shard.to_string()))?
+    }
+
+    /// Whether the last write batch found the database out of space
+    /// (etcd's NOSPACE alarm); the next one that commits lowers it.
+    pub fn out_of_space(&self) -> bool {
+        self.no_space.load(Ordering::Acquire)
+    }
+
+    /// Lowers the NOSPACE alarm (Maintenance.Alarm DEACTIVATE); a write
+    /// that finds no space raises it again.
+    pub fn clear_out_of_space(&self) -> bool {
+        self.no_space.swap(false, Ordering::AcqRel)
     }
 
     /// Stops the actor after the requests already queued.

@@ -13,6 +13,8 @@
 
 #[path = "integration/frozen_database.rs"]
 mod frozen_database;
+#[path = "integration/full_disk.rs"]
+mod full_disk;
 #[path = "integration/import.rs"]
 mod import;
 #[path = "integration/online_reshard.rs"]

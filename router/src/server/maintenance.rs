@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
+use kubeshard_proto::etcdserverpb::alarm_request::AlarmAction;
 use kubeshard_proto::etcdserverpb::maintenance_server::Maintenance;
 use kubeshard_proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest,
-    DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
-    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
+    DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -24,15 +26,53 @@ impl MaintenanceService {
     }
 }
 
+impl MaintenanceService {
+    fn nospace(&self) -> AlarmMember {
+        AlarmMember {
+            member_id: self.core.member_id,
+            alarm: AlarmType::Nospace.into(),
+        }
+    }
+
+    /// Status's `errors`: the raised alarms, in etcd's words.
+    fn alarms(&self) -> Vec<String> {
+        let shards = self.core.views.current();
+        let raised = shards.all().any(|(_, shard)| shard.writer.out_of_space());
+        let text = format!("memberID:{} alarm:NOSPACE ", self.core.member_id);
+        raised.then_some(text).into_iter().collect()
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, _: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        // No alarms exist: space is the SQL database's to manage, and there
-        // is no raft state to corrupt. Activating one is accepted and ignored.
+    /// NOSPACE is raised by a shard whose database had no space for a
+    /// write batch, and lowered by its next batch that commits (writes are
+    /// tried as they come, so writing resumes once space is freed) or by
+    /// DEACTIVATE. Each router raises its own: the alarm is listed under
+    /// this router's member id. There is no raft state to corrupt (CORRUPT);
+    /// ACTIVATE is accepted and changes nothing.
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        let request = request.into_inner();
+        let shards = self.core.views.current();
+        let raised = shards.all().any(|(_, shard)| shard.writer.out_of_space());
+        let alarms = match (request.action(), request.alarm()) {
+            (AlarmAction::Get, _) => raised.then(|| self.nospace()).into_iter().collect(),
+            (AlarmAction::Deactivate, AlarmType::Nospace | AlarmType::None) => {
+                let mut lowered = false;
+                for (_, shard) in shards.all() {
+                    lowered |= shard.writer.clear_out_of_space();
+                }
+                lowered.then(|| self.nospace()).into_iter().collect()
+            }
+            _ => Vec::new(),
+        };
         let revision = self.core.current_revision().await?;
         Ok(Response::new(AlarmResponse {
             header: self.core.header(revision),
-            alarms: Vec::new(),
+            alarms,
         }))
     }
 
@@ -53,7 +93,7 @@ impl Maintenance for MaintenanceService {
             raft_index: u64::try_from(revision).unwrap_or(0),
             raft_term: 1,
             raft_applied_index: u64::try_from(revision).unwrap_or(0),
-            errors: Vec::new(),
+            errors: self.alarms(),
             db_size_in_use: db_size,
             is_learner: false,
             storage_version: String::new(),
