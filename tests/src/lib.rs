@@ -11,6 +11,7 @@
 pub mod env;
 pub mod format;
 pub mod freeze;
+pub mod fuzz;
 pub mod server;
 pub mod session;
 pub mod transcript;

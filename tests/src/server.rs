@@ -465,6 +465,16 @@ impl KubeshardServer {
         }
     }
 
+    /// Whether the process still runs (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The databases the server uses (one per shard).
     pub fn endpoint_urls(&self) -> &[String] {
         &self.endpoint_urls

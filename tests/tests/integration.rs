@@ -15,6 +15,8 @@
 mod frozen_database;
 #[path = "integration/full_disk.rs"]
 mod full_disk;
+#[path = "integration/fuzz.rs"]
+mod fuzz;
 #[path = "integration/import.rs"]
 mod import;
 #[path = "integration/online_reshard.rs"]
