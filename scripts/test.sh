@@ -36,7 +36,9 @@
 #      the tests fail instead of skip).
 #   5. cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test;
 #      then the Grafana dashboard against a live Prometheus scraping two
-#      routers under load (scripts/dashboard-check.sh).
+#      routers under load (scripts/dashboard-check.sh); then linearizability
+#      checks of short histories on etcd and kubeshard, with a router killed,
+#      a database restarted or frozen, two routers (tests/linearizability).
 #   6. Kubernetes' own code against kubeshard (needs Go; binaries are cached in
 #      ${KUBESHARD_CACHE:-$HOME/.cache/kubeshard}): the apiserver storage
 #      suite (scripts/kube-storage.sh), then kube-apiserver end to end
@@ -533,6 +535,10 @@ cargo test --workspace "${locked[@]}" "${cargo_test_args[@]}"
 
 phase "dashboard: every panel query answered by a live Prometheus scraping two routers under load"
 scripts/dashboard-check.sh
+
+command -v go >/dev/null || die "go not found in PATH (lincheck and the Kubernetes tests are Go)"
+phase "linearizability: porcupine on etcd and kubeshard histories, with faults (tests/linearizability)"
+python3 tests/linearizability/lincheck.py --kubeshard target/debug/kubeshard --seconds 8
 
 if ((kubernetes)); then
     command -v go >/dev/null || die "go not found in PATH (the Kubernetes tests build Kubernetes' own code)"

@@ -15,6 +15,7 @@ mod health;
 mod http;
 mod listen;
 pub mod metrics;
+mod peers;
 mod presence;
 pub mod server;
 pub mod shards;

@@ -1,15 +1,19 @@
 //! Each router records itself in its default shard every few seconds
 //! (`ks_router`), and removes itself when it stops, so that the tools that
 //! must not run beside a serving router (`kubeshard reshard`, `kubeshard
-//! import`) can tell that one is there.
+//! import`) can tell that one is there. Each time, it also looks for other
+//! routers: while there are, requests keep real-time order across them
+//! (`peers.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use kubeshard_shard_worker::bulk::Bulk;
+use kubeshard_shard_worker::bulk::{Bulk, ROUTER_SEEN_WITHIN_MS};
 use rand::Rng;
 use tokio::task::JoinHandle;
 use tracing::warn;
+
+use crate::peers::Peers;
 
 /// How often a router says it is there. The tools treat a router seen in
 /// the last [`kubeshard_shard_worker::bulk::ROUTER_SEEN_WITHIN_MS`] as
@@ -21,15 +25,19 @@ pub struct Presence {
     bulk: Arc<dyn Bulk>,
     id: String,
     address: String,
+    peers: Arc<Peers>,
 }
 
 impl Presence {
-    /// Records this router at once (a tool started right after sees it).
+    /// Records this router at once (a tool started right after sees it),
+    /// and tells `peers` whether other routers serve.
     pub async fn start(
         bulk: Arc<dyn Bulk>,
         address: &str,
+        peers: Arc<Peers>,
     ) -> Result<Arc<Self>, kubeshard_shard_worker::ShardError> {
         let presence = Presence {
+            peers,
             bulk,
             id: format!(
                 "{}-{:016x}",
@@ -42,9 +50,17 @@ impl Presence {
         Ok(Arc::new(presence))
     }
 
+    /// Records this router and looks for others.
     async fn say(&self) -> Result<(), kubeshard_shard_worker::ShardError> {
-        self.bulk.router_seen(&self.id, &self.address).await
+        self.bulk.router_seen(&self.id, &self.address).await?;
+        let seen = self.bulk.routers_seen(ROUTER_SEEN_WITHIN_MS).await?;
+        self.peers.set_present(seen.iter().any(|r| r.id != self.id));
+        Ok(())
     }
+
+    /// A router that starts beside others waits this long before it serves:
+    /// by then each of them saw it and keeps real-time order with it.
+    pub const JOIN_WAIT: Duration = Duration::from_secs(2 * INTERVAL.as_secs() + 1);
 
     /// Says it again every [`INTERVAL`].
     pub fn spawn(self: &Arc<Self>) -> JoinHandle<()> {

@@ -29,6 +29,8 @@ use kubeshard_shard_worker::{
 };
 use tracing::{debug, info};
 
+use crate::peers::Peers;
+
 /// Every shard of the topology, opened, with the router's revision floor.
 #[derive(Debug)]
 pub struct Shards {
@@ -54,6 +56,9 @@ pub struct Shards {
     known: Vec<AtomicI64>,
     /// Per shard: the highest target an `advance` is working towards.
     advancing: Vec<AtomicI64>,
+    /// Other routers over the same databases (`peers.rs`); shared by every
+    /// version.
+    peers: Arc<Peers>,
 }
 
 /// The topology version the data is at: the one the default shard's
@@ -179,6 +184,7 @@ impl Shards {
             floor: AtomicI64::new(floor),
             known,
             advancing: (0..count).map(|_| AtomicI64::new(0)).collect(),
+            peers: Arc::new(Peers::default()),
         }))
     }
 
@@ -277,6 +283,7 @@ impl Shards {
             floor: AtomicI64::new(self.floor()),
             known,
             advancing: (0..count).map(|_| AtomicI64::new(0)).collect(),
+            peers: self.peers.clone(),
         }))
     }
 
@@ -449,6 +456,11 @@ impl Shards {
         }
     }
 
+    /// Whether other routers serve the same databases (`peers.rs`).
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
     /// The highest revision this router has seen on any shard.
     pub fn floor(&self) -> i64 {
         self.floor.load(Ordering::Acquire)
@@ -532,12 +544,15 @@ impl Shards {
     }
 
     /// A write on shard `id` with a revision above the floor as it was when
-    /// the write arrived (causality through this router).
+    /// the write arrived (causality through this router), and, while other
+    /// routers serve, above every revision acknowledged before it arrived
+    /// (`peers.rs`).
     pub async fn write(
         &self,
         id: ShardId,
         request: WriteRequest,
     ) -> Result<WriteResponse, ShardError> {
+        self.peers.catch_up(self).await?;
         let floor = self.floor();
         // The floor rides in the write's own transaction: the write cannot
         // commit below it.

@@ -393,14 +393,26 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
         None => (None, None),
     };
     let default_spec = topology.shard(topology.default_shard());
-    let presence = crate::presence::Presence::start(default_bulk.clone(), &core.client_url)
-        .await
-        .map_err(|error| ServeError::Shard {
-            shard: default_spec.name.clone(),
-            endpoint: default_spec.endpoint.to_string(),
-            location: default_spec.location.as_ref().map(ToString::to_string),
-            error,
-        })?;
+    let peers = core.views.current().peers().clone();
+    let presence =
+        crate::presence::Presence::start(default_bulk.clone(), &core.client_url, peers.clone())
+            .await
+            .map_err(|error| ServeError::Shard {
+                shard: default_spec.name.clone(),
+                endpoint: default_spec.endpoint.to_string(),
+                location: default_spec.location.as_ref().map(ToString::to_string),
+                error,
+            })?;
+    if peers.present() {
+        // Until the others know of this router, their writes could take
+        // revisions below the ones it acknowledges (`peers.rs`).
+        let wait = crate::presence::Presence::JOIN_WAIT;
+        info!(
+            ?wait,
+            "other routers serve these databases; waiting until they see this one"
+        );
+        tokio::time::sleep(wait).await;
+    }
     info!(url = %core.client_url, "serving the etcd v3 API");
 
     let max_message = core.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
