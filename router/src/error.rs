@@ -118,6 +118,7 @@ pub fn shard_status(e: ShardError) -> Status {
         | ShardError::NeedsLock { .. }
         | ShardError::NotSpeculative { .. }
         | ShardError::Stopped(_)
+        | ShardError::CounterUnread(_)
         | ShardError::TopologyChanged { .. } => Status::unavailable(format!("kubeshard: {e}")),
         ShardError::Corrupt(_) | ShardError::ImportUnfinished { .. } => {
             Status::internal(format!("kubeshard: {e}"))

@@ -22,15 +22,10 @@ use kubeshard_shard_worker::ShardError;
 
 use crate::shards::Shards;
 
+/// Whether other routers serve: shared by every topology version.
 #[derive(Debug, Default)]
 pub struct Peers {
-    /// Other routers were seen serving the same databases.
     present: AtomicBool,
-    /// Counter reads begun and finished, numbered.
-    begun: AtomicU64,
-    finished: AtomicU64,
-    /// One counter read at a time; the others wait for it or the next.
-    reading: tokio::sync::Mutex<()>,
 }
 
 impl Peers {
@@ -51,22 +46,80 @@ impl Peers {
     pub fn present(&self) -> bool {
         self.present.load(Ordering::Acquire)
     }
+}
 
+/// The counter reads of one topology version (each has its own floor),
+/// shared by the requests that arrive while one is under way.
+#[derive(Debug, Default)]
+pub struct CatchUp {
+    /// Reads begun, numbered from 1.
+    begun: AtomicU64,
+    /// The last read finished: its number and how it ended. Requests that
+    /// waited for it take its outcome, a failure included, rather than
+    /// each trying again in turn (which, with a database that hangs,
+    /// would make the k-th of them wait k times the timeout).
+    finished: std::sync::Mutex<(u64, Outcome)>,
+    /// One read at a time; the others wait for it or the next.
+    reading: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Outcome {
+    #[default]
+    Read,
+    TimedOut,
+    TopologyChanged {
+        stored: i64,
+        serving: i64,
+    },
+    Failed(String),
+}
+
+impl Outcome {
+    fn of(result: &Result<i64, ShardError>) -> Self {
+        match result {
+            Ok(_) => Outcome::Read,
+            Err(ShardError::TimedOut) => Outcome::TimedOut,
+            Err(ShardError::TopologyChanged { stored, serving }) => Outcome::TopologyChanged {
+                stored: *stored,
+                serving: *serving,
+            },
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+
+    fn result(self) -> Result<(), ShardError> {
+        match self {
+            Outcome::Read => Ok(()),
+            Outcome::TimedOut => Err(ShardError::TimedOut),
+            Outcome::TopologyChanged { stored, serving } => {
+                Err(ShardError::TopologyChanged { stored, serving })
+            }
+            Outcome::Failed(why) => Err(ShardError::CounterUnread(why)),
+        }
+    }
+}
+
+impl CatchUp {
     /// When other routers serve: returns once `shards`' floor is at least
     /// every revision any router acknowledged before this call.
-    pub async fn catch_up(&self, shards: &Shards) -> Result<(), ShardError> {
-        if !self.present() {
+    pub async fn run(&self, peers: &Peers, shards: &Shards) -> Result<(), ShardError> {
+        if !peers.present() {
             return Ok(());
         }
         // A read numbered above this began after the call.
         let arrived = self.begun.load(Ordering::Acquire);
         let _turn = self.reading.lock().await;
-        if self.finished.load(Ordering::Acquire) > arrived {
-            return Ok(());
+        {
+            let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+            if finished.0 > arrived {
+                return finished.1.clone().result();
+            }
         }
         let number = self.begun.fetch_add(1, Ordering::AcqRel) + 1;
-        shards.refresh().await?;
-        self.finished.fetch_max(number, Ordering::AcqRel);
-        Ok(())
+        let read = shards.refresh().await;
+        let outcome = Outcome::of(&read);
+        *self.finished.lock().unwrap_or_else(|p| p.into_inner()) = (number, outcome.clone());
+        outcome.result()
     }
 }

@@ -58,9 +58,43 @@ impl Presence {
         Ok(())
     }
 
-    /// A router that starts beside others waits this long before it serves:
-    /// by then each of them saw it and keeps real-time order with it.
-    pub const JOIN_WAIT: Duration = Duration::from_secs(2 * INTERVAL.as_secs() + 1);
+    /// For a router that starts beside others: returns once each of them
+    /// has recorded itself twice since this one did. Each record is followed
+    /// by a look for others, so by then each has seen this router and keeps
+    /// real-time order with it (`peers.rs`). Times are the database's; this
+    /// router's own record stays put meanwhile (its task starts after).
+    /// Routers that stop recording drop out of the list after
+    /// [`ROUTER_SEEN_WITHIN_MS`]; after a minute it gives up waiting.
+    pub async fn join(&self) -> Result<(), kubeshard_shard_worker::ShardError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Per other router: when (after this one's record) it first recorded itself.
+        let mut first: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        while tokio::time::Instant::now() < deadline {
+            let seen = self.bulk.routers_seen(ROUTER_SEEN_WITHIN_MS).await?;
+            let Some(mine) = seen.iter().find(|r| r.id == self.id).map(|r| r.ago_ms) else {
+                return Ok(());
+            };
+            let mut waiting = false;
+            for other in seen.iter().filter(|r| r.id != self.id) {
+                // How long after this router's record its last one came.
+                let after = mine - other.ago_ms;
+                if after <= 0 {
+                    waiting = true;
+                    continue;
+                }
+                let first_after = *first.entry(other.id.clone()).or_insert(after);
+                if after <= first_after {
+                    waiting = true;
+                }
+            }
+            if !waiting {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        warn!("other routers did not record themselves for a minute; serving anyway");
+        Ok(())
+    }
 
     /// Says it again every [`INTERVAL`].
     pub fn spawn(self: &Arc<Self>) -> JoinHandle<()> {
@@ -70,8 +104,12 @@ impl Presence {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = presence.say().await {
-                    warn!(error = %e, "cannot record this router in the default shard");
+                match tokio::time::timeout(INTERVAL, presence.say()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot record this router in the default shard")
+                    }
+                    Err(_) => warn!("recording this router in the default shard took over 2 s"),
                 }
             }
         })

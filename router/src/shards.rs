@@ -29,7 +29,7 @@ use kubeshard_shard_worker::{
 };
 use tracing::{debug, info};
 
-use crate::peers::Peers;
+use crate::peers::{CatchUp, Peers};
 
 /// Every shard of the topology, opened, with the router's revision floor.
 #[derive(Debug)]
@@ -59,6 +59,10 @@ pub struct Shards {
     /// Other routers over the same databases (`peers.rs`); shared by every
     /// version.
     peers: Arc<Peers>,
+    /// This version's counter reads for them.
+    catch_up: CatchUp,
+    /// `--datastore-timeout`: a request is answered within it.
+    limit: std::time::Duration,
 }
 
 /// The topology version the data is at: the one the default shard's
@@ -185,6 +189,8 @@ impl Shards {
             known,
             advancing: (0..count).map(|_| AtomicI64::new(0)).collect(),
             peers: Arc::new(Peers::default()),
+            catch_up: CatchUp::default(),
+            limit: settings.pool.call_timeout,
         }))
     }
 
@@ -284,6 +290,8 @@ impl Shards {
             known,
             advancing: (0..count).map(|_| AtomicI64::new(0)).collect(),
             peers: self.peers.clone(),
+            catch_up: CatchUp::default(),
+            limit: settings.pool.call_timeout,
         }))
     }
 
@@ -461,6 +469,17 @@ impl Shards {
         &self.peers
     }
 
+    /// How long a request may take (`--datastore-timeout`).
+    pub fn limit(&self) -> std::time::Duration {
+        self.limit
+    }
+
+    /// While other routers serve: returns once the floor is at least every
+    /// revision any router acknowledged before the call (`peers.rs`).
+    pub async fn catch_up(&self) -> Result<(), ShardError> {
+        self.catch_up.run(&self.peers, self).await
+    }
+
     /// The highest revision this router has seen on any shard.
     pub fn floor(&self) -> i64 {
         self.floor.load(Ordering::Acquire)
@@ -552,12 +571,16 @@ impl Shards {
         id: ShardId,
         request: WriteRequest,
     ) -> Result<WriteResponse, ShardError> {
-        self.peers.catch_up(self).await?;
+        // One deadline for the whole request, from its arrival here.
+        let due = tokio::time::Instant::now() + self.limit;
+        kubeshard_shard_worker::deadline::bounded(self.limit, self.catch_up())
+            .await
+            .unwrap_or(Err(ShardError::TimedOut))?;
         let floor = self.floor();
         // The floor rides in the write's own transaction: the write cannot
         // commit below it.
         let floor = if self.known(id) < floor { floor } else { 0 };
-        let response = self.get(id).writer.write_above(floor, request).await?;
+        let response = self.get(id).writer.write_until(due, floor, request).await?;
         self.observe(id, response.revision());
         Ok(response)
     }

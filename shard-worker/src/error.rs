@@ -98,6 +98,10 @@ pub enum ShardError {
     /// once space is freed.
     #[error("mvcc: database space exceeded ({0})")]
     NoSpace(String),
+    /// The counters of the shards could not be read, which a router with
+    /// peers needs before it writes (the router's `peers.rs`).
+    #[error("cannot read every shard's revision: {0}")]
+    CounterUnread(String),
     /// The stored data is not what this version of kubeshard wrote.
     #[error("unexpected stored data: {0}")]
     Corrupt(String),
@@ -130,6 +134,7 @@ impl ShardError {
             | ShardError::TopologyChanged { .. }
             | ShardError::TimedOut
             | ShardError::CommitUnknown
+            | ShardError::CounterUnread(_)
             | ShardError::NoSpace(_) => true,
             _ => false,
         }
@@ -160,20 +165,30 @@ impl ShardError {
         }
     }
 
-    /// The connection broke (as opposed to the database answering with an
-    /// error): a commit sent on it may or may not have taken effect.
-    /// SQLite's errors are answers (its writer thread runs every batch to
-    /// its end).
-    pub fn is_lost_connection(&self) -> bool {
-        matches!(
-            self,
-            ShardError::Database(
-                sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-                    | sqlx::Error::WorkerCrashed
-            )
-        )
+    /// The database answered that the batch did not commit: an error
+    /// about the statement or the transaction, which rolled it back. Not
+    /// so: a broken or closed connection (the server may have made the
+    /// commit durable before it went), a server shutting down or crashing
+    /// (PostgreSQL's classes 08, 57, 58, XX; MySQL's shutdown and killed
+    /// connections), an answer that could not be read. SQLite's errors are
+    /// answers: its writer thread runs every batch to its end.
+    pub fn is_rolled_back(&self) -> bool {
+        match self {
+            ShardError::Sqlite(_) | ShardError::NoSpace(_) | ShardError::TopologyChanged { .. } => {
+                true
+            }
+            ShardError::Database(sqlx::Error::Database(db)) => {
+                if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                    // ER_SERVER_SHUTDOWN, ER_CONNECTION_KILLED, ER_QUERY_INTERRUPTED.
+                    return !matches!(my.number(), 1053 | 1927 | 1317);
+                }
+                let code = db.code().unwrap_or_default();
+                !["08", "57", "58", "XX"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -216,6 +231,16 @@ mod tests {
         // A constraint says something about a request: retry one by one.
         assert!(!sqlite(rusqlite::ffi::SQLITE_CONSTRAINT).is_connection_problem());
         assert!(!sqlite(rusqlite::ffi::SQLITE_TOOBIG).is_connection_problem());
+    }
+
+    #[test]
+    fn only_an_answer_of_the_database_says_a_commit_failed() {
+        // A batch whose commit went out is reported failed only then.
+        assert!(sqlite(rusqlite::ffi::SQLITE_CONSTRAINT).is_rolled_back());
+        let broken = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(!ShardError::Database(sqlx::Error::Io(broken)).is_rolled_back());
+        assert!(!ShardError::Corrupt("undecodable answer".into()).is_rolled_back());
+        assert!(!ShardError::TimedOut.is_rolled_back());
     }
 
     #[test]

@@ -203,8 +203,8 @@ async fn commit_until(
     let call = commit(shard.store, shard.hub, requests, floor);
     let done = match deadline::bounded_marked(limit, call).await {
         (Err(elapsed), _) => Err(late_batch(elapsed)),
-        // The commit went out and its answer did not come back.
-        (Ok(Err(e)), true) if e.is_lost_connection() => Err(ShardError::CommitUnknown),
+        // The commit went out and no answer says it failed.
+        (Ok(Err(e)), true) if !e.is_rolled_back() => Err(ShardError::CommitUnknown),
         (Ok(done), _) => done,
     };
     match done {
@@ -350,12 +350,24 @@ impl ShardWriter {
     /// counter is raised to it in the write's own transaction) and waits
     /// for its commit.
     pub async fn write_above(&self, floor: i64, request: WriteRequest) -> Result<WriteResponse> {
+        self.write_until(due_in(self.limit), floor, request).await
+    }
+
+    /// [`ShardWriter::write_above`], answered by `deadline` (the request
+    /// arrived earlier than the writer's queue).
+    pub async fn write_until(
+        &self,
+        deadline: Instant,
+        floor: i64,
+        request: WriteRequest,
+    ) -> Result<WriteResponse> {
+        let deadline = deadline.min(due_in(self.limit));
         let (reply, answer) = oneshot::channel();
         self.actor
             .send_message(WriterMessage::Write {
                 request,
                 floor,
-                deadline: due_in(self.limit),
+                deadline,
                 reply,
             })
             .map_err(|_| ShardError::Stopped(self.shard.to_string()))?;

@@ -38,6 +38,7 @@ type record struct {
 	call    int64
 	ret     int64
 	unknown bool // a write whose outcome the client does not know
+	refused bool // answered "request timed out": with --timeout-refuses, never applied
 }
 
 type event struct {
@@ -75,6 +76,7 @@ func main() {
 	checkTimeout := flag.Duration("check-timeout", 5*time.Minute, "longest the porcupine check may take")
 	visualize := flag.String("visualize", "", "write porcupine's HTML of the history here")
 	seed := flag.Int64("seed", time.Now().UnixNano(), "random seed")
+	timeoutRefuses := flag.Bool("timeout-refuses", false, "a write answered \"etcdserver: request timed out\" was not applied (kubeshard's promise; etcd's answer may have been)")
 	corrupt := flag.Int("corrupt-reads", 0, "self-test: record every Nth read as having seen the key's previous value (the check must fail)")
 	flag.Parse()
 	keys := strings.Split(*keyList, ",")
@@ -151,6 +153,9 @@ func main() {
 		sum.WatchRestarts += r
 	}
 	problems := checkWatches(watchers, records, final, finalRev, keys)
+	if *timeoutRefuses {
+		problems = append(problems, refusedApplied(records, longest(watchers))...)
+	}
 	reference := longest(watchers)
 	sum.WatchEvents = len(reference)
 	sum.WatchProblems = len(problems)
@@ -372,6 +377,7 @@ func runClient(c *clientv3.Client, id int, keys []string, deadline time.Time, ti
 				continue
 			}
 			r.unknown = true
+			r.refused = strings.HasSuffix(err.Error(), "etcdserver: request timed out")
 			time.Sleep(50 * time.Millisecond)
 		}
 		out = append(out, r)
@@ -586,6 +592,29 @@ func revisionOrder(records [][]record) []string {
 		if top.out.Rev >= w.out.Rev && len(found) < 5 {
 			found = append(found, fmt.Sprintf("k%d written at %d (client %d, from %.3fs) after k%d at %d (client %d) had returned at %.3fs",
 				w.in.Key, w.out.Rev, w.client, float64(w.call)/1e9, top.in.Key, top.out.Rev, top.client, float64(top.ret)/1e9))
+		}
+	}
+	return found
+}
+
+// refusedApplied finds puts answered "request timed out" whose value the
+// watch shows: kubeshard says that answer means the write never happened.
+func refusedApplied(records [][]record, ref []event) []string {
+	written := map[int64]int64{}
+	for _, e := range ref {
+		if !e.Delete {
+			written[e.Value] = e.Rev
+		}
+	}
+	var found []string
+	for _, rs := range records {
+		for _, r := range rs {
+			if !r.refused || (r.in.Kind != opPut && r.in.Kind != opCas) {
+				continue
+			}
+			if rev, ok := written[r.in.Value]; ok {
+				found = append(found, fmt.Sprintf("v%d to k%d was answered 'request timed out' and written at %d", r.in.Value, r.in.Key, rev))
+			}
 		}
 	}
 	return found

@@ -97,9 +97,17 @@ func newModel(start int64, strict bool) porcupine.Model {
 			i := in.(input)
 			o := out.(output)
 			cur := s.Keys[i.Key]
+			// Relaxed: a header promises that every later write takes a
+			// higher revision, as etcd's does.
+			seen := func(s state) state {
+				if !strict && o.Rev > s.Rev {
+					s.Rev = o.Rev
+				}
+				return s
+			}
 			switch i.Kind {
 			case opGet:
-				return o.Found == cur && readRev(s, o.Rev, cur), s
+				return o.Found == cur && readRev(s, o.Rev, cur), seen(s)
 			case opPut:
 				if !writeRev(s, o.Rev) {
 					return false, s
@@ -107,7 +115,7 @@ func newModel(start int64, strict bool) porcupine.Model {
 				return true, put(s, i.Key, i.Value, o.Rev)
 			case opDelete:
 				if o.Deleted == 0 {
-					return !cur.Exists && readRev(s, o.Rev, cur), s
+					return !cur.Exists && readRev(s, o.Rev, cur), seen(s)
 				}
 				if !cur.Exists || !writeRev(s, o.Rev) {
 					return false, s
@@ -126,7 +134,7 @@ func newModel(start int64, strict bool) porcupine.Model {
 					}
 					return true, put(s, i.Key, i.Value, o.Rev)
 				}
-				return !matches && o.Found == cur && readRev(s, o.Rev, cur), s
+				return !matches && o.Found == cur && readRev(s, o.Rev, cur), seen(s)
 			}
 			return false, s
 		},

@@ -174,13 +174,16 @@ def main():
         conns = [(m["minute"], m["db_connections"]) for m in after]
         summary["db_connections_min_max"] = [min(c for _, c in conns), max(c for _, c in conns)] if conns else []
         summary["db_connections_slope_per_hour"] = round(slope(conns) * 60, 2)
-        # Growth: more than 10% of the RSS per hour, or connections rising.
+        # Growth: more than 10% of the RSS per hour, or connections rising;
+        # a run with errors or no throughput fails too.
         growing = [i for i in range(len(routers))
                    if summary[f"router{i}_rss_slope_mib_per_hour"] > 0.1 * max(1.0, summary[f"router{i}_rss_mib"][0] if summary[f"router{i}_rss_mib"] else 1.0)]
         summary["rss_grows"] = bool(growing)
         summary["connections_grow"] = summary["db_connections_slope_per_hour"] > 1.0
         record(summary)
-        ok = not summary["rss_grows"] and not summary["connections_grow"] and summary["routers_alive_at_end"] == 2
+        ok = (not summary["rss_grows"] and not summary["connections_grow"]
+              and summary["routers_alive_at_end"] == 2 and summary["errors"] == 0
+              and summary["ops_per_s_mean"] > 0)
         return 0 if ok else 1
     finally:
         for proc in procs:

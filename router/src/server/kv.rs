@@ -45,19 +45,28 @@ impl KvService {
         shards.write(id, request).await.map_err(shard_status)
     }
 
-    /// A range inside one shard, with a header no lower than the floor.
+    /// A range inside one shard, with a header no lower than the floor,
+    /// within `--datastore-timeout` (its steps are bounded each, and
+    /// together too).
     async fn range_one(
+        shards: &Shards,
+        id: ShardId,
+        request: &RangeRequest,
+    ) -> Result<RangeResponse, Status> {
+        let read = Self::range_one_unbounded(shards, id, request);
+        kubeshard_shard_worker::deadline::bounded(shards.limit(), read)
+            .await
+            .unwrap_or_else(|_| Err(shard_status(kubeshard_shard_worker::ShardError::TimedOut)))
+    }
+
+    async fn range_one_unbounded(
         shards: &Shards,
         id: ShardId,
         request: &RangeRequest,
     ) -> Result<RangeResponse, Status> {
         if request.revision <= 0 && !request.serializable {
             // Other routers' writes: the header covers them (`peers.rs`).
-            shards
-                .peers()
-                .catch_up(shards)
-                .await
-                .map_err(shard_status)?;
+            shards.catch_up().await.map_err(shard_status)?;
         }
         let mut target = shards.floor();
         if request.revision > target {
@@ -87,8 +96,20 @@ impl KvService {
     /// A range over several shards: every shard is read at one revision R
     /// (the revision asked for, or else the floor after reading the shards'
     /// counters) after lagging shards were raised to it, and the answers are
-    /// merged as one etcd would give them.
+    /// merged as one etcd would give them; within `--datastore-timeout`.
     async fn range_many(
+        &self,
+        shards: &Shards,
+        ids: &[ShardId],
+        request: &RangeRequest,
+    ) -> Result<RangeResponse, Status> {
+        let read = self.range_many_unbounded(shards, ids, request);
+        kubeshard_shard_worker::deadline::bounded(shards.limit(), read)
+            .await
+            .unwrap_or_else(|_| Err(shard_status(kubeshard_shard_worker::ShardError::TimedOut)))
+    }
+
+    async fn range_many_unbounded(
         &self,
         shards: &Shards,
         ids: &[ShardId],
@@ -102,8 +123,15 @@ impl KvService {
             }
         } else if request.revision <= 0 && !request.serializable {
             // A linearizable read must show every write acknowledged before
-            // it, by any router: read at no less than the shards' counters.
-            floor = shards.refresh_some(ids).await.map_err(shard_status)?;
+            // it, by any router: read at no less than the shards' counters,
+            // and, with other routers, no less than every shard's (its
+            // header then covers their writes elsewhere too, `peers.rs`).
+            floor = if shards.peers().present() {
+                shards.catch_up().await.map_err(shard_status)?;
+                shards.floor()
+            } else {
+                shards.refresh_some(ids).await.map_err(shard_status)?
+            };
         }
         let at = if request.revision > 0 {
             request.revision

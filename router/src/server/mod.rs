@@ -406,12 +406,15 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServeError> 
     if peers.present() {
         // Until the others know of this router, their writes could take
         // revisions below the ones it acknowledges (`peers.rs`).
-        let wait = crate::presence::Presence::JOIN_WAIT;
-        info!(
-            ?wait,
-            "other routers serve these databases; waiting until they see this one"
-        );
-        tokio::time::sleep(wait).await;
+        info!("other routers serve these databases; waiting until they see this one");
+        let started = std::time::Instant::now();
+        presence.join().await.map_err(|error| ServeError::Shard {
+            shard: default_spec.name.clone(),
+            endpoint: default_spec.endpoint.to_string(),
+            location: default_spec.location.as_ref().map(ToString::to_string),
+            error,
+        })?;
+        info!(waited = ?started.elapsed(), "the other routers see this one");
     }
     info!(url = %core.client_url, "serving the etcd v3 API");
 
