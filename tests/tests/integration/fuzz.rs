@@ -366,17 +366,7 @@ async fn fuzzed_requests_get_statuses_and_leave_a_consistent_store() {
         .await
         .expect("connect");
     let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(BIG);
-    let start = kv
-        .put(PutRequest {
-            key: b"/fuzz/start".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("put")
-        .into_inner()
-        .header
-        .map(|h| h.revision)
-        .expect("a header");
+    let start = put_revision(&mut kv, b"/fuzz/start").await;
 
     // The model: a watch of every key from the start.
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -465,17 +455,7 @@ async fn fuzzed_requests_get_statuses_and_leave_a_consistent_store() {
         .await
         .expect("Status after fuzzing");
     assert!(status.get_ref().errors.is_empty(), "{:?}", status.get_ref());
-    let end = kv
-        .put(PutRequest {
-            key: b"/fuzz/zz-end".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("a put after fuzzing")
-        .into_inner()
-        .header
-        .map(|h| h.revision)
-        .expect("a header");
+    let end = put_revision(&mut kv, b"/fuzz/zz-end").await;
     for _ in 0..200 {
         let seen = events
             .lock()
@@ -548,6 +528,20 @@ async fn fuzzed_requests_get_statuses_and_leave_a_consistent_store() {
         events.len(),
         stored.len()
     );
+}
+
+/// Puts an empty value at `key`; the revision it got.
+async fn put_revision(kv: &mut KvClient<Channel>, key: &[u8]) -> i64 {
+    kv.put(PutRequest {
+        key: key.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("put {}: {e}", String::from_utf8_lossy(key)))
+    .into_inner()
+    .header
+    .map(|h| h.revision)
+    .expect("a header")
 }
 
 /// The requests of a watch stream, from a channel that stays open.
