@@ -75,6 +75,13 @@ pub async fn unreachable_database_fails_readiness(ctx: Ctx) {
         ),
     )
     .await;
+    // pg_terminate_backend only signals: wait until the router's
+    // connections are gone, or a read may still find one alive.
+    let gone = Instant::now() + Duration::from_secs(10);
+    let count = format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'");
+    while psql(&url, &count).await != "0" && Instant::now() < gone {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let r = http(addr, "GET", "/readyz").await;
     assert_eq!(
         r.status, 503,
