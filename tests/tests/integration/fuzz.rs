@@ -226,6 +226,18 @@ async fn requests(
     sent
 }
 
+/// Reads `stream` until it ends, fails or stays quiet for 2 s; its
+/// failure, if any.
+async fn drain<T>(stream: &mut tonic::Streaming<T>) -> Option<tonic::Status> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+            Err(_) | Ok(Ok(None)) => return None,
+            Ok(Ok(Some(_))) => {}
+            Ok(Err(s)) => return Some(s),
+        }
+    }
+}
+
 /// Thousands of watch requests on one stream, some of them mutated bytes
 /// on another; both read until quiet.
 async fn watches(channel: Channel, seed: u64, findings: Findings) -> usize {
@@ -236,16 +248,8 @@ async fn watches(channel: Channel, seed: u64, findings: Findings) -> usize {
     match client.watch(futures::stream::iter(messages)).await {
         Err(s) => note_typed(&findings, "a stream of 3000 watch requests", &s).await,
         Ok(answer) => {
-            let mut stream = answer.into_inner();
-            loop {
-                match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
-                    Err(_) | Ok(Ok(None)) => break,
-                    Ok(Ok(Some(_))) => {}
-                    Ok(Err(s)) => {
-                        note_typed(&findings, "a stream of 3000 watch requests", &s).await;
-                        break;
-                    }
-                }
+            if let Some(s) = drain(&mut answer.into_inner()).await {
+                note_typed(&findings, "a stream of 3000 watch requests", &s).await;
             }
         }
     }
@@ -262,16 +266,8 @@ async fn watches(channel: Channel, seed: u64, findings: Findings) -> usize {
         match grpc.streaming(request, path, Raw).await {
             Err(s) => note_raw(&findings, "a watch stream of mutated requests", &s).await,
             Ok(answer) => {
-                let mut stream = answer.into_inner();
-                loop {
-                    match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
-                        Err(_) | Ok(Ok(None)) => break,
-                        Ok(Ok(Some(_))) => {}
-                        Ok(Err(s)) => {
-                            note_raw(&findings, "a watch stream of mutated requests", &s).await;
-                            break;
-                        }
-                    }
+                if let Some(s) = drain(&mut answer.into_inner()).await {
+                    note_raw(&findings, "a watch stream of mutated requests", &s).await;
                 }
             }
         }
