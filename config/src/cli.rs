@@ -247,9 +247,9 @@ pub struct Cli {
     )]
     pub datastore_max_open_connections: Option<i64>,
 
-    /// Accepted for kine's command line; the pools keep no separate count
-    /// of idle connections (idle ones close after
-    /// --datastore-connection-max-idle-time).
+    /// Idle connections each shard's pool keeps: one released when this many
+    /// are idle is closed (Go's database/sql rule, which kine's flag sets).
+    /// 0 or unset: half the pool; less than 0: none kept.
     #[arg(
         long,
         env = "KUBESHARD_DATASTORE_MAX_IDLE_CONNECTIONS",
@@ -405,6 +405,9 @@ fn parse_etcd_version(text: &str) -> Result<String, String> {
 pub struct PoolSettings {
     /// None: the default size.
     pub max_connections: Option<u32>,
+    /// Idle connections kept; one released beyond them is closed. None:
+    /// half the pool.
+    pub max_idle: Option<u32>,
     /// None: no limit.
     pub max_lifetime: Option<Duration>,
     pub idle_timeout: Option<Duration>,
@@ -418,6 +421,7 @@ impl Default for PoolSettings {
     fn default() -> Self {
         Self {
             max_connections: None,
+            max_idle: None,
             max_lifetime: None,
             idle_timeout: Some(Duration::from_secs(120)),
             call_timeout: DEFAULT_CALL_TIMEOUT,
@@ -553,12 +557,6 @@ impl Cli {
                 "kubeshard has no profiler endpoint (Go's pprof)",
             ));
         }
-        if self.datastore_max_idle_connections.is_some() {
-            ignored.push((
-                "--datastore-max-idle-connections",
-                "the pools keep no separate count of idle connections; idle ones close after --datastore-connection-max-idle-time",
-            ));
-        }
         for (flag, given) in [
             ("--peer-bind-address", self.peer_bind_address.is_some()),
             (
@@ -669,6 +667,10 @@ impl Cli {
                     .datastore_max_open_connections
                     .and_then(|n| u32::try_from(n).ok())
                     .filter(|n| *n > 0),
+                max_idle: match self.datastore_max_idle_connections {
+                    None | Some(0) => None,
+                    Some(n) => Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX)),
+                },
                 max_lifetime: nonzero(self.datastore_connection_max_lifetime),
                 idle_timeout: nonzero(self.datastore_connection_max_idle_time),
                 call_timeout: self.datastore_timeout.max(Duration::from_millis(100)),
@@ -952,6 +954,7 @@ mod tests {
             o.pool,
             PoolSettings {
                 max_connections: None,
+                max_idle: Some(20),
                 max_lifetime: Some(Duration::from_secs(3600)),
                 idle_timeout: Some(Duration::from_secs(120)),
                 call_timeout: DEFAULT_CALL_TIMEOUT,

@@ -39,6 +39,11 @@ pub async fn open_store_with(
 ) -> Result<Arc<dyn ShardStore>> {
     let fence = Arc::new(Fence::new(serving.version, serving.class));
     let size = settings.max_connections.unwrap_or(POOL_SIZE);
+    let max_idle = settings
+        .max_idle
+        .map_or(size.div_ceil(2), |n| n)
+        .try_into()
+        .unwrap_or(usize::MAX);
     match endpoint {
         Endpoint::Sqlite { path } => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -61,6 +66,7 @@ pub async fn open_store_with(
                 .connect_lazy_with(options);
             spawn_sqlite_checkpointer(pool.clone());
             let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, fence.clone())
+                .with_idle_limit(max_idle)
                 .with_direct_reads(SqliteReads::new(path.clone(), fence.clone()))
                 .with_direct_writes(SqliteWriter::start(path, fence)?);
             let version = shard.migrate().await?;
@@ -78,7 +84,8 @@ pub async fn open_store_with(
                 .after_connect(|conn, _| Box::pin(set_postgres_writer_session(conn)))
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, fence);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, fence)
+                .with_idle_limit(max_idle);
             let version = shard.migrate().await?;
             info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -106,7 +113,8 @@ pub async fn open_store_with(
                 .acquire_timeout(settings.call_timeout)
                 .connect_with(options)
                 .await?;
-            let shard = SqlShard::new(pool, write_pool, &dialect::Mysql, fence);
+            let shard =
+                SqlShard::new(pool, write_pool, &dialect::Mysql, fence).with_idle_limit(max_idle);
             let version = shard.migrate().await?;
             info!(backend = "mysql", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))

@@ -3,15 +3,19 @@
 
 Each scenario starts fresh stores, runs `lincheck` (main.go: concurrent
 gets, puts, deletes and compare-and-swaps on a few keys, watches of all of
-them) for --seconds, injects its fault a third of the way in, and requires
-lincheck to find the history linearizable and the watches complete. The
-self-test scenario corrupts reads on purpose and requires the check to fail.
+them) for --seconds, injects its fault a third of the way in (or every
+--fault-every seconds, for long runs), and requires lincheck to find the
+history linearizable and the watches complete. The self-test scenario
+corrupts reads on purpose and requires the check to fail.
 
     lincheck.py --kubeshard target/debug/kubeshard [--seconds 8] [SCENARIO...]
+    lincheck.py --seconds 240 --fault-every 60 --results F --skip-passed
     lincheck.py --list
 
 Results go to stdout, one JSON line per scenario, and are appended to
---results FILE when given. Everything it starts listens on 127.0.0.1 and is
+--results FILE when given; with --skip-passed, scenarios that FILE shows
+passed with the same --seconds and --fault-every are not run again, so a
+long run can be resumed. Everything it starts listens on 127.0.0.1 and is
 stopped at the end; databases it creates are dropped.
 """
 
@@ -239,10 +243,15 @@ class Run:
         for url in self.databases:
             drop_database(url)
 
+    def check_seconds(self):
+        return max(300.0, 10 * self.args.seconds)
+
     def lincheck(self, endpoints, strict, keys=None, extra=(), fault=None, kubeshard=True):
         argv = [self.args.lincheck, "--endpoints", ",".join(f"127.0.0.1:{p}" for p in endpoints),
                 "--duration", f"{self.args.seconds}s", f"--strict={'true' if strict else 'false'}",
-                "--visualize", os.path.join(self.dir, "history.html")] + list(extra)
+                "--visualize", os.path.join(self.dir, "history.html"),
+                # porcupine's time grows faster than the history: long runs get longer.
+                "--check-timeout", f"{self.check_seconds():g}s"] + list(extra)
         if kubeshard:
             # kubeshard's "request timed out" means not applied; etcd's may not.
             argv.append("--timeout-refuses")
@@ -250,19 +259,37 @@ class Run:
             argv += ["--keys", keys]
         started = time.time()
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if fault:
-            time.sleep(self.args.seconds / 3)
-            log(self.name, "fault:", fault[0])
+        faults = 0
+        for at in fault_times(self.args.seconds, self.args.fault_every) if fault else []:
+            time.sleep(max(0.0, started + at - time.time()))
+            if p.poll() is not None:
+                break
+            log(self.name, f"fault at {at:g} s:", fault[0])
             fault[1]()
-        out, err = p.communicate(timeout=self.args.seconds + 600)
+            faults += 1
+        out, err = p.communicate(timeout=self.args.seconds + self.check_seconds() + 600)
         lines = [line for line in out.splitlines() if line.startswith("{")]
         result = json.loads(lines[-1]) if lines else {"linearizable": "no result"}
         result.update({"scenario": self.name, "seconds": self.args.seconds,
-                       "fault": fault[0] if fault else None, "exit": p.returncode,
+                       "fault": fault[0] if fault else None, "faults": faults,
+                       "fault_every": self.args.fault_every, "exit": p.returncode,
                        "wall": round(time.time() - started, 1)})
         if err.strip():
             result["stderr"] = err.strip().splitlines()[-5:]
         return result
+
+
+def fault_times(seconds, every):
+    """When to inject the fault: once, a third of the way in; or every
+    `every` seconds, leaving the last stretch fault-free so that the run
+    ends on a store that has recovered."""
+    if not every:
+        return [seconds / 3]
+    times, at = [], every
+    while at <= seconds - min(every, seconds) / 2:
+        times.append(at)
+        at += every
+    return times
 
 
 def sharded(run, core="sqlite", pods=None, events=None):
@@ -287,10 +314,11 @@ def scenario_selftest(run):
 def scenario_one_shard_kill(run):
     db = f"sqlite://{os.path.join(run.dir, 'state.db')}"
     port, proc = run.kubeshard(["--endpoint", db])
+    current = [proc]
 
     def fault():
-        run.kill(proc)
-        run.kubeshard(["--endpoint", db], port=port)
+        run.kill(current[0])
+        current[0] = run.kubeshard(["--endpoint", db], port=port)[1]
 
     return run.lincheck([port], strict=True, fault=("router SIGKILL, restarted", fault))
 
@@ -298,10 +326,11 @@ def scenario_one_shard_kill(run):
 def scenario_three_shards_kill(run):
     config = sharded(run)
     port, proc = run.kubeshard(["--config", config])
+    current = [proc]
 
     def fault():
-        run.kill(proc)
-        run.kubeshard(["--config", config], port=port)
+        run.kill(current[0])
+        current[0] = run.kubeshard(["--config", config], port=port)[1]
 
     return run.lincheck([port], strict=False, keys=SHARDED_KEYS,
                         fault=("router SIGKILL, restarted", fault))
@@ -310,9 +339,21 @@ def scenario_three_shards_kill(run):
 def scenario_two_routers_one_killed(run):
     config = sharded(run)
     first, proc = run.kubeshard(["--config", config])
-    second, _ = run.kubeshard(["--config", config])
+    second, other = run.kubeshard(["--config", config])
+    routers = {first: proc, second: other}
+    turn = [first]
+
+    def fault():
+        # The first time, one router is killed. Repeated, the dead one is
+        # restarted (it joins beside the live one) and then the other killed.
+        port = turn[0]
+        if routers[port].poll() is not None:
+            routers[port] = run.kubeshard(["--config", config], port=port)[1]
+            port = turn[0] = second if port == first else first
+        run.kill(routers[port])
+
     return run.lincheck([first, second], strict=False, keys=SHARDED_KEYS,
-                        fault=("one of two routers SIGKILL", lambda: run.kill(proc)))
+                        fault=("one of two routers SIGKILL (repeated: the dead one restarted, the other killed)", fault))
 
 
 def scenario_database_restart(run):
@@ -369,7 +410,11 @@ def main():
     p.add_argument("--etcd", default=os.environ.get("ETCD_BIN", "etcd"))
     p.add_argument("--lincheck", help="a built lincheck (default: go build into the cache)")
     p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--fault-every", type=float, default=0,
+                   help="inject the fault every this many seconds (default: once, a third of the way in)")
     p.add_argument("--results", help="append each result to this JSONL file")
+    p.add_argument("--skip-passed", action="store_true",
+                   help="skip scenarios that --results shows passed with the same --seconds and --fault-every")
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     if args.list:
@@ -383,6 +428,14 @@ def main():
     args.kubeshard = os.path.abspath(args.kubeshard)
     args.lincheck = args.lincheck or build_lincheck()
     failed = []
+    if args.skip_passed and args.results and os.path.exists(args.results):
+        with open(args.results) as f:
+            done = [json.loads(line) for line in f if line.startswith("{")]
+        passed = {r["scenario"] for r in done if r.get("passed") and r.get("seconds") == args.seconds
+                  and r.get("fault_every", 0) == args.fault_every}
+        for name in [n for n in names if n in passed]:
+            log(name, "passed before with these settings; skipped")
+        names = [n for n in names if n not in passed]
     for name in names:
         run = Run(args, name)
         try:

@@ -63,22 +63,52 @@ def rss_mib(pid):
     return None
 
 
-def postgres_rss_mib():
-    total = 0
+def pss_mib(pid):
+    """Proportional set size: shared pages divided among the processes that
+    map them, so that a sum over processes counts shared memory once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def postgres_mib():
+    """PostgreSQL's memory: the sum of RSS (which counts shared_buffers again
+    in every backend that touched them) and the sum of PSS (which does not)."""
+    rss = pss = 0
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/comm") as f:
                     if f.read().strip() == "postgres":
-                        total += rss_mib(int(d)) or 0
+                        rss += rss_mib(int(d)) or 0
+                        pss += pss_mib(int(d)) or 0
             except OSError:
                 pass
-    return round(total, 1)
+    return round(rss, 1), round(pss, 1)
 
 
 def psql(url, sql):
     out = subprocess.run(["psql", url, "-Atqc", sql], capture_output=True, text=True)
     return out.stdout.strip()
+
+
+def ports_of(pids):
+    """Local TCP ports held by each of `pids` (ss -tnp), as {port: pid}."""
+    out = subprocess.run(["ss", "-Htnp"], capture_output=True, text=True).stdout
+    ports = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        for pid in pids:
+            if f"pid={pid}," in fields[-1]:
+                ports[int(fields[3].rsplit(":", 1)[1])] = pid
+    return ports
 
 
 def slope(points):
@@ -149,14 +179,24 @@ def main():
         procs.append(client)
         datnames = ",".join(f"'{n}'" for n in names)
         minutes = []
+        seen = []
         for line in client.stdout:
             if not line.startswith("{"):
                 continue
             m = json.loads(line)
             m["router_rss_mib"] = [round(rss_mib(proc.pid) or 0, 1) for _, proc in routers]
             m["client_rss_mib"] = round(rss_mib(client.pid) or 0, 1)
-            m["postgres_rss_mib"] = postgres_rss_mib()
-            m["db_connections"] = int(psql(admin, f"SELECT count(*) FROM pg_stat_activity WHERE datname IN ({datnames})") or 0)
+            m["postgres_rss_mib"], m["postgres_pss_mib"] = postgres_mib()
+            # Each connection, whose router holds it, and which are new or
+            # gone since the last minute: growth and churn, by router.
+            rows = psql(admin, f"SELECT client_port FROM pg_stat_activity WHERE datname IN ({datnames})")
+            now = {int(r) for r in rows.split() if r.strip().lstrip("-").isdigit()}
+            owner = ports_of([proc.pid for _, proc in routers])
+            m["db_connections"] = len(now)
+            m["db_connections_by_router"] = [sum(owner.get(port) == proc.pid for port in now) for _, proc in routers]
+            m["db_connections_opened"] = len(now - seen[0]) if seen else len(now)
+            m["db_connections_closed"] = len(seen[0] - now) if seen else 0
+            seen[:] = [now]
             m["routers_alive"] = sum(proc.poll() is None for _, proc in routers)
             minutes.append(m)
             record(dict(m, kind="minute"))

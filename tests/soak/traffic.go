@@ -7,7 +7,7 @@
 // creates (Txn: mod_revision == 0, then put), updates (get, then Txn on
 // the mod_revision read), deletes (Txn on the mod_revision), gets, lists
 // in pages of 500 at the first page's revision, one watch per resource,
-// events attached to a lease granted every minute with a 60 s TTL (as
+// events attached to a lease granted every minute with a 120 s TTL (as
 // kube-apiserver does for Events), and a compaction every two minutes at
 // the revision of two minutes before (kube-apiserver's compactor, faster).
 package main
@@ -37,6 +37,7 @@ type stats struct {
 	mu        sync.Mutex
 	latencies map[string][]time.Duration
 	errors    map[string]int
+	firstErr  map[string]string // the first error of each kind of operation in the minute
 }
 
 func (s *stats) add(op string, d time.Duration, err error) {
@@ -44,17 +45,20 @@ func (s *stats) add(op string, d time.Duration, err error) {
 	defer s.mu.Unlock()
 	if err != nil {
 		s.errors[op]++
+		if _, ok := s.firstErr[op]; !ok {
+			s.firstErr[op] = err.Error()
+		}
 		return
 	}
 	s.latencies[op] = append(s.latencies[op], d)
 }
 
-func (s *stats) take() (map[string][]time.Duration, map[string]int) {
+func (s *stats) take() (map[string][]time.Duration, map[string]int, map[string]string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	l, e := s.latencies, s.errors
-	s.latencies, s.errors = map[string][]time.Duration{}, map[string]int{}
-	return l, e
+	l, e, f := s.latencies, s.errors, s.firstErr
+	s.latencies, s.errors, s.firstErr = map[string][]time.Duration{}, map[string]int{}, map[string]string{}
+	return l, e, f
 }
 
 type minute struct {
@@ -64,6 +68,7 @@ type minute struct {
 	P99Ms        float64            `json:"p99_ms"`
 	P99ByOpMs    map[string]float64 `json:"p99_ms_by_op"`
 	Errors       map[string]int     `json:"errors"`
+	FirstErrors  map[string]string  `json:"first_errors,omitempty"`
 	WatchEvents  int64              `json:"watch_events"`
 	WatchRestart int64              `json:"watch_restarts"`
 	Objects      int64              `json:"objects"`
@@ -94,9 +99,12 @@ func main() {
 		}
 		return c
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), *duration)
+	// A little past the duration, so that the last whole minute is reported
+	// before the clients stop; the report loop ends the run after it.
+	ctx, cancel := context.WithTimeout(context.Background(), *duration+10*time.Second)
 	defer cancel()
-	st := &stats{latencies: map[string][]time.Duration{}, errors: map[string]int{}}
+	minutes := int(*duration / time.Minute)
+	st := &stats{latencies: map[string][]time.Duration{}, errors: map[string]int{}, firstErr: map[string]string{}}
 	var watchEvents, watchRestarts atomic.Int64
 	var revision atomic.Int64
 	var lease atomic.Int64
@@ -139,7 +147,10 @@ func main() {
 		tick := time.NewTicker(time.Minute)
 		defer tick.Stop()
 		for {
-			grant, err := c.Grant(ctx, 60)
+			// Twice the renewal period, so that a create a moment after
+			// the next grant is not given a lease that has just expired
+			// (kube-apiserver's events reuse a lease far from its end).
+			grant, err := c.Grant(ctx, 120)
 			if err == nil {
 				lease.Store(int64(grant.ID))
 			}
@@ -268,7 +279,7 @@ func main() {
 			return
 		case <-tick.C:
 		}
-		lat, errs := st.take()
+		lat, errs, firstErrs := st.take()
 		var all []time.Duration
 		byOp := map[string]float64{}
 		for op, ds := range lat {
@@ -278,7 +289,7 @@ func main() {
 		}
 		sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
 		report := minute{Minute: m, OpsPerSecond: float64(len(all)) / 60, P50Ms: percentile(all, 0.5),
-			P99Ms: percentile(all, 0.99), P99ByOpMs: byOp, Errors: errs,
+			P99Ms: percentile(all, 0.99), P99ByOpMs: byOp, Errors: errs, FirstErrors: firstErrs,
 			WatchEvents: watchEvents.Swap(0), WatchRestart: watchRestarts.Swap(0), Revision: revision.Load()}
 		cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
 		if r, err := counter.Get(cctx, "/registry/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err == nil {
@@ -287,5 +298,10 @@ func main() {
 		ccancel()
 		out, _ := json.Marshal(report)
 		fmt.Println(string(out))
+		if minutes > 0 && m >= minutes {
+			cancel()
+			wg.Wait()
+			return
+		}
 	}
 }

@@ -2,7 +2,8 @@
 //! it counts who waits for one (sqlx reports open and idle connections, but
 //! not that, for the operators' dashboard), and it hands out a [`Held`]
 //! connection, which is closed rather than returned to the pool when the
-//! call that took it is abandoned at its deadline (`deadline.rs`).
+//! call that took it is abandoned at its deadline (`deadline.rs`), or when
+//! the pool already keeps as many idle connections as it may.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
@@ -39,13 +40,35 @@ impl Connections {
     }
 }
 
-/// Counts the calls waiting for a pooled connection.
-#[derive(Debug, Default)]
+/// Counts the calls waiting for a pooled connection, and keeps the pool's
+/// idle connections to a limit.
+///
+/// sqlx hands idle connections out in turn (first in, first out), so under
+/// steady load each is used every few milliseconds and none is ever idle
+/// for `--datastore-connection-max-idle-time`: without a limit a pool keeps
+/// every connection a burst made it open, and the count only climbs toward
+/// the pool's size. The limit (Go's database/sql rule) lets it shrink back.
+#[derive(Debug)]
 pub struct PoolUse {
     waiting: AtomicU32,
+    max_idle: usize,
+}
+
+impl Default for PoolUse {
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
 }
 
 impl PoolUse {
+    /// At most `max_idle` idle connections kept.
+    pub fn new(max_idle: usize) -> Self {
+        Self {
+            waiting: AtomicU32::new(0),
+            max_idle,
+        }
+    }
+
     pub async fn acquire<DB: Database>(&self, pool: &Pool<DB>) -> Result<Held<DB>, sqlx::Error> {
         // A guard, so a call dropped while it waits is no longer counted.
         struct Waiting<'a>(&'a AtomicU32);
@@ -59,6 +82,7 @@ impl PoolUse {
         Ok(Held {
             conn: pool.acquire().await?,
             call: deadline::current(),
+            idle_limit: (self.max_idle < usize::MAX).then(|| (pool.clone(), self.max_idle)),
         })
     }
 
@@ -75,6 +99,8 @@ impl PoolUse {
 pub struct Held<DB: Database> {
     conn: PoolConnection<DB>,
     call: Option<Arc<Call>>,
+    /// The pool and how many idle connections it may keep.
+    idle_limit: Option<(Pool<DB>, usize)>,
 }
 
 impl<DB: Database> Held<DB> {
@@ -100,7 +126,14 @@ impl<DB: Database> DerefMut for Held<DB> {
 
 impl<DB: Database> Drop for Held<DB> {
     fn drop(&mut self) {
-        if self.call.as_ref().is_some_and(|call| call.abandoned()) {
+        let abandoned = self.call.as_ref().is_some_and(|call| call.abandoned());
+        // Releases at the same moment may each see room: the limit is
+        // overshot by at most the connections released together.
+        let spare = self
+            .idle_limit
+            .as_ref()
+            .is_some_and(|(pool, max_idle)| pool.num_idle() >= *max_idle);
+        if abandoned || spare {
             self.conn.close_on_drop();
         }
     }
@@ -149,6 +182,48 @@ mod tests {
         .await;
         assert!(late.is_err());
         assert_eq!(settled(&pool).await, (0, 0), "(open, idle) after the call");
+    }
+
+    #[tokio::test]
+    async fn a_pool_keeps_no_more_idle_connections_than_its_limit() {
+        let options = SqliteConnectOptions::new().filename(":memory:");
+        let pool = match SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(0)
+            .connect_with(options)
+            .await
+        {
+            Ok(pool) => pool,
+            Err(e) => panic!("an in-memory SQLite pool: {e}"),
+        };
+        let uses = PoolUse::new(2);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            match uses.acquire(&pool).await {
+                Ok(conn) => held.push(conn),
+                Err(e) => panic!("a connection: {e}"),
+            }
+        }
+        assert_eq!(pool.size(), 4);
+        // One at a time, as releases after a burst usually come.
+        while let Some(conn) = held.pop() {
+            drop(conn);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            (pool.size(), pool.num_idle()),
+            (2, 2),
+            "(open, idle) after the burst"
+        );
+        // Kine's negative limit: none kept.
+        let none = PoolUse::new(0);
+        drop(none.acquire(&pool).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            (pool.size(), pool.num_idle()),
+            (1, 1),
+            "(open, idle) after a use with no idle kept"
+        );
     }
 
     #[tokio::test]

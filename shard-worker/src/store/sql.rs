@@ -133,6 +133,13 @@ where
         }
     }
 
+    /// Keeps at most `max_idle` idle connections in the pools
+    /// (`--datastore-max-idle-connections`, `pool_use.rs`).
+    pub fn with_idle_limit(mut self, max_idle: usize) -> Self {
+        self.pool_use = PoolUse::new(max_idle);
+        self
+    }
+
     /// Runs ranges through `reads` instead of the pool (SQLite: no thread
     /// hand-off per statement and per row).
     pub(crate) fn with_direct_reads(mut self, reads: SqliteReads) -> Self {
