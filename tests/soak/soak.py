@@ -52,28 +52,26 @@ def wait_port(port, seconds=60):
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def rss_mib(pid):
+def status_mib(path, field):
+    """A "Field: N kB" line of a /proc file, in MiB (None if gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def rss_mib(pid):
+    return status_mib(f"/proc/{pid}/status", "VmRSS")
 
 
 def pss_mib(pid):
     """Proportional set size: shared pages divided among the processes that
     map them, so that a sum over processes counts shared memory once."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return status_mib(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def postgres_mib():

@@ -149,9 +149,13 @@ mod tests {
     use crate::deadline;
 
     async fn pool() -> Pool<sqlx::Sqlite> {
+        pool_of(1).await
+    }
+
+    async fn pool_of(size: u32) -> Pool<sqlx::Sqlite> {
         let options = SqliteConnectOptions::new().filename(":memory:");
         match SqlitePoolOptions::new()
-            .max_connections(1)
+            .max_connections(size)
             .min_connections(0)
             .connect_with(options)
             .await
@@ -186,16 +190,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pool_keeps_no_more_idle_connections_than_its_limit() {
-        let options = SqliteConnectOptions::new().filename(":memory:");
-        let pool = match SqlitePoolOptions::new()
-            .max_connections(4)
-            .min_connections(0)
-            .connect_with(options)
-            .await
-        {
-            Ok(pool) => pool,
-            Err(e) => panic!("an in-memory SQLite pool: {e}"),
-        };
+        let pool = pool_of(4).await;
         let uses = PoolUse::new(2);
         let mut held = Vec::new();
         for _ in 0..4 {
