@@ -41,7 +41,7 @@ pub async fn open_store_with(
     let size = settings.max_connections.unwrap_or(POOL_SIZE);
     let max_idle = settings
         .max_idle
-        .map_or(size.div_ceil(2), |n| n)
+        .unwrap_or(size.div_ceil(2))
         .try_into()
         .unwrap_or(usize::MAX);
     match endpoint {
