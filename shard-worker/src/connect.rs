@@ -66,7 +66,7 @@ pub async fn open_store_with(
                 .connect_lazy_with(options);
             spawn_sqlite_checkpointer(pool.clone());
             let shard = SqlShard::new(pool, write_pool, &dialect::Sqlite, fence.clone())
-                .with_idle_limit(max_idle)
+                .with_idle_limits(max_idle, settings.idle_timeout)
                 .with_direct_reads(SqliteReads::new(path.clone(), fence.clone()))
                 .with_direct_writes(SqliteWriter::start(path, fence)?);
             let version = shard.migrate().await?;
@@ -85,7 +85,7 @@ pub async fn open_store_with(
                 .connect_with(options)
                 .await?;
             let shard = SqlShard::new(pool, write_pool, &dialect::Postgres, fence)
-                .with_idle_limit(max_idle);
+                .with_idle_limits(max_idle, settings.idle_timeout);
             let version = shard.migrate().await?;
             info!(backend = "postgres", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))
@@ -113,8 +113,8 @@ pub async fn open_store_with(
                 .acquire_timeout(settings.call_timeout)
                 .connect_with(options)
                 .await?;
-            let shard =
-                SqlShard::new(pool, write_pool, &dialect::Mysql, fence).with_idle_limit(max_idle);
+            let shard = SqlShard::new(pool, write_pool, &dialect::Mysql, fence)
+                .with_idle_limits(max_idle, settings.idle_timeout);
             let version = shard.migrate().await?;
             info!(backend = "mysql", %endpoint, schema_version = version, "shard database ready");
             Ok(Arc::new(shard))

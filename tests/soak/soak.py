@@ -187,10 +187,15 @@ def main():
             m["postgres_rss_mib"], m["postgres_pss_mib"] = postgres_mib()
             # Each connection, whose router holds it, and which are new or
             # gone since the last minute: growth and churn, by router.
-            rows = psql(admin, f"SELECT client_port FROM pg_stat_activity WHERE datname IN ({datnames})")
-            now = {int(r) for r in rows.split() if r.strip().lstrip("-").isdigit()}
+            rows = psql(admin, "SELECT client_port, datname, state FROM pg_stat_activity "
+                               f"WHERE datname IN ({datnames})")
+            conns = [r.split("|") for r in rows.splitlines() if r.count("|") == 2]
+            now = {int(port) for port, _, _ in conns if port.lstrip("-").isdigit()}
             owner = ports_of([proc.pid for _, proc in routers])
             m["db_connections"] = len(now)
+            m["db_connections_by_shard"] = {shard: sum(d == n for _, d, _ in conns)
+                                            for shard, n in zip(("core", "pods", "events"), names)}
+            m["db_connections_idle"] = sum(state == "idle" for _, _, state in conns)
             m["db_connections_by_router"] = [sum(owner.get(port) == proc.pid for port in now) for _, proc in routers]
             m["db_connections_opened"] = len(now - seen[0]) if seen else len(now)
             m["db_connections_closed"] = len(seen[0] - now) if seen else 0

@@ -134,9 +134,15 @@ where
     }
 
     /// Keeps at most `max_idle` idle connections in the pools
-    /// (`--datastore-max-idle-connections`, `pool_use.rs`).
-    pub fn with_idle_limit(mut self, max_idle: usize) -> Self {
-        self.pool_use = PoolUse::new(max_idle);
+    /// (`--datastore-max-idle-connections`), and none that was not needed
+    /// over `max_idle_time` (`--datastore-connection-max-idle-time`;
+    /// `pool_use.rs`).
+    pub fn with_idle_limits(
+        mut self,
+        max_idle: usize,
+        max_idle_time: Option<std::time::Duration>,
+    ) -> Self {
+        self.pool_use = PoolUse::new(max_idle, max_idle_time);
         self
     }
 
