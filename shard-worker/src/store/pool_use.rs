@@ -116,7 +116,9 @@ impl PoolUse {
 /// used idle connection first (Go's) would still have after closing those
 /// idle for longer than that. sqlx hands out the least recently used, so
 /// under steady load none is ever idle that long; counting demand instead
-/// closes the same spare connections.
+/// closes the same spare connections. A shard's read and write pools share
+/// one: the write pool's single connection is at most one in use, never
+/// above the read pool's peak, and never spare itself.
 #[derive(Debug)]
 struct Demand {
     epoch: Instant,
