@@ -117,8 +117,8 @@ impl PoolUse {
 /// idle for longer than that. sqlx hands out the least recently used, so
 /// under steady load none is ever idle that long; counting demand instead
 /// closes the same spare connections. A shard's read and write pools share
-/// one: the write pool's single connection is at most one in use, never
-/// above the read pool's peak, and never spare itself.
+/// one: the write pool's single connection can only raise a peak to one,
+/// which keeps a connection more at worst, and is never spare itself.
 #[derive(Debug)]
 struct Demand {
     epoch: Instant,
