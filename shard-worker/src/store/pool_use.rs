@@ -91,8 +91,7 @@ impl PoolUse {
         let _waiting = Waiting(&self.waiting);
         let conn = pool.acquire().await?;
         if let Some(demand) = &self.demand {
-            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
-            demand.note(pool.size().saturating_sub(idle));
+            demand.note(Connections::default().with_pool(pool).in_use());
         }
         let limited = self.max_idle < usize::MAX || self.demand.is_some();
         Ok(Held {
