@@ -215,11 +215,11 @@ def main():
             pts = [(m["minute"], m["router_rss_mib"][i]) for m in after]
             summary[f"router{i}_rss_mib"] = [pts[0][1], pts[-1][1]] if pts else []
             summary[f"router{i}_rss_slope_mib_per_hour"] = round(slope(pts) * 60, 2)
-        conns = [(m["minute"], m["db_connections"]) for m in after]
-        summary["db_connections_min_max"] = [min(c for _, c in conns), max(c for _, c in conns)] if conns else []
-        summary["db_connections_slope_per_hour"] = round(slope(conns) * 60, 2)
-        # Growth: more than 10% of the RSS per hour, or connections rising;
-        # a run with errors or no throughput fails too.
+        per_minute = [(m["minute"], m["db_connections"]) for m in after]
+        summary["db_connections_min_max"] = [min(c for _, c in per_minute), max(c for _, c in per_minute)] if per_minute else []
+        summary["db_connections_slope_per_hour"] = round(slope(per_minute) * 60, 2)
+        # Growth: more than 10% of the RSS per hour, or connections rising
+        # (below); a run with errors or no throughput fails too.
         growing = [i for i in range(len(routers))
                    if summary[f"router{i}_rss_slope_mib_per_hour"] > 0.1 * max(1.0, summary[f"router{i}_rss_mib"][0] if summary[f"router{i}_rss_mib"] else 1.0)]
         summary["rss_grows"] = bool(growing)
@@ -229,8 +229,8 @@ def main():
         # noisy: growth is a slope over one per hour that also sets new
         # highs (the second half's maximum above the first half's), as a
         # pool that keeps what it opened does.
-        half = len(conns) // 2
-        highs = [max((c for _, c in conns[:half]), default=0), max((c for _, c in conns[half:]), default=0)]
+        half = len(per_minute) // 2
+        highs = [max((c for _, c in per_minute[:half]), default=0), max((c for _, c in per_minute[half:]), default=0)]
         summary["db_connections_max_by_half"] = highs
         summary["connections_grow"] = summary["db_connections_slope_per_hour"] > 1.0 and highs[1] > highs[0]
         record(summary)
