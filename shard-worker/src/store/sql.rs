@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use kubeshard_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use kubeshard_proto::mvccpb::{Event, KeyValue, event::EventType};
 use sqlx::{
     ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type,
@@ -18,7 +18,9 @@ use super::guarded_writes::{self, GuardPause, GuardedTx, KnownState, Speculation
 use super::label_index::{self, LabelChange, LabelIndexOutcome, Narrowing};
 use super::page_counts::PageCounts;
 use super::pool_use::{Connections, Held, PoolUse};
-use super::range::PreparedRange;
+use super::range::{
+    PLAIN_GET_EPOCH, PreparedRange, is_plain_get, plain_get_answer, plain_get_statement,
+};
 use super::selection::SelectedRange;
 use super::sqlite_reads::SqliteReads;
 use super::sqlite_writes::SqliteWriter;
@@ -486,65 +488,6 @@ where
              ON p.key_bytes = h.key_bytes AND p.revision = h.prev_revision AND p.deleted = 0 WHERE ",
         )
     }
-}
-
-/// The column of [`plain_get_statement`] with the database's fence.
-pub(crate) const PLAIN_GET_EPOCH: usize = 7;
-
-/// The statement of [`SqlShard::plain_get`]: the counter, then the key's
-/// live row (NULLs when the key does not exist) from column 1 on, then
-/// the fence (`ks_meta.epoch`).
-pub(crate) fn plain_get_statement<'a>(
-    dialect: &'static dyn Dialect,
-    request: &'a RangeRequest,
-) -> Statement<'a> {
-    let value = if request.keys_only || request.count_only {
-        dialect.empty_bytes()
-    } else {
-        "l.value_bytes"
-    };
-    let mut st = Statement::new(
-        dialect,
-        "SELECT m.revision, l.key_bytes, l.create_revision, l.mod_revision, l.version, l.lease, ",
-    );
-    st.sql(value)
-        .sql(", m.epoch FROM ks_meta m LEFT JOIN ks_live l ON l.key_bytes = ")
-        .bytes(&request.key)
-        .sql(" WHERE m.id = 1");
-    st
-}
-
-/// etcd's answer to a plain Get from the counter and the key's row.
-pub(crate) fn plain_get_answer(
-    request: &RangeRequest,
-    revision: i64,
-    kv: Option<KeyValue>,
-) -> RangeResponse {
-    let mut kvs: Vec<KeyValue> = kv.into_iter().collect();
-    let count = kvs.len() as i64;
-    if request.count_only {
-        kvs.clear();
-    }
-    RangeResponse {
-        header: Some(ResponseHeader {
-            revision,
-            ..Default::default()
-        }),
-        kvs,
-        more: false,
-        count,
-    }
-}
-
-/// A Range that [`SqlShard::plain_get`] answers: one key, the current
-/// revision, no revision filters (sort and limit change nothing for one key).
-pub(crate) fn is_plain_get(request: &RangeRequest) -> bool {
-    request.range_end.is_empty()
-        && request.revision <= 0
-        && request.min_mod_revision == 0
-        && request.max_mod_revision == 0
-        && request.min_create_revision == 0
-        && request.max_create_revision == 0
 }
 
 #[async_trait]

@@ -28,8 +28,9 @@ use super::Revisions;
 use super::fence::Fence;
 use super::label_index::Narrowing;
 use super::page_counts::{PageCounts, is_page};
-use super::range::PreparedRange;
-use super::sql::{PLAIN_GET_EPOCH, plain_get_answer, plain_get_statement};
+use super::range::{
+    PLAIN_GET_EPOCH, PreparedRange, is_plain_get, plain_get_answer, plain_get_statement,
+};
 use super::statement::{Arg, Statement};
 use crate::dialect;
 use crate::error::{Result, ShardError};
@@ -216,7 +217,7 @@ impl SqliteReads {
         page_counts: &PageCounts,
         narrowing: Option<&Narrowing>,
     ) -> Result<RangeResponse> {
-        if super::sql::is_plain_get(request) && narrowing.is_none() {
+        if is_plain_get(request) && narrowing.is_none() {
             return self.plain_get(request);
         }
         self.with_connection(|conn| {
