@@ -24,7 +24,6 @@
 use kubeshard_selector::{LabelOp, Object, Selector};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::range::push_key_filter;
 use super::statement::Statement;
 use crate::dialect::Dialect;
 use crate::keys::KeyRange;
@@ -138,11 +137,11 @@ pub(crate) fn push_candidate_live<'a>(
         st.int(*t);
     }
     st.sql(") AND ");
-    push_key_filter(st, "key_bytes", range);
+    st.key_in("key_bytes", range);
     st.sql(" UNION SELECT key_bytes FROM ks_history WHERE revision > ")
         .int(narrowing.mark)
         .sql(" AND ");
-    push_key_filter(st, "key_bytes", range);
+    st.key_in("key_bytes", range);
     st.sql(") cand CROSS JOIN ks_live WHERE ks_live.key_bytes = cand.ck AND ");
 }
 

@@ -131,21 +131,6 @@ impl<'a> PreparedRange<'a> {
     }
 }
 
-/// Appends a condition on column `col` that selects the keys of `range`.
-pub(crate) fn push_key_filter<'a>(st: &mut Statement<'a>, col: &str, range: &'a KeyRange) {
-    match range {
-        KeyRange::Single(key) => {
-            st.sql(col).sql(" = ").bytes(key);
-        }
-        KeyRange::Span { start, end } => {
-            st.sql(col).sql(" >= ").bytes(start);
-            if let Some(end) = end {
-                st.sql(" AND ").sql(col).sql(" < ").bytes(end);
-            }
-        }
-    }
-}
-
 /// The key-values of `range` as of revision `rev` (below the current one):
 /// live rows not modified since `rev`, plus the keys changed after `rev`
 /// that existed at `rev`. Such a key's first change after `rev` is its only
@@ -166,7 +151,7 @@ fn push_source_at<'a>(
         .sql(value_col)
         .sql(" AS value_bytes FROM ");
     push_live(st, range, narrowing);
-    push_key_filter(st, "key_bytes", range);
+    st.key_in("key_bytes", range);
     st.sql(" AND mod_revision <= ").int(rev);
     st.sql(" UNION ALL SELECT p.key_bytes, p.create_revision, p.revision, p.version, p.lease, ");
     if value_col == "value_bytes" {
@@ -182,7 +167,7 @@ fn push_source_at<'a>(
     .sql(" AND c.prev_revision > 0 AND c.prev_revision <= ")
     .int(rev)
     .sql(" AND ");
-    push_key_filter(st, "c.key_bytes", range);
+    st.key_in("c.key_bytes", range);
     // A txn may put a key and then delete it (two rows, one revision, the
     // same prev_revision): the first of them stands for the change. In the
     // revision it names, the key's last row is the one that survived it.
@@ -257,7 +242,7 @@ pub(crate) fn build_range<'a>(
         let mut count = Statement::new(dialect, "SELECT COUNT(*) FROM ");
         if at_current {
             count.sql("ks_live WHERE ");
-            push_key_filter(&mut count, "key_bytes", range);
+            count.key_in("key_bytes", range);
         } else {
             push_source_at(&mut count, range, rev, dialect.empty_bytes(), None);
         }
@@ -283,7 +268,7 @@ pub(crate) fn build_range<'a>(
     if at_current {
         rows.sql(value_col).sql(" FROM ");
         push_live(&mut rows, range, narrowing);
-        push_key_filter(&mut rows, "key_bytes", range);
+        rows.key_in("key_bytes", range);
         for (cond, v) in conditions {
             rows.sql(" AND ").sql(cond).int(v);
         }

@@ -449,7 +449,7 @@ where
             .int(to);
         if let Some(range) = range {
             st.sql(" AND ");
-            super::range::push_key_filter(&mut st, "h.key_bytes", range);
+            st.key_in("h.key_bytes", range);
         }
         st.sql(" ORDER BY h.revision, h.sub LIMIT ")
             .int(max_events as i64 + 1);
@@ -465,7 +465,7 @@ where
                 st.sql("h.revision = ").int(last);
                 if let Some(range) = range {
                     st.sql(" AND ");
-                    super::range::push_key_filter(&mut st, "h.key_bytes", range);
+                    st.key_in("h.key_bytes", range);
                 }
                 st.sql(" ORDER BY h.sub");
                 rows = Self::events_in(conn, &st).await?;

@@ -5,6 +5,7 @@
 use std::fmt;
 
 use crate::dialect::Dialect;
+use crate::keys::KeyRange;
 
 /// A parameter of a dynamically assembled statement.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,20 @@ impl<'a> Statement<'a> {
 
     pub(crate) fn bytes(&mut self, v: &'a [u8]) -> &mut Self {
         self.arg(Arg::Bytes(v))
+    }
+
+    /// Appends a condition on column `col` that selects the keys of `range`.
+    pub(crate) fn key_in(&mut self, col: &str, range: &'a KeyRange) -> &mut Self {
+        match range {
+            KeyRange::Single(key) => self.sql(col).sql(" = ").bytes(key),
+            KeyRange::Span { start, end } => {
+                self.sql(col).sql(" >= ").bytes(start);
+                if let Some(end) = end {
+                    self.sql(" AND ").sql(col).sql(" < ").bytes(end);
+                }
+                self
+            }
+        }
     }
 }
 

@@ -189,7 +189,7 @@ pub(crate) fn live_get<'a>(d: &'static dyn Dialect, keys: &[&'a [u8]]) -> Vec<St
 
 pub(crate) fn live_in_range<'a>(d: &'static dyn Dialect, range: &'a KeyRange) -> Statement<'a> {
     let mut st = Statement::new(d, format!("SELECT {KV_COLUMNS} FROM ks_live WHERE "));
-    super::range::push_key_filter(&mut st, "key_bytes", range);
+    st.key_in("key_bytes", range);
     st.sql(" ORDER BY key_bytes");
     st
 }
